@@ -1,0 +1,27 @@
+"""effops: fused GPU kernels for efficient CNN backbones, behind drop-in modules.
+
+    import effops
+    fast = effops.optimize(model.eval())      # swaps fused modules in, keeps weights
+    print(fast.effops_report)                 # what was swapped / skipped and why
+
+Importing effops does no GPU work and compiles nothing; kernels are compiled
+(and autotuned on CUDA) on first use.
+"""
+from .convert import OptimizeReport, optimize
+from .dispatch import BackendUnavailable, use_backend
+from .nn import FusedConvBNAct, FusedSequential
+from .views import ChannelView
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "ChannelView",
+    "FusedConvBNAct",
+    "FusedSequential",
+    "OptimizeReport",
+    "ops",
+    "optimize",
+    "use_backend",
+]

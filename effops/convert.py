@@ -1,0 +1,207 @@
+"""``effops.optimize``: swap fused modules into an existing model, by structure.
+
+The converter never looks at model or class names of whole networks; it
+recognises *structures*:
+
+* a container that is exactly conv → BatchNorm2d [→ activation] (an
+  ``nn.Sequential`` of those children, torchvision ``Conv2dNormActivation``,
+  timm ``ConvNormAct`` with ``BatchNormAct2d``) becomes a
+  :class:`~effops.FusedConvBNAct` that keeps the container's child names, so
+  the model's ``state_dict`` keys are unchanged;
+* an ``nn.Sequential`` holding such runs among other layers (e.g. built from
+  an ``OrderedDict`` with names like ``stem_1/conv``) becomes a
+  :class:`~effops.nn.FusedSequential` with the same children.
+
+Convs inside modules with their own ``forward`` (``conv1``/``bn1`` attributes
+used in hand-written code) cannot be matched without tracing and are reported
+as skipped, with the reason.
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .activations import activation_of
+from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, why_not_fusable
+from .nn.sequential import FusedSequential
+
+
+@dataclass
+class ReportEntry:
+    path: str
+    what: str
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` swapped and what it skipped (with the reason). Printable."""
+
+    swapped: List[ReportEntry] = field(default_factory=list)
+    skipped: List[ReportEntry] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"effops.optimize: {len(self.swapped)} swapped, {len(self.skipped)} skipped"]
+        width = max([len(e.path) for e in self.swapped + self.skipped] + [4])
+        lines += [f"  swapped  {e.path:<{width}}  {e.what}" for e in self.swapped]
+        lines += [f"  skipped  {e.path:<{width}}  {e.what}" for e in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.BatchNorm2d)
+
+
+def _describe(conv: nn.Conv2d, bn, act_name: str) -> str:
+    k = "x".join(map(str, conv.kernel_size))
+    s = f" s{conv.stride[0]}" if conv.stride != (1, 1) else ""
+    g = f" g{conv.groups}" if conv.groups != 1 else ""
+    return f"conv{k}{s}{g} {conv.in_channels}→{conv.out_channels}" + (" + bn" if bn is not None else "") + f" + {act_name}"
+
+
+class _Converter:
+    def __init__(self, model: nn.Module):
+        self.report = OptimizeReport()
+        self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.fused_convs: set = set()
+        self.skip_reason: Dict[int, str] = {}
+
+    # -- matching ------------------------------------------------------------
+    def _shared(self, conv, bn) -> Optional[str]:
+        for m in (conv, bn):
+            if m is not None and self.uses[id(m)] > 1:
+                return (f"{type(m).__name__} is shared (registered {self.uses[id(m)]} times); "
+                        "folding would change its other use")
+        return None
+
+    def _runs(self, children: List[Tuple[str, nn.Module]]):
+        """Yield (start, length, conv, bn, act) for each fusable run of children."""
+        i, n = 0, len(children)
+        while i < n:
+            conv = children[i][1]
+            if not isinstance(conv, nn.Conv2d):
+                i += 1
+                continue
+            j, bn, act = i + 1, None, None
+            if j < n and _is_bn(children[j][1]):
+                bn, j = children[j][1], j + 1
+            if j < n and not (bn is not None and _timm_bn_act(bn)) and activation_of(children[j][1]) is not None \
+                    and type(children[j][1]) is not nn.Identity:
+                act, j = children[j][1], j + 1
+            if bn is None and act is None:
+                self.skip_reason.setdefault(id(conv), "no BatchNorm2d or activation follows it: nothing to fuse")
+                i += 1
+                continue
+            why = why_not_fusable(conv, bn, act)
+            why = self._shared(conv, bn) or why
+            if why is not None:
+                self.skip_reason[id(conv)] = why
+                i = j
+                continue
+            yield i, j - i, conv, bn, act
+            i = j
+
+    def _match_whole(self, module: nn.Module, prefix: str) -> Optional[nn.Module]:
+        if _is_plain_sequential(module):
+            children = list(module.named_children())
+            runs = list(self._runs(children))
+            if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
+                _, length, conv, bn, act = runs[0]
+                names = [name for name, _ in children]
+                child_names = (names[0], names[1] if bn is not None else None,
+                               names[-1] if act is not None else None)
+                self._record(prefix or "<model>", conv, bn, act)
+                return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
+            return None
+        t = type(module)
+        if t.__name__ in ("ConvNormAct", "ConvBnAct") and t.__module__.startswith("timm."):
+            conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+            if not isinstance(conv, nn.Conv2d):
+                return None
+            if getattr(module, "aa", None) is not None and type(module.aa) is not nn.Identity:
+                self.skip_reason[id(conv)] = "anti-aliasing layer after the conv"
+                return None
+            if not _timm_bn_act(bn):
+                self.skip_reason[id(conv)] = f"its norm layer {type(bn).__name__} is not BatchNormAct2d"
+                return None
+            why = why_not_fusable(conv, bn, None)
+            why = self._shared(conv, bn) or why
+            if why is not None:
+                self.skip_reason[id(conv)] = why
+                return None
+            self._record(prefix or "<model>", conv, bn, None)
+            return FusedConvBNAct.from_modules(conv, bn, None, names=("conv", "bn", None))
+        return None
+
+    def _record(self, path: str, conv, bn, act) -> None:
+        self.fused_convs.add(id(conv))
+        act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
+        self.report.swapped.append(ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0])))
+
+    # -- walking -------------------------------------------------------------
+    def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
+        if isinstance(module, (FusedConvBNAct, FusedSequential)):
+            return module  # already optimized
+        whole = self._match_whole(module, prefix)
+        if whole is not None:
+            return whole
+        for name, child in list(module.named_children()):
+            new = self.convert(child, f"{prefix}.{name}" if prefix else name)
+            if new is not child:
+                setattr(module, name, new)
+        if _is_plain_sequential(module):
+            children = list(module.named_children())
+            runs = []
+            for start, length, conv, bn, act in self._runs(children):
+                names = [children[k][0] for k in range(start, start + length)]
+                fused = FusedConvBNAct.from_modules(
+                    conv, bn, act, names=(names[0], names[1] if bn is not None else None, names[-1] if act is not None else None)
+                )
+                runs.append((start, length, fused))
+                self._record((f"{prefix}." if prefix else "") + f"{names[0]}..{names[-1]}", conv, bn, act)
+            if runs:
+                return FusedSequential(module, runs)
+        return module
+
+    def report_leftovers(self, model: nn.Module) -> None:
+        parents = {}
+        for name, m in model.named_modules():
+            for cname, c in m.named_children():
+                parents[id(c)] = (name, m)
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and id(m) not in self.fused_convs:
+                why = self.skip_reason.get(id(m))
+                if why is None:
+                    pname, parent = parents.get(id(m), ("", None))
+                    why = (f"inside {type(parent).__name__}, which has its own forward: the conv → bn → act order "
+                           "can't be seen without tracing") if parent is not None else "a bare conv"
+                self.report.skipped.append(ReportEntry(name or "<model>", why))
+
+
+def optimize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Swap effops' fused modules into ``model``; return the optimized model.
+
+    With ``inplace=False`` (default) the original is deep-copied first and left
+    untouched. Weights are shared with (or copied from) the original modules,
+    never re-initialised, and the ``state_dict`` keys stay the same. The
+    returned model carries ``effops_report`` (an :class:`OptimizeReport`)::
+
+        fast = effops.optimize(model.eval())
+        print(fast.effops_report)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    conv = _Converter(model)
+    out = conv.convert(model)
+    conv.report_leftovers(out)
+    out.effops_report = conv.report
+    return out

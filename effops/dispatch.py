@@ -1,0 +1,115 @@
+"""Backend registry: which implementation runs an op, and why not the others.
+
+Each op registers one implementation per backend together with a ``supports``
+function that returns the *reasons* it cannot take a given input (an empty list
+means it can). Selection walks ``BACKEND_ORDER`` (cuda > triton > reference)
+and takes the first backend with no reasons; ``reference`` is registered for
+every op and takes everything, so automatic selection never fails.
+
+A user may force a backend with the :func:`use_backend` context manager or the
+``EFFOPS_BACKEND`` environment variable (the context manager wins). A forced
+backend that cannot run raises :class:`BackendUnavailable` listing its reasons;
+it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+BACKEND_ORDER = ("cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run the given input (the message lists why)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable
+    supports: Callable[..., List[str]]
+
+
+_REGISTRY: Dict[str, Dict[str, Backend]] = {}
+_FORCED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("effops_backend", default=None)
+
+
+def _no_reasons(*args, **kwargs) -> List[str]:
+    return []
+
+
+def register(op: str, backend: str, supports: Optional[Callable[..., List[str]]] = None):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``.
+
+    ``supports(*args, **kwargs)`` receives the same arguments as ``fn``.
+    """
+    if backend not in BACKEND_ORDER:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_ORDER}")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Backend(backend, fn, supports or _no_reasons)
+        return fn
+
+    return deco
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKEND_ORDER:
+        raise ValueError(f"unknown effops backend {name!r}; expected one of {', '.join(BACKEND_ORDER)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force every effops op inside the block onto backend ``name``
+    (``"cuda"``, ``"triton"`` or ``"reference"``; ``None`` restores automatic choice)."""
+    token = _FORCED.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    name = _FORCED.get()
+    if name is None:
+        env = os.environ.get("EFFOPS_BACKEND", "").strip()
+        name = _check_name(env) if env else None
+    return name
+
+
+def reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
+    """For every backend, the reasons it cannot run ``op`` on these arguments."""
+    impls = _REGISTRY.get(op, {})
+    out = {}
+    for name in BACKEND_ORDER:
+        if name not in impls:
+            out[name] = [f"no {name} implementation of {op} is registered"]
+        else:
+            out[name] = list(impls[name].supports(*args, **kwargs))
+    return out
+
+
+def select(op: str, *args, **kwargs) -> Backend:
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"effops op {op!r} is not registered")
+    forced = forced_backend()
+    if forced is not None:
+        why = reasons(op, *args, **kwargs)[forced]
+        if why:
+            raise BackendUnavailable(f"effops backend {forced!r} cannot run {op}: " + "; ".join(why))
+        return impls[forced]
+    for name in BACKEND_ORDER:
+        b = impls.get(name)
+        if b is not None and not b.supports(*args, **kwargs):
+            return b
+    raise BackendUnavailable(f"no effops backend can run {op}: {reasons(op, *args, **kwargs)}")
+
+
+def run(op: str, *args, **kwargs):
+    """Run ``op`` on the selected backend."""
+    return select(op, *args, **kwargs).run(*args, **kwargs)

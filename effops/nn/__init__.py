@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module`` replacements backed by effops' fused ops."""
+from .conv_bn_act import FusedConvBNAct
+from .sequential import FusedSequential
+
+__all__ = ["FusedConvBNAct", "FusedSequential"]

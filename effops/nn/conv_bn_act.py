@@ -1,0 +1,237 @@
+"""``FusedConvBNAct``: drop-in for Conv2d → BatchNorm2d → activation."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..activations import activation_of, apply_activation, make_activation
+from ..ops import reference
+from ..ops.conv_bn_act import check_inputs, conv_bn_act
+
+
+def _timm_bn_act(bn: nn.Module) -> bool:
+    return type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
+
+
+def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """Explicit symmetric padding of ``conv``, or None when the kernel can't express it."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            return None  # 'same' with an even receptive field pads asymmetrically
+        return (totals[0] // 2, totals[1] // 2)
+    return tuple(conv.padding)
+
+
+def why_not_fusable(conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.Module]) -> Optional[str]:
+    """Why ``(conv, bn, act)`` can't become a FusedConvBNAct, or None if it can."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d (custom forward)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
+    if resolve_padding(conv) is None:
+        return "padding='same' with an even receptive field pads asymmetrically"
+    if bn is not None:
+        if not (type(bn) is nn.BatchNorm2d or _timm_bn_act(bn)):
+            return f"{type(bn).__name__} is not nn.BatchNorm2d"
+        if bn.num_features != conv.out_channels:
+            return f"BatchNorm2d has {bn.num_features} features but the conv has {conv.out_channels} outputs"
+        if _timm_bn_act(bn) and type(bn.drop) is not nn.Identity:
+            return "BatchNormAct2d with dropout"
+    if act is not None and activation_of(act) is None:
+        return f"activation {type(act).__name__} is not supported"
+    if bn is not None and _timm_bn_act(bn) and activation_of(bn.act) is None:
+        return f"activation {type(bn.act).__name__} inside BatchNormAct2d is not supported"
+    return None
+
+
+class FusedConvBNAct(nn.Module):
+    """Conv2d → BatchNorm2d → activation (→ optional residual), fused in eval mode.
+
+    Equivalent PyTorch::
+
+        nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=bias),
+            nn.BatchNorm2d(out_channels, eps, momentum),      # when norm=True
+            act,                                              # nn.ReLU(), nn.SiLU(), ...
+        )
+
+    Its ``state_dict`` has the same keys as the modules it replaces
+    (``conv.weight``, ``bn.running_mean``, ... by default; ``from_modules``
+    keeps any other child names, e.g. ``0``/``1``/``2`` of a Sequential).
+
+    * While the BatchNorm is in training mode: conv → BN (batch statistics,
+      running-stat updates) → activation, exactly as PyTorch does.
+    * Otherwise BN is folded into the conv in float32, cast once to the input
+      dtype and cached; the cache is re-derived when any parameter or buffer
+      changes (in-place updates included), moves or changes dtype. The fused
+      op supports autograd, so gradients reach the conv and BN parameters
+      (frozen-BN fine-tuning); in that case the fold is recomputed each call.
+
+    ``forward(x, residual=None, residual_after_act=True)`` optionally adds a
+    residual tensor of the output's shape, after (or before) the activation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int]],
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Union[int, Tuple[int, int], str, None] = None,
+        dilation: Union[int, Tuple[int, int]] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        norm: bool = True,
+        act: Union[str, nn.Module, None] = "relu",
+        act_param: float = 0.0,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if padding is None:  # "same"-style padding for odd kernels, as timm does
+            k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+            d = (dilation, dilation) if isinstance(dilation, int) else dilation
+            padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        kw = dict(device=device, dtype=dtype)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **kw)
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, **kw) if norm else None
+        act_mod = act if isinstance(act, nn.Module) else make_activation(act or "identity", act_param)
+        self._setup(conv, bn, act_mod, ("conv", "bn", "act"))
+
+    @classmethod
+    def from_modules(
+        cls,
+        conv: nn.Conv2d,
+        bn: Optional[nn.BatchNorm2d] = None,
+        act: Optional[nn.Module] = None,
+        *,
+        names: Sequence[Optional[str]] = ("conv", "bn", "act"),
+    ) -> "FusedConvBNAct":
+        """Wrap existing modules (shared, not copied: weights stay where they are).
+
+        ``names`` are the child names to register them under, so the
+        ``state_dict`` keeps the keys of the container being replaced. A timm
+        ``BatchNormAct2d`` carries its own activation: pass ``act=None``.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(conv, bn, act, tuple(names))
+        return self
+
+    def _setup(self, conv, bn, act, names):
+        why = why_not_fusable(conv, bn, act)
+        if why is not None:
+            raise ValueError(f"cannot fuse {type(conv).__name__} → {type(bn).__name__} → {type(act).__name__}: {why}")
+        if len(names) != 3:
+            raise ValueError(f"names must be (conv, bn, act) child names, got {names}")
+        self._names = names
+        self.add_module(names[0], conv)
+        if bn is not None:
+            self.add_module(names[1], bn)
+        act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
+        if act is not None and names[2] is not None:
+            self.add_module(names[2], act)
+        self._act = activation_of(act_src)
+        self._padding = resolve_padding(conv)
+        self._cache = None
+
+    # Children are looked up by their (possibly original) names.
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self._modules[self._names[0]]
+
+    @property
+    def bn(self) -> Optional[nn.BatchNorm2d]:
+        return self._modules.get(self._names[1]) if self._names[1] else None
+
+    @property
+    def activation(self) -> Tuple[str, float]:
+        """``(name, param)`` of the fused activation."""
+        return self._act
+
+    def extra_repr(self) -> str:
+        return f"act={self._act[0]}"
+
+    def _folds(self) -> bool:
+        bn = self.bn
+        return bn is None or (not bn.training and bn.running_mean is not None and bn.running_var is not None)
+
+    def _fold(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        conv, bn = self.conv, self.bn
+        if bn is None:
+            w, b = conv.weight, conv.bias
+            b = None if b is None else b.float()
+        else:
+            w, b = reference.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        # channels_last weights make the kernel's K (input channel) loads contiguous.
+        return w.to(dtype).contiguous(memory_format=torch.channels_last), b
+
+    def _state_tensors(self):
+        conv, bn = self.conv, self.bn
+        ts = [conv.weight, conv.bias]
+        if bn is not None:
+            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return [t for t in ts if t is not None]
+
+    def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The folded ``(weight, bias)`` the eval path runs with (cached when no grad is needed)."""
+        dtype = dtype or self.conv.weight.dtype
+        tensors = self._state_tensors()
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            return self._fold(dtype)  # differentiable / traced: no cache
+        try:
+            key = (dtype, self.bn.eps if self.bn is not None else None,
+                   tuple((t.data_ptr(), t._version, t.device) for t in tensors))
+        except RuntimeError:  # inference tensors carry no version counter: never cache them
+            return self._fold(dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._fold(dtype))
+        return self._cache[1]
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
+        conv = self.conv
+        dev = x.device.type if isinstance(x, Tensor) else "cpu"
+        if isinstance(x, Tensor) and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+            residual = None if residual is None else residual.to(x.dtype)
+            dtype = x.dtype
+        else:
+            dtype = conv.weight.dtype
+        w = conv.weight if dtype == conv.weight.dtype else conv.weight.to(dtype)
+        check_inputs(x, w, None, None, residual, conv.stride, self._padding, conv.dilation, conv.groups, self._act[0])
+        act, act_param = self._act
+        if not self._folds():
+            return self._forward_unfused(x, w, residual, residual_after_act)
+        weight, bias = self.folded_parameters(dtype)
+        return conv_bn_act(
+            x, weight, None, bias, residual,
+            stride=conv.stride, padding=self._padding, dilation=conv.dilation, groups=conv.groups,
+            act=act, act_param=act_param, residual_after_act=residual_after_act,
+        )
+
+    def _forward_unfused(self, x, w, residual, residual_after_act):
+        # BatchNorm in training mode: batch statistics, so nothing can be folded.
+        # Exactly PyTorch's own modules (nn.BatchNorm2d.forward also for timm's
+        # BatchNormAct2d, whose activation is applied below like any other).
+        conv, bn = self.conv, self.bn
+        b = conv.bias if conv.bias is None or conv.bias.dtype == w.dtype else conv.bias.to(w.dtype)
+        y = torch.nn.functional.conv2d(x, w, b, conv.stride, self._padding, conv.dilation, conv.groups)
+        if y.shape[0] == 0:
+            return y  # batch statistics of an empty batch are undefined; leave running stats alone
+        y = nn.BatchNorm2d.forward(bn, y)
+        if residual is not None and not residual_after_act:
+            y = y + residual
+        y = apply_activation(y, *self._act)
+        if residual is not None and residual_after_act:
+            y = y + residual
+        return y

@@ -1,0 +1,44 @@
+"""``FusedSequential``: an ``nn.Sequential`` whose conv → bn → act runs execute fused."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Tuple
+
+from torch import nn
+
+from .conv_bn_act import FusedConvBNAct
+
+
+class FusedSequential(nn.Sequential):
+    """Same children, same names, same ``state_dict`` as the Sequential it
+    replaces; only ``forward`` differs: each recognised run of children
+    (conv, bn[, act]) executes as one :class:`FusedConvBNAct` sharing those
+    children. Used by :func:`effops.optimize` for Sequentials that mix fusable
+    runs with other layers (e.g. the classic VoVNet stem built from an
+    ``OrderedDict`` of ``stem_1/conv``, ``stem_1/norm``, ``stem_1/relu``, ...).
+
+    Equivalent PyTorch: the original ``nn.Sequential``.
+    """
+
+    def __init__(self, seq: nn.Sequential, runs: List[Tuple[int, int, FusedConvBNAct]]):
+        super().__init__(OrderedDict(seq._modules))
+        children = list(self._modules.values())
+        plan, i = [], 0
+        for start, length, fused in sorted(runs, key=lambda r: r[0]):
+            plan.extend(children[i:start])
+            plan.append(fused)
+            i = start + length
+        plan.extend(children[i:])
+        # A plain list attribute: the fused wrappers share their children with
+        # this Sequential and must not appear twice in state_dict / modules().
+        self._plan = plan
+        self._runs = [(start, length) for start, length, _ in runs]
+
+    def forward(self, x):
+        for step in self._plan:
+            x = step(x)
+        return x
+
+    def extra_repr(self) -> str:
+        names = list(self._modules)
+        return "fused runs: " + ", ".join(f"{names[s]}..{names[s + n - 1]}" for s, n in self._runs)

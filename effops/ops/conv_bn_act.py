@@ -1,0 +1,496 @@
+"""Fused conv + folded BatchNorm + activation (+ residual), NHWC implicit GEMM.
+
+Layers, bottom up, all in this file:
+
+1. the Triton kernel ``_conv_bn_act_kernel`` and its launcher ``_run_triton``;
+2. the registered ops ``effops::conv_bn_act`` (functional, differentiable) and
+   ``effops::conv_bn_act_out`` (writes a channel view in place), each with a
+   fake implementation so ``torch.compile(fullgraph=True)`` traces them;
+3. the backend registrations (``triton`` here, ``reference`` from
+   :mod:`effops.ops.reference`) the dispatcher chooses from;
+4. :func:`conv_bn_act`, the checked public entry point.
+
+Equivalent PyTorch::
+
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = y * scale[None, :, None, None] + bias[None, :, None, None]
+    y = act(y + residual)            # residual_after_act=False
+    y = act(y) + residual            # residual_after_act=True
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import dispatch
+from ..activations import activation_grad, apply_activation, check_activation
+from ..views import ChannelView
+from . import reference
+
+try:  # Triton is optional: without it (macOS, Windows, CPU wheels) the reference backend runs.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------
+# 1. Triton kernel and launcher
+# ----------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _activation(y, ACT: tl.constexpr, act_param):
+        if ACT == "relu":
+            y = tl.maximum(y, 0.0)
+        elif ACT == "relu6":
+            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+        elif ACT == "leaky_relu":
+            y = tl.where(y > 0, y, y * act_param)
+        elif ACT == "hardswish":
+            y = y * tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+        elif ACT == "hardsigmoid":
+            y = tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+        elif ACT == "silu":
+            y = y * tl.sigmoid(y)
+        elif ACT == "sigmoid":
+            y = tl.sigmoid(y)
+        elif ACT == "gelu":
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACT == "gelu_tanh":
+            # tanh(u) = 2 * sigmoid(2u) - 1 (tl has no portable tanh across Triton versions)
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = 0.5 * y * (2.0 * tl.sigmoid(2.0 * u))
+        return y
+
+    @triton.jit
+    def _conv_bn_act_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        H, W, OH, OW, M, C_in_g, C_out_g,
+        sxn, sxc, sxh, sxw,
+        swo, swi, swh, sww,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        act_param,
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
+        ACT: tl.constexpr,
+        IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # GEMM view: rows = output pixels (n, oh, ow), cols = output channels of
+        # this group, K = (kh, kw, input channel). Every tensor is addressed via
+        # element strides, so NCHW, NHWC and channel views all work unchanged.
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
+        # N-blocks of one M-block run back to back so the input tile stays in L2.
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IDX64:
+            offs_m = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        ohw = OH * OW
+        n_idx = offs_m // ohw
+        rem = offs_m % ohw
+        oh = rem // OW
+        ow = rem % OW
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        x_row = x_ptr + n_idx * sxn
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < C_out_g
+        co = g * C_out_g + offs_n
+        offs_k = tl.arange(0, BLOCK_K)
+        ci0 = g * C_in_g
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        num_kc = tl.cdiv(C_in_g, BLOCK_K)
+        # One flat K loop (not nested kh/kw/c loops) so Triton software-pipelines it.
+        for kk in range(0, KH * KW * num_kc):
+            kc = kk % num_kc
+            khw = kk // num_kc
+            kh = khw // KW
+            kw = khw % KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ci = kc * BLOCK_K + offs_k
+            k_ok = ci < C_in_g
+            a_ptrs = x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
+            a = tl.load(a_ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            b_ptrs = w_ptr + (co * swo)[None, :] + (ci * swi)[:, None] + kh * swh + kw * sww
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                # Triton's interpreter computes bf16 dots wrongly; fp32 operands are exact.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + co, mask=n_ok, other=1.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + co, mask=n_ok, other=0.0)[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            r_ptrs = res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
+            r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            if not RES_AFTER_ACT:
+                y = y + r
+        y = _activation(y, ACT, act_param)
+        if HAS_RES:
+            if RES_AFTER_ACT:
+                y = y + r
+        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
+else:
+    INTERPRETED = False
+
+_autotuned_kernel = None
+
+
+def _cuda_configs():
+    cfg = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 64, 64, 4, 4),
+        (64, 32, 32, 2, 4),
+        (32, 32, 32, 2, 4),
+    ]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfg
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Tiles much wider than the problem only waste work: drop them before
+    # benchmarking, but always keep the smallest so something remains.
+    c_out, c_in = named_args["C_out_g"], named_args["C_in_g"]
+    n_cap = max(32, triton.next_power_of_2(c_out))
+    k_cap = max(32, triton.next_power_of_2(c_in))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return kept or configs[-1:]
+
+
+def _kernel_for_cuda():
+    """The autotuned kernel, built on first CUDA use (never at import)."""
+    global _autotuned_kernel
+    if _autotuned_kernel is None:
+        _autotuned_kernel = triton.autotune(
+            configs=_cuda_configs(),
+            key=["M", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(_conv_bn_act_kernel)
+    return _autotuned_kernel
+
+
+def _max_offset(t: Optional[Tensor]) -> int:
+    # Conservative bound on any element offset the kernel may form for t
+    # (masked lanes included): sum(size * stride).
+    if t is None:
+        return 0
+    return sum(s * st for s, st in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: Optional[Tensor]) -> bool:
+    return any(_max_offset(t) > _INT32_MAX for t in tensors)
+
+
+def _interpret_block(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
+                residual_after_act, force_int64: bool = False):
+    N, C_in, H, W = x.shape
+    C_out, C_in_g, KH, KW = weight.shape
+    OH, OW = out.shape[2], out.shape[3]
+    M = N * OH * OW
+    if M == 0 or C_out == 0:
+        return out
+    C_out_g = C_out // groups
+    scale = None if scale is None else scale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    interpreting = x.device.type == "cpu"
+    args = (
+        x, weight, scale if scale is not None else out, bias if bias is not None else out,
+        residual if residual is not None else out, out,
+        H, W, OH, OW, M, C_in_g, C_out_g,
+        *x.stride(), *weight.stride(), *rs, *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(act_param),
+    )
+    meta = dict(
+        KH=KH, KW=KW,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, RES_AFTER_ACT=bool(residual_after_act),
+        ACT=act,
+        IDX64=force_int64 or needs_int64(x, residual, out),
+        UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
+        # fp32 follows nn.Conv2d: TF32 exactly when cuDNN would use it.
+        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee",
+    )
+    if interpreting:
+        bm = _interpret_block(M, 16, 64)
+        bn = _interpret_block(C_out_g, 16, 64)
+        bk = _interpret_block(C_in_g, 16, 64)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(C_out_g, bn), groups)
+        _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        kernel = _kernel_for_cuda()
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(C_out_g, m["BLOCK_N"]), groups)
+        with torch.cuda.device(x.device):
+            kernel[grid](*args, **meta)
+    return out
+
+
+def _triton_reasons(x, weight, scale, bias, residual, out, *rest) -> List[str]:
+    why = []
+    if triton is None:
+        return ["triton is not installed"]
+    dev = x.device.type
+    if dev == "cpu":
+        if not INTERPRETED:
+            why.append("CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing effops")
+    elif dev != "cuda":
+        why.append(f"the triton backend runs on cuda tensors (or cpu under TRITON_INTERPRET=1), got {dev}")
+    elif INTERPRETED:
+        why.append("TRITON_INTERPRET=1 is set: the interpreter runs cpu tensors only")
+    if x.dtype not in _KERNEL_DTYPES:
+        why.append(f"the triton kernel takes float16, bfloat16 or float32, got {x.dtype}")
+    if _max_offset(weight) > _INT32_MAX:
+        why.append("weight larger than 2**31 elements")
+    return why
+
+
+def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
+                   residual_after_act):
+    y = reference.conv_scale_bias_act(
+        x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act
+    )
+    out.copy_(y)
+    return out
+
+
+dispatch.register("conv_bn_act", "triton", _triton_reasons)(_run_triton)
+dispatch.register("conv_bn_act", "reference")(_run_reference)
+
+
+# ----------------------------------------------------------------------------
+# 2. Registered ops
+# ----------------------------------------------------------------------------
+def _out_hw(H: int, W: int, k: Tuple[int, int], stride, padding, dilation) -> Tuple[int, int]:
+    oh = (H + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    ow = (W + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def prefers_channels_last(x: Tensor) -> bool:
+    """Whether a conv of ``x`` should produce NHWC memory (as cuDNN would)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return True
+    # A channel view of an NHWC buffer is neither, but channel-minor.
+    return not x.is_contiguous() and x.stride(1) < x.stride(3)
+
+
+def _new_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    fmt = torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("effops::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(
+    x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    act: str, act_param: float, residual_after_act: bool,
+) -> Tensor:
+    out = _new_output(x, weight, stride, padding, dilation)
+    dispatch.run("conv_bn_act", x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
+                 act_param, residual_after_act)
+    return out
+
+
+@_conv_bn_act_op.register_fake
+def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act):
+    return _new_output(x, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("effops::conv_bn_act_out", mutates_args=("out",))
+def _conv_bn_act_out_op(
+    x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    act: str, act_param: float, residual_after_act: bool, out: Tensor,
+) -> None:
+    dispatch.run("conv_bn_act", x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
+                 act_param, residual_after_act)
+
+
+@_conv_bn_act_out_op.register_fake
+def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act, out):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, res_after = inputs
+    ctx.save_for_backward(x, weight, scale, bias, residual)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.act = (act, act_param, res_after)
+    ctx.has = (scale is not None, bias is not None, residual is not None)
+
+
+def _backward(ctx, grad_out):
+    # No fused backward yet: recompute the pre-activation in fp32 (cheaper in
+    # memory than saving it) and apply the chain rule with PyTorch's conv grads.
+    x, weight, scale, bias, residual = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    act, act_param, res_after = ctx.act
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc, wc, g = x.to(cd), weight.to(cd), grad_out.to(cd)
+    z = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
+    pre = z if scale is None else z * scale.to(cd).view(1, -1, 1, 1)
+    if bias is not None:
+        pre = pre + bias.to(cd).view(1, -1, 1, 1)
+    if residual is not None and not res_after:
+        pre = pre + residual.to(cd)
+    g_pre = activation_grad(pre, g, act, act_param)
+    g_z = g_pre if scale is None else g_pre * scale.to(cd).view(1, -1, 1, 1)
+    need = ctx.needs_input_grad
+    gx = gw = gs = gb = gr = None
+    if need[0]:
+        gx = torch.nn.grad.conv2d_input(x.shape, wc, g_z, stride, padding, dilation, groups).to(x.dtype)
+    if need[1]:
+        gw = torch.nn.grad.conv2d_weight(xc, weight.shape, g_z, stride, padding, dilation, groups).to(weight.dtype)
+    if scale is not None and need[2]:
+        gs = (g_pre * z).sum((0, 2, 3)).to(scale.dtype)
+    if bias is not None and need[3]:
+        gb = g_pre.sum((0, 2, 3)).to(bias.dtype)
+    if residual is not None and need[4]:
+        gr = (g if res_after else g_pre).to(residual.dtype)
+    return gx, gw, gs, gb, gr, None, None, None, None, None, None, None
+
+
+_conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# 3. Public entry point with input checks
+# ----------------------------------------------------------------------------
+def _pair(v, name: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v}")
+    return v
+
+
+def check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act) -> Tuple[int, int]:
+    """Validate arguments; return the output spatial size. Errors name what was expected."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = f"{x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got a {got}")
+    if weight.dim() != 4:
+        raise ValueError(f"expected a 4-D conv weight (C_out, C_in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"input is {x.dtype} but weight is {weight.dtype}; expected the same dtype")
+    for name, t in (("weight", weight), ("scale", scale), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; expected the same device")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide the {weight.shape[0]} output channels")
+    c_in = weight.shape[1] * groups
+    if x.shape[1] != c_in:
+        raise ValueError(
+            f"expected input with {c_in} channels (weight {tuple(weight.shape)}, groups {groups}), "
+            f"got {x.shape[1]} channels (input shape {tuple(x.shape)})"
+        )
+    c_out = weight.shape[0]
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != c_out):
+            raise ValueError(f"expected {name} of shape ({c_out},), got {tuple(t.shape)}")
+    check_activation(act)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"invalid stride {stride}, padding {padding} or dilation {dilation}")
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"input of spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} "
+            f"with stride {stride}, padding {padding}, dilation {dilation}"
+        )
+    if residual is not None and tuple(residual.shape) != (x.shape[0], c_out, oh, ow):
+        raise ValueError(f"expected residual of shape {(x.shape[0], c_out, oh, ow)}, got {tuple(residual.shape)}")
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"residual is {residual.dtype} but the input is {x.dtype}; expected the same dtype")
+    return oh, ow
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    *,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    act: str = "identity",
+    act_param: float = 0.0,
+    residual_after_act: bool = False,
+    out: Union[ChannelView, Tensor, None] = None,
+) -> Tensor:
+    """Fused ``act(conv2d(x, weight) * scale + bias (+ residual)) (+ residual)``.
+
+    Equivalent PyTorch::
+
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        y = act(y + residual) if not residual_after_act else act(y) + residual
+
+    ``scale`` and ``bias`` are per output channel and kept in float32 (folded
+    BatchNorm). Inputs may be NCHW or NHWC (``channels_last``, the fast path)
+    or any strided view. With ``out`` (a :class:`~effops.ChannelView` or a
+    tensor of the output's shape) the result is written into it in place,
+    e.g. into a channel range of a larger concat buffer; that form is
+    inference-only. An empty batch returns an empty result.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    oh, ow = check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act)
+    if out is None:
+        return _conv_bn_act_op(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
+                               float(act_param), bool(residual_after_act))
+    dst = out.as_tensor() if isinstance(out, ChannelView) else out
+    expected = (x.shape[0], weight.shape[0], oh, ow)
+    if tuple(dst.shape) != expected:
+        raise ValueError(f"expected out of shape {expected}, got {tuple(dst.shape)}")
+    if dst.dtype != x.dtype or dst.device != x.device:
+        raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {x.dtype} on {x.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, scale, bias, residual)):
+        raise RuntimeError("conv_bn_act(out=...) is inference-only; call it without out= to get gradients")
+    _conv_bn_act_out_op(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
+                        float(act_param), bool(residual_after_act), dst)
+    return dst

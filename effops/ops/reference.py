@@ -1,0 +1,231 @@
+"""Reference implementations: the specification of every effops op.
+
+Plain PyTorch, written for reading. They are the test oracle, the CPU
+fallback (the ``reference`` backend) and the training path until a fused
+backward exists. Half-precision inputs are computed in float32 and rounded
+once at the end, which is what the fused kernels do (fp32 accumulation, fp32
+epilogue); float64 inputs stay float64 so tests can build an exact oracle.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..activations import apply_activation
+
+_Pair = Tuple[int, int]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_affine(y: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    if scale is not None:
+        y = y * scale.to(y.dtype).view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
+
+
+def conv_scale_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    stride: _Pair = (1, 1),
+    padding: _Pair = (0, 0),
+    dilation: _Pair = (1, 1),
+    groups: int = 1,
+    act: str = "identity",
+    act_param: float = 0.0,
+    residual_after_act: bool = False,
+) -> Tensor:
+    """The fused conv epilogue (what the conv kernel computes)::
+
+        z = conv2d(x, weight, None, stride, padding, dilation, groups)   # fp32 accumulate
+        y = z * scale[c] + bias[c]                                       # folded BN
+        y = act(y + residual)      if residual is given and not residual_after_act
+        y = act(y) + residual      if residual_after_act
+        return y.to(x.dtype)
+    """
+    cd = _compute_dtype(x.dtype)
+    z = F.conv2d(x.to(cd), weight.to(cd), None, stride, padding, dilation, groups)
+    y = _channel_affine(z, scale, bias)
+    if residual is not None and not residual_after_act:
+        y = y + residual.to(cd)
+    y = apply_activation(y, act, act_param)
+    if residual is not None and residual_after_act:
+        y = y + residual.to(cd)
+    return y.to(x.dtype)
+
+
+def fold_bn(
+    weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the conv before it, in float32 (or float64)::
+
+        s  = bn_weight / sqrt(running_var + eps)
+        w' = weight * s[:, None, None, None]
+        b' = (conv_bias - running_mean) * s + bn_bias
+
+    so that ``bn(conv(x)) == conv(x, w') + b'``. Returns ``(w', b')`` in the
+    compute dtype; the caller casts ``w'`` to the activation dtype once.
+    Differentiable: gradients flow back to the conv and BN parameters.
+    """
+    cd = _compute_dtype(weight.dtype)
+    inv_std = torch.rsqrt(running_var.to(cd) + eps)
+    s = inv_std if bn_weight is None else bn_weight.to(cd) * inv_std
+    w = weight.to(cd) * s.view(-1, 1, 1, 1)
+    b = -running_mean.to(cd) * s
+    if conv_bias is not None:
+        b = b + conv_bias.to(cd) * s
+    if bn_bias is not None:
+        b = b + bn_bias.to(cd)
+    return w, b
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: _Pair = (1, 1),
+    padding: _Pair = (0, 0),
+    dilation: _Pair = (1, 1),
+    groups: int = 1,
+    act: str = "relu",
+    act_param: float = 0.0,
+) -> Tensor:
+    """Conv2d → BatchNorm2d → activation with exact ``torch.nn`` semantics::
+
+        y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias,
+                         training, momentum, eps)   # updates running stats in training
+        return act(y)
+    """
+    y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return apply_activation(y, act, act_param)
+
+
+def osa_aggregate(
+    inputs: Sequence[Tensor],
+    weight: Tensor,
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    act: str = "relu",
+    act_param: float = 0.0,
+    ese_weight: Optional[Tensor] = None,
+    ese_bias: Optional[Tensor] = None,
+    identity: Optional[Tensor] = None,
+) -> Tensor:
+    """One-Shot Aggregation: the 1×1 conv over the concatenation of ``inputs``::
+
+        y = act(conv2d(cat(inputs, dim=1), weight) * scale[c] + bias[c])
+        if ese_weight is not None:                                   # VoVNetV2 eSE
+            g = hardsigmoid(conv2d(y.mean((2, 3), keepdim=True), ese_weight, ese_bias))
+            y = y * g
+        if identity is not None:
+            y = y + identity
+        return y.to(inputs[0].dtype)
+
+    ``weight`` is ``[C_out, sum(C_i), 1, 1]``; the fused kernel reads the inputs
+    as consecutive segments of its K dimension instead of concatenating them.
+    """
+    x = inputs[0]
+    cd = _compute_dtype(x.dtype)
+    cat = torch.cat([t.to(cd) for t in inputs], dim=1)
+    y = _channel_affine(F.conv2d(cat, weight.to(cd)), scale, bias)
+    y = apply_activation(y, act, act_param)
+    if ese_weight is not None:
+        pooled = y.mean((2, 3), keepdim=True)
+        g = F.conv2d(pooled, ese_weight.to(cd), None if ese_bias is None else ese_bias.to(cd))
+        y = y * F.hardsigmoid(g)
+    if identity is not None:
+        y = y + identity.to(cd)
+    return y.to(x.dtype)
+
+
+def depthwise_conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    stride: _Pair = (1, 1),
+    padding: _Pair = (1, 1),
+    dilation: _Pair = (1, 1),
+    act: str = "relu",
+    act_param: float = 0.0,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Depthwise conv (one filter per channel, ``weight`` ``[C, 1, kh, kw]``) with
+    folded BN, activation and optional residual added after the activation::
+
+        y = act(conv2d(x, weight, groups=C) * scale[c] + bias[c]) (+ residual)
+    """
+    if weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"depthwise weight must be [C, 1, kh, kw] with C = {x.shape[1]} input channels, "
+            f"got {tuple(weight.shape)}"
+        )
+    return conv_scale_bias_act(
+        x, weight, scale, bias, residual, stride, padding, dilation, x.shape[1], act, act_param, True
+    )
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet channel shuffle::
+
+        n, c, h, w = x.shape
+        x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    Output channel ``j * groups + i`` is input channel ``i * (c // groups) + j``.
+    """
+    n, c, h, w = x.shape
+    if groups < 1 or c % groups:
+        raise ValueError(f"channel_shuffle: {c} channels are not divisible into {groups} groups")
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def squeeze_excite(
+    x: Tensor,
+    reduce_weight: Optional[Tensor],
+    reduce_bias: Optional[Tensor],
+    expand_weight: Tensor,
+    expand_bias: Optional[Tensor],
+    act: str = "relu",
+    gate: str = "sigmoid",
+) -> Tensor:
+    """Squeeze-and-excitation (weights as 1×1 conv ``[out, in, 1, 1]`` or linear ``[out, in]``)::
+
+        s = x.mean((2, 3))                                   # squeeze, per (n, c)
+        h = act(s @ reduce_weight.T + reduce_bias)           # skipped when reduce_weight is None (eSE)
+        g = gate(h @ expand_weight.T + expand_bias)
+        return x * g[:, :, None, None]
+    """
+    cd = _compute_dtype(x.dtype)
+    h = x.to(cd).mean((2, 3))
+    if reduce_weight is not None:
+        h = F.linear(h, reduce_weight.to(cd).flatten(1), None if reduce_bias is None else reduce_bias.to(cd))
+        h = apply_activation(h, act)
+    g = F.linear(h, expand_weight.to(cd).flatten(1), None if expand_bias is None else expand_bias.to(cd))
+    g = apply_activation(g, gate)
+    return (x.to(cd) * g[:, :, None, None]).to(x.dtype)

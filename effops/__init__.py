@@ -11,7 +11,7 @@ from .convert import OptimizeReport, optimize
 from .dispatch import BackendUnavailable, use_backend
 from .nn import FusedConvBNAct, FusedSequential
 from .views import ChannelView
-from . import ops
+from . import dispatch, ops
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ Equivalent PyTorch::
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -191,6 +192,15 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _heuristic_meta(M: int, C_in_g: int, C_out_g: int) -> dict:
+    """One fixed config when autotuning is off (EFFOPS_AUTOTUNE=0): no
+    benchmarking on first call, deterministic start-up (tests, CI-like runs)."""
+    bn = 128 if C_out_g > 64 else (64 if C_out_g > 32 else 32)
+    bk = 64 if C_in_g >= 64 else 32
+    bm = 128 if M >= 4096 else 64
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4 if bm * bn <= 8192 else 8, num_stages=3)
+
+
 def _kernel_for_cuda():
     """The autotuned kernel, built on first CUDA use (never at import)."""
     global _autotuned_kernel
@@ -221,6 +231,8 @@ def _interpret_block(n: int, lo: int, hi: int) -> int:
 
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
                 residual_after_act, force_int64: bool = False):
+    if out is None:
+        out = _new_output(x, weight, stride, padding, dilation)
     N, C_in, H, W = x.shape
     C_out, C_in_g, KH, KW = weight.shape
     OH, OW = out.shape[2], out.shape[3]
@@ -256,6 +268,11 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         bk = _interpret_block(C_in_g, 16, 64)
         grid = (triton.cdiv(M, bm) * triton.cdiv(C_out_g, bn), groups)
         _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    elif os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
+        cfg = _heuristic_meta(M, C_in_g, C_out_g)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C_out_g, cfg["BLOCK_N"]), groups)
+        with torch.cuda.device(x.device):
+            _conv_bn_act_kernel[grid](*args, **meta, **cfg)
     else:
         kernel = _kernel_for_cuda()
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(C_out_g, m["BLOCK_N"]), groups)
@@ -283,11 +300,36 @@ def _triton_reasons(x, weight, scale, bias, residual, out, *rest) -> List[str]:
     return why
 
 
+_INPLACE_ACT = {
+    "identity": lambda y: y,
+    "relu": lambda y: F.relu(y, inplace=True),
+    "relu6": lambda y: F.hardtanh(y, 0.0, 6.0, inplace=True),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "hardsigmoid": lambda y: F.hardsigmoid(y, inplace=True),
+    "silu": lambda y: F.silu(y, inplace=True),
+    "sigmoid": lambda y: y.sigmoid_(),
+}
+
+
 def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
                    residual_after_act):
-    y = reference.conv_scale_bias_act(
-        x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act
-    )
+    if scale is None and x.dtype in (torch.float32, torch.float64) and act in _INPLACE_ACT:
+        # Same math as reference.conv_scale_bias_act with fewer passes: the
+        # folded bias rides in the conv and the activation runs in place.
+        y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+        if residual is not None and not residual_after_act:
+            y.add_(residual)
+        y = _INPLACE_ACT[act](y)
+        if residual is not None and residual_after_act:
+            y.add_(residual)
+    else:
+        y = reference.conv_scale_bias_act(
+            x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act
+        )
+    if out is None:
+        if y.stride() == _new_output(x, weight, stride, padding, dilation).stride():
+            return y
+        out = _new_output(x, weight, stride, padding, dilation)
     out.copy_(y)
     return out
 
@@ -325,10 +367,9 @@ def _conv_bn_act_op(
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
     act: str, act_param: float, residual_after_act: bool,
 ) -> Tensor:
-    out = _new_output(x, weight, stride, padding, dilation)
-    dispatch.run("conv_bn_act", x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
-                 act_param, residual_after_act)
-    return out
+    # Backends allocate the output themselves (out=None) in the layout _new_output gives.
+    return dispatch.run("conv_bn_act", x, weight, scale, bias, residual, None, stride, padding, dilation, groups,
+                        act, act_param, residual_after_act)
 
 
 @_conv_bn_act_op.register_fake

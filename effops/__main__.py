@@ -1,0 +1,116 @@
+"""``python -m effops``: convert a model, check it matches, time it.
+
+    python -m effops                                   # classic VoVNet-27-slim
+    python -m effops --model vovnet39 --batch 32
+    python -m effops --model ese_vovnet19b_dw          # any timm model by name (random weights)
+
+Runs on the best device present (CUDA if available, else CPU, where effops
+uses its reference backend unless TRITON_INTERPRET=1). BatchNorm statistics
+are randomised so that folding is really exercised. Exits non-zero when the
+optimized model does not match the original.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import effops
+from effops.benchmark import device_stamp, time_ms
+from effops.models import VOVNET_CONFIGS, classic_vovnet
+
+
+def build_model(name: str) -> torch.nn.Module:
+    if name in VOVNET_CONFIGS:
+        return classic_vovnet(name)
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit(f"{name!r} is not a built-in model ({', '.join(VOVNET_CONFIGS)}) and timm is not installed")
+    return timm.create_model(name, pretrained=False)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine parameters (fresh BN hides folding bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="effops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vovnet27_slim", help="vovnet27_slim | vovnet39 | vovnet57 | any timm model name")
+    p.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 1 on CPU")
+    p.add_argument("--size", type=int, default=None, help="input resolution (default: 224 on CUDA, 128 on CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = p.parse_args(argv)
+
+    dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if args.device == "auto" else args.device))
+    on_cuda = dev.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if on_cuda else torch.float32)
+    batch = args.batch or (32 if on_cuda else 1)
+    size = args.size or (224 if on_cuda else 128)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    torch.manual_seed(0)
+    model = build_model(args.model).eval()
+    randomize_bn(model)
+    fast = effops.optimize(model)
+    rep = fast.effops_report
+    print(f"model {args.model}: {len(rep.swapped)} conv blocks swapped, {len(rep.skipped)} convs skipped")
+    for e in rep.skipped[:10]:
+        print(f"  skipped {e.path}: {e.what}")
+
+    x32 = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        # fp64 on CPU is the oracle for both the eager model and effops in the run dtype.
+        ref = model.double()(x32.double()).float()
+        model = model.float()
+        model.to(dev, dtype).to(memory_format=torch.channels_last)
+        fast.to(dev, dtype).to(memory_format=torch.channels_last)
+        x = x32.to(dev, dtype).contiguous(memory_format=torch.channels_last)
+        y_eager = model(x).float().cpu()
+        y_fast = fast(x).float().cpu()
+    err_eager = (y_eager - ref).abs().max().item()
+    err_fast = (y_fast - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    tol = 2 * err_eager + 1e-5 * scale
+    ok = err_fast <= tol
+    print(f"max |error| vs fp64 reference: effops {err_fast:.3e}, eager {err_eager:.3e} "
+          f"(|ref| max {scale:.3e}) -> {'MATCH' if ok else 'MISMATCH'}")
+
+    stamp = device_stamp(dev)
+    print(f"\n{stamp['device']} | torch {stamp['torch']} | triton {stamp['triton']} | {dtype} | "
+          f"batch {batch} | {size}x{size} | channels_last")
+    rows = []
+    with torch.inference_mode():
+        t_eager = time_ms(lambda: model(x), dev)
+        rows.append(("eager", t_eager))
+        if not args.no_compile:
+            compiled = torch.compile(model)
+            rows.append(("torch.compile", time_ms(lambda: compiled(x), dev)))
+        rows.append(("effops", time_ms(lambda: fast(x), dev)))
+    w = torch.empty(1, 3, 1, 1, device=dev, dtype=dtype)
+    backend = effops.dispatch.select("conv_bn_act", x, w, None, None, None, None).name
+    print(f"{'provider':<16}{'ms / forward':>14}{'speedup':>10}")
+    for name, ms in rows:
+        print(f"{name:<16}{ms:>14.3f}{t_eager / ms:>9.2f}x")
+    print(f"(effops backend: {backend}; times are {'CUDA medians' if on_cuda else 'CPU wall-clock medians'})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Timing and roofline helpers shared by ``python -m effops`` and ``benchmarks/``.
+
+On CUDA, times are medians from ``triton.testing.do_bench`` (warm-up, L2
+flushed between runs) or, for launch-bound cases, ``do_bench_cudagraph``
+(replays a captured CUDA graph). On CPU they are wall-clock medians and are
+labelled as such.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+def device_stamp(device: torch.device) -> Dict[str, str]:
+    """Device name and software versions, to stamp every result with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, cuda_graph: bool = False,
+            cpu_iters: int = 10, rep_ms: int = 100) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        for _ in range(3):  # compile / autotune outside the timed region (and before any graph capture)
+            fn()
+        torch.cuda.synchronize()
+        if cuda_graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(cpu_iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+_PEAKS: Dict[tuple, tuple] = {}
+
+
+def measured_peaks(device: torch.device, dtype: torch.dtype) -> Optional[tuple]:
+    """``(TFLOP/s, GB/s)`` measured on this device: a large matmul and a large
+    device-to-device copy (bytes read + written). CUDA only; cached."""
+    if device.type != "cuda":
+        return None
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = time_ms(lambda: a @ b, device)
+        tflops = 2 * n**3 / ms / 1e9
+        src = torch.randn(1 << 28, device=device, dtype=torch.float16)  # 512 MiB
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), device)
+        gbps = 2 * src.numel() * 2 / ms / 1e6
+        _PEAKS[key] = (tflops, gbps)
+        del a, b, src, dst
+    return _PEAKS[key]
+
+
+def roofline_ms(flops: float, min_bytes: float, peaks: tuple) -> float:
+    """The floor ``max(flops / peak_flops, min_bytes / peak_bw)`` in ms."""
+    tflops, gbps = peaks
+    return max(flops / (tflops * 1e9), min_bytes / (gbps * 1e6))

@@ -1,0 +1,25 @@
+"""Test set-up shared by every test module.
+
+Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter;
+TRITON_INTERPRET must be set before effops (and so its kernels) is imported.
+With a GPU, the kernel tests run on CUDA instead, and the interpreter stays off.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# One fixed kernel config on CUDA: autotuning every tiny test shape would cost minutes of compiles.
+os.environ.setdefault("EFFOPS_AUTOTUNE", "0")
+
+import pytest  # noqa: E402
+
+# References in fp32/fp64 with TF32 off (the kernel follows cudnn.allow_tf32 too).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

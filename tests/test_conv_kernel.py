@@ -1,0 +1,142 @@
+"""The Triton conv+BN+act kernel against the fp64 reference (interpreter on CPU, CUDA when present)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effops import use_backend
+from effops.activations import ACTIVATIONS, apply_activation
+from effops.ops import conv_bn_act, reference
+from effops.ops.conv_bn_act import _run_triton, needs_int64
+
+from helpers import DTYPES, KERNEL_DEVICE, assert_matches, needs_triton
+
+pytestmark = needs_triton
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups)
+GEOMETRIES = [
+    (1, 5, 7, 7, 6, 1, 1, 0, 1, 1),
+    (3, 5, 7, 7, 6, 3, 1, 1, 1, 1),
+    (1, 13, 13, 13, 9, 3, 2, 1, 1, 1),
+    (2, 6, 13, 11, 10, 5, 1, 2, 1, 1),
+    (1, 6, 13, 13, 7, 5, 2, 2, 1, 1),
+    (1, 3, 15, 15, 5, 7, 2, 3, 1, 1),
+    (1, 4, 11, 11, 4, 7, 1, 3, 1, 1),
+    (2, 8, 9, 9, 8, 3, 1, 2, 2, 1),      # dilation 2
+    (1, 8, 9, 9, 12, 3, 1, 1, 1, 4),     # groups 4
+    (1, 6, 9, 9, 6, 3, 2, 1, 1, 6),      # depthwise, stride 2
+    (1, 5, 1, 1, 7, 1, 1, 0, 1, 1),      # one pixel
+    (3, 5, 1, 1, 7, 3, 1, 1, 1, 1),      # one pixel, 3x3 all padding but the centre
+    (1, 70, 8, 8, 33, 1, 2, 0, 1, 1),    # K and N larger than one block
+    (1, 4, 6, 8, 5, (1, 3), 1, (0, 1), 1, 1),  # non-square kernel
+]
+
+
+def _make(geom, dtype, layout, dev=KERNEL_DEVICE):
+    n, cin, h, w, cout, k, s, p, d, g = geom
+    k = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, cin, h, w)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(cout, cin // g, *k) / (cin // g * k[0] * k[1]) ** 0.5
+    scale = torch.rand(cout) + 0.5
+    bias = torch.randn(cout)
+    to = lambda t: t.to(dev, dtype)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    return to(x), to(wt), scale.to(dev), bias.to(dev), kw
+
+
+def _torch_same_dtype(x, w, scale, bias, kw, act, residual=None, after=False):
+    """What PyTorch itself computes in the input dtype (every step rounded)."""
+    y = F.conv2d(x, w, None, **kw)
+    y = y * scale.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+    if residual is not None and not after:
+        y = y + residual
+    y = apply_activation(y, act)
+    return y + residual if (residual is not None and after) else y
+
+
+def _ref64(x, w, scale, bias, kw, act, residual=None, after=False, act_param=0.0):
+    p = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    return reference.conv_scale_bias_act(
+        x.double(), w.double(), scale.double(), bias.double(), None if residual is None else residual.double(),
+        p(kw["stride"]), p(kw["padding"]), p(kw["dilation"]), kw["groups"], act, act_param, after,
+    )
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g)).replace(" ", ""))
+def test_geometry_fp32(geom, layout):
+    x, w, scale, bias, kw = _make(geom, torch.float32, layout)
+    with use_backend("triton"):
+        out = conv_bn_act(x, w, scale, bias, act="relu", **kw)
+    ref = _ref64(x, w, scale, bias, kw, "relu")
+    assert out.shape == ref.shape
+    # Output memory format follows the input, as nn.Conv2d's does.
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    assert_matches(out, ref)
+
+
+@pytest.mark.parametrize("residual", [None, "before", "after"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activations_and_residual(act, residual):
+    x, w, scale, bias, kw = _make((2, 6, 5, 7, 10, 3, 1, 1, 1, 1), torch.float32, "nhwc")
+    x = x * 2  # reach the saturating / negative regions of every activation
+    res = None if residual is None else torch.randn(2, 10, 5, 7, device=x.device).contiguous(memory_format=torch.channels_last)
+    after = residual == "after"
+    act_param = 0.1 if act == "leaky_relu" else 0.0
+    with use_backend("triton"):
+        out = conv_bn_act(x, w, scale, bias, res, act=act, act_param=act_param, residual_after_act=after, **kw)
+    assert_matches(out, _ref64(x, w, scale, bias, kw, act, res, after, act_param))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "geom, act, residual",
+    [
+        ((1, 16, 9, 9, 24, 1, 1, 0, 1, 1), "relu", None),
+        ((3, 13, 7, 7, 10, 3, 2, 1, 1, 1), "silu", "after"),
+        ((1, 12, 8, 8, 12, 3, 1, 2, 2, 3), "hardswish", "before"),
+    ],
+)
+def test_dtypes(dtype, geom, act, residual):
+    x, w, scale, bias, kw = _make(geom, dtype, "nhwc")
+    n, cout = geom[0], geom[4]
+    ref_shape = _ref64(x, w, scale, bias, kw, act).shape
+    res = None if residual is None else torch.randn(ref_shape, device=x.device).to(dtype)
+    after = residual == "after"
+    with use_backend("triton"):
+        out = conv_bn_act(x, w, scale, bias, res, act=act, residual_after_act=after, **kw)
+    assert out.dtype == dtype
+    assert_matches(out, _ref64(x, w, scale, bias, kw, act, res, after), _torch_same_dtype(x, w, scale, bias, kw, act, res, after))
+
+
+def test_int64_indexing_path():
+    """Force the int64 address path on a small problem: same result as int32."""
+    x, w, scale, bias, kw = _make((2, 6, 9, 9, 10, 3, 2, 1, 1, 1), torch.float32, "nhwc")
+    out = torch.full((2, 10, 5, 5), float("nan"), device=x.device).contiguous(memory_format=torch.channels_last)
+    _run_triton(x, w, scale, bias, None, out, [2, 2], [1, 1], [1, 1], 1, "relu", 0.0, False, force_int64=True)
+    assert_matches(out, _ref64(x, w, scale, bias, kw, "relu"))
+
+
+def test_int64_selected_past_2_31_elements():
+
+    small = torch.empty((2, 4, 8, 8), device="meta")
+    assert not needs_int64(small)
+    assert needs_int64(torch.empty_strided((3, 1, 1, 1), (2**30, 1, 1, 1), device="meta"))
+
+
+def test_every_output_element_written():
+    """Poison the output; the kernel must overwrite all of it (odd M and N tails)."""
+    x, w, scale, bias, kw = _make((3, 7, 11, 13, 19, 3, 1, 1, 1, 1), torch.float32, "nhwc")
+    out = torch.full((3, 19, 11, 13), float("nan"), device=x.device).contiguous(memory_format=torch.channels_last)
+    _run_triton(x, w, scale, bias, None, out, [1, 1], [1, 1], [1, 1], 1, "identity", 0.0, False)
+    assert not torch.isnan(out).any()
+    assert_matches(out, _ref64(x, w, scale, bias, kw, "identity"))
+
+
+def test_empty_batch_returns_empty():
+    x, w, scale, bias, kw = _make((1, 4, 5, 5, 6, 3, 1, 1, 1, 1), torch.float32, "nhwc")
+    with use_backend("triton"):
+        out = conv_bn_act(x[:0], w, scale, bias, act="relu", **kw)
+    assert out.shape == (0, 6, 5, 5)

@@ -137,8 +137,8 @@ def activation_grad(pre: Tensor, grad: Tensor, act: str, param: float = 0.0) -> 
     if act == "hardsigmoid":
         return grad * ((pre > -3) & (pre < 3)) / 6.0
     if act == "hardswish":
-        # torch: x < -3 -> 0; x <= 3 -> (2x + 3) / 6; else 1
-        d = torch.where(pre < -3, torch.zeros_like(pre), torch.where(pre <= 3, (2 * pre + 3) / 6.0, torch.ones_like(pre)))
+        # torch: x <= -3 -> 0; x < 3 -> (2x + 3) / 6; else 1
+        d = torch.where(pre <= -3, torch.zeros_like(pre), torch.where(pre < 3, (2 * pre + 3) / 6.0, torch.ones_like(pre)))
         return grad * d
     if act == "sigmoid":
         s = torch.sigmoid(pre)

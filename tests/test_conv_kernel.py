@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from effops import use_backend
 from effops.activations import ACTIVATIONS, apply_activation
 from effops.ops import conv_bn_act, reference
-from effops.ops.conv_bn_act import _run_triton, needs_int64
+from effops.ops.conv import _run_triton, needs_int64
 
 from helpers import DTYPES, KERNEL_DEVICE, assert_matches, needs_triton
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
-from ..ops.conv_bn_act import check_inputs, conv_bn_act
+from ..ops.conv import check_inputs, conv_bn_act
 
 
 def _timm_bn_act(bn: nn.Module) -> bool:
@@ -131,13 +131,15 @@ class FusedConvBNAct(nn.Module):
             raise ValueError(f"cannot fuse {type(conv).__name__} → {type(bn).__name__} → {type(act).__name__}: {why}")
         if len(names) != 3:
             raise ValueError(f"names must be (conv, bn, act) child names, got {names}")
-        self._names = names
         self.add_module(names[0], conv)
         if bn is not None:
             self.add_module(names[1], bn)
         act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
         if act is not None and names[2] is not None:
             self.add_module(names[2], act)
+        # Set after add_module: until then the conv/bn properties must not resolve
+        # (add_module refuses names that hasattr() already finds).
+        self._names = names
         self._act = activation_of(act_src)
         self._padding = resolve_padding(conv)
         self._cache = None
@@ -177,7 +179,7 @@ class FusedConvBNAct(nn.Module):
         conv, bn = self.conv, self.bn
         ts = [conv.weight, conv.bias]
         if bn is not None:
-            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]
         return [t for t in ts if t is not None]
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -201,7 +203,7 @@ class FusedConvBNAct(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
         conv = self.conv
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(dev):
+        if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
             residual = None if residual is None else residual.to(x.dtype)
             dtype = x.dtype
@@ -224,6 +226,9 @@ class FusedConvBNAct(nn.Module):
         # Exactly PyTorch's own modules (nn.BatchNorm2d.forward also for timm's
         # BatchNormAct2d, whose activation is applied below like any other).
         conv, bn = self.conv, self.bn
+        # batch_norm updates running stats in its kernel without bumping their
+        # version counters, so the cached fold can't notice: drop it here.
+        self._cache = None
         b = conv.bias if conv.bias is None or conv.bias.dtype == w.dtype else conv.bias.to(w.dtype)
         y = torch.nn.functional.conv2d(x, w, b, conv.stride, self._padding, conv.dilation, conv.groups)
         if y.shape[0] == 0:

@@ -1,5 +1,5 @@
 """Functional ops. ``reference`` holds the pure-PyTorch specification of every op family."""
 from . import reference
-from .conv_bn_act import conv_bn_act
+from .conv import conv_bn_act
 
 __all__ = ["conv_bn_act", "reference"]

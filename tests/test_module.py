@@ -1,0 +1,192 @@
+"""FusedConvBNAct against nn.Sequential(conv, bn, act): train and eval, outputs, grads, running stats."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import effops
+from effops import FusedConvBNAct
+
+from helpers import DTYPES, KERNEL_DEVICE, assert_matches, needs_triton, randomize_bn, rel_err
+
+DEV = KERNEL_DEVICE
+
+
+def _pair(act=nn.ReLU, conv_bias=False, norm=True, k=3, groups=1, cin=6, cout=10, stride=1):
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=conv_bias)
+    bn = nn.BatchNorm2d(cout) if norm else None
+    a = act()
+    ref = nn.Sequential(*[m for m in (conv, bn, a) if m is not None])
+    randomize_bn(ref)
+    fused = FusedConvBNAct.from_modules(*[copy.deepcopy(m) for m in (conv, bn, a)])
+    return ref.to(DEV), fused.to(DEV)
+
+
+def _x(n=3, c=6, h=7, w=9):
+    return torch.randn(n, c, h, w, device=DEV).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "act, conv_bias, norm, groups",
+    [(nn.ReLU, False, True, 1), (nn.SiLU, True, True, 1), (nn.Hardswish, False, False, 1), (nn.ReLU6, True, True, 2)],
+)
+def test_eval_matches_and_grads(act, conv_bias, norm, groups):
+    ref, fused = _pair(act, conv_bias, norm, groups=groups)
+    ref.eval(), fused.eval()
+    x1, x2 = _x(), None
+    x2 = x1.detach().clone().requires_grad_()
+    y_ref, y = ref(x1), fused(x2)
+    assert_matches(y, y_ref, fp32_tol=1e-5)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g)
+    assert rel_err(x2.grad, x1.grad) < 1e-5
+    ref_params = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        name = {"conv.weight": "0.weight", "conv.bias": "0.bias", "bn.weight": "1.weight", "bn.bias": "1.bias"}[name]
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_train_matches_exactly_and_updates_running_stats(act):
+    ref, fused = _pair(act, conv_bias=True)
+    ref.train(), fused.train()
+    for _ in range(2):
+        x1 = _x()
+        x2 = x1.detach().clone().requires_grad_()
+        y_ref, y = ref(x1), fused(x2)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(y)
+        y_ref.backward(g)
+        y.backward(g)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.bn.running_mean, ref[1].running_mean)
+    torch.testing.assert_close(fused.bn.running_var, ref[1].running_var)
+    assert fused.bn.num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 2
+    torch.testing.assert_close(fused.conv.weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.bn.weight.grad, ref[1].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_eval_cache_follows_parameter_changes():
+    ref, fused = _pair()
+    ref.eval(), fused.eval()
+    x = _x().detach()
+    with torch.no_grad():
+        y0 = fused(x)
+        assert fused._cache is not None
+        for m in (ref[1], fused.bn):
+            m.running_mean.add_(0.5)  # in-place update: version counter changes
+        assert_matches(fused(x), ref(x))
+        assert not torch.allclose(fused(x), y0)
+        # load_state_dict copies in place too
+        sd = {k: v.clone() for k, v in ref.state_dict().items()}
+        sd["1.bias"] += 1.0
+        ref.load_state_dict(sd)
+        fused.load_state_dict({"conv.weight": sd["0.weight"], **{f"bn.{k[2:]}": v for k, v in sd.items() if k.startswith("1.")}})
+        assert_matches(fused(x), ref(x))
+
+
+@needs_triton
+def test_mode_flip_rederives_fold():
+    ref, fused = _pair()
+    x = _x().detach()
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        fused(x)
+    fused.train(), ref.train()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)  # running stats updated here
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        assert_matches(fused(x), ref(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_eval_half_precision(dtype):
+    ref, fused = _pair(nn.SiLU)
+    ref.eval(), fused.eval()
+    ref64 = copy.deepcopy(ref).double()
+    x = _x().detach()
+    with torch.no_grad():
+        y = fused.to(dtype)(x.to(dtype))
+        assert y.dtype == dtype
+        assert_matches(y, ref64(x.double()), ref.to(dtype)(x.to(dtype)))
+
+
+def test_state_dict_round_trip():
+    seq = randomize_bn(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+    fused = FusedConvBNAct(4, 8, 3)
+    assert set(fused.state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+    fused.load_state_dict({k.replace("0.", "conv.").replace("1.", "bn."): v for k, v in seq.state_dict().items()})
+    named = FusedConvBNAct.from_modules(*copy.deepcopy(list(seq)), names=("0", "1", "2"))
+    assert list(named.state_dict()) == list(seq.state_dict())
+    seq.load_state_dict(named.state_dict())  # and back
+
+
+def test_constructor_matches_timm_style_defaults():
+    m = FusedConvBNAct(8, 16, 3, stride=2, act="hardswish")
+    assert m.conv.padding == (1, 1) and m.conv.stride == (2, 2) and m.activation == ("hardswish", 0.0)
+    assert m.bn.num_features == 16
+    m = FusedConvBNAct(8, 16, 1, norm=False, bias=True, act="leaky_relu", act_param=0.2)
+    assert m.bn is None and m.conv.bias is not None and m.activation == ("leaky_relu", 0.2)
+
+
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda: (torch.randn(2, 5, 8, 8),), "expected input with 6 channels"),
+        (lambda: (torch.randn(6, 8, 8),), "expected a 4-D input"),
+        (lambda: (torch.randint(0, 5, (2, 6, 8, 8)),), "expected a floating-point input"),
+        (lambda: (torch.randn(2, 6, 8, 8, device="meta"),), "expected the same device"),
+        (lambda: (torch.randn(2, 6, 1, 1)[:, :, :0],), "too small"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bad_input_errors(make, msg, mode):
+    m = FusedConvBNAct(6, 4, 3, padding=0)
+    m.train(mode == "train")
+    with pytest.raises((ValueError, TypeError), match=msg):
+        m(*make())
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_empty_batch_returns_empty(mode):
+    m = FusedConvBNAct(6, 4, 3).to(DEV).train(mode == "train")
+    before = m.bn.running_mean.clone()
+    y = m(torch.randn(0, 6, 8, 8, device=DEV))
+    assert y.shape == (0, 4, 8, 8)
+    torch.testing.assert_close(m.bn.running_mean, before)
+
+
+def test_unsupported_modules_are_refused():
+    with pytest.raises(ValueError, match="activation Softplus is not supported"):
+        FusedConvBNAct.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Softplus())
+    with pytest.raises(ValueError, match="padding_mode"):
+        FusedConvBNAct.from_modules(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match="features"):
+        FusedConvBNAct.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5), nn.ReLU())
+
+
+def test_reference_backend_in_eval_matches():
+    ref, fused = _pair(nn.LeakyReLU)
+    ref.eval(), fused.eval()
+    x = _x().detach()
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fused(x), ref(x))
+
+
+@pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="torch.get_autocast_dtype needs torch >= 2.4")
+def test_autocast_cpu_bfloat16():
+    ref, fused = _pair()
+    ref.eval().cpu(), fused.eval().cpu()
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), effops.use_backend("reference"):
+        y, y_ref = fused(x), ref(x)
+    assert y.dtype == torch.bfloat16 == y_ref.dtype
+    ref64 = copy.deepcopy(ref).double()(x.double())
+    assert_matches(y, ref64, y_ref)

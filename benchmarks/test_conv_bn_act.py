@@ -1,0 +1,120 @@
+"""conv+BN+ReLU across VoVNet-39 shapes: eager, eager with folded BN, torch.compile
+(default, and max-autotune with freezing), effops.
+
+    pytest benchmarks/                         # CUDA: fp16 + bf16, batch 1 and 32; CPU: fp32, batch 1
+    EFFOPS_BENCH_DTYPES=float16 pytest benchmarks/
+    EFFOPS_BENCH_MAX_AUTOTUNE=all pytest benchmarks/    # also at batch 1 (default: batch 32 only, it compiles slowly)
+
+Each case also checks effops against eager (so a fast wrong kernel fails).
+Results land in benchmarks/results/ as CSV and JSON stamped with device and versions.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effops import FusedConvBNAct
+from effops.benchmark import measured_peaks, roofline_ms, time_ms
+from effops.ops.reference import fold_bn
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+# VoVNet-39 at 224²: each stage's 3×3 stage conv, the stage's first 3×3 (wider
+# input) and the 1×1 OSA aggregation conv (in_ch + 5·stage_ch → concat_ch).
+SHAPES = [
+    # name, C_in, C_out, k, H=W
+    ("s2_3x3", 128, 128, 3, 56),
+    ("s2_agg1x1", 768, 256, 1, 56),
+    ("s3_3x3", 160, 160, 3, 28),
+    ("s3_first3x3", 256, 160, 3, 28),
+    ("s3_agg1x1", 1056, 512, 1, 28),
+    ("s4_3x3", 192, 192, 3, 14),
+    ("s4_agg1x1", 1472, 768, 1, 14),
+    ("s5_3x3", 224, 224, 3, 7),
+    ("s5_agg1x1", 1888, 1024, 1, 7),
+]
+if CUDA:
+    DTYPES = [getattr(torch, d) for d in os.environ.get("EFFOPS_BENCH_DTYPES", "float16,bfloat16").split(",")]
+    BATCHES = [1, 32]
+else:  # CPU: wall clock, fp32, the smaller shapes only (keeps the run to a minute or two)
+    DTYPES, BATCHES = [torch.float32], [1]
+    SHAPES = [s for s in SHAPES if s[4] <= 28]
+MAX_AUTOTUNE_ALL = os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"
+WITH_COMPILE = os.environ.get("EFFOPS_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+
+
+def _block(cin, cout, k, dtype):
+    seq = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        bn = seq[1]
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.75, 1.25)
+        bn.weight.uniform_(0.75, 1.25)
+        bn.bias.normal_(0, 0.1)
+    return seq.eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_conv_bn_relu(shape, batch, dtype, results):
+    name, cin, cout, k, hw = shape
+    seq = _block(cin, cout, k, dtype)
+    x = torch.randn(batch, cin, hw, hw, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    fused = FusedConvBNAct.from_modules(*copy.deepcopy(list(seq))).eval()
+    conv, bn = seq[0], seq[1]
+    wf, bf = fold_bn(conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    wf = wf.to(dtype).contiguous(memory_format=torch.channels_last)
+    bf = bf.to(dtype)
+
+    providers = {"eager": lambda: seq(x)}
+    if CUDA:
+        providers["eager_folded_cudnn"] = lambda: torch.cudnn_convolution_relu(x, wf, bf, (1, 1), (k // 2,) * 2, (1, 1), 1)
+    else:
+        providers["eager_folded"] = lambda: F.relu_(F.conv2d(x, wf, bf, 1, k // 2))
+    if WITH_COMPILE:
+        torch._dynamo.reset()  # every case is a new module: avoid hitting the recompile limit
+        providers["compile_default"] = torch.compile(copy.deepcopy(seq))
+        if CUDA and (batch == 32 or MAX_AUTOTUNE_ALL):
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                ma = torch.compile(copy.deepcopy(seq), mode="max-autotune")
+                with torch.no_grad():
+                    ma(x)  # compile (and freeze) under the patched config
+            providers["compile_max_autotune_freezing"] = ma
+    providers["effops"] = lambda: fused(x)
+
+    with torch.inference_mode():
+        ref = seq(x).float()
+        out = fused(x).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, f"effops disagrees with eager: relative error {err:.2e}"
+
+        flops = 2 * batch * hw * hw * cout * cin * k * k
+        esize = x.element_size()
+        min_bytes = esize * (batch * hw * hw * (cin + cout) + cout * cin * k * k)
+        peaks = measured_peaks(DEV, dtype)
+        times = {}
+        for prov, fn in providers.items():
+            times[prov] = time_ms(fn, DEV, cuda_graph=CUDA and batch == 1)
+    for prov, ms in times.items():
+        results.append({
+            "case": f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
+            "shape": f"{batch}x{cin}x{hw}x{hw} k{k} -> {cout}",
+            "dtype": str(dtype),
+            "provider": prov,
+            "ms": ms,
+            "speedup_vs_eager": times["eager"] / ms,
+            "tflops": flops / ms / 1e9,
+            "gbps": min_bytes / ms / 1e6,
+            "pct_roofline": (100 * roofline_ms(flops, min_bytes, peaks) / ms) if peaks else None,
+            "peak_tflops_measured": peaks[0] if peaks else None,
+            "peak_gbps_measured": peaks[1] if peaks else None,
+            "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),
+            "max_rel_err_vs_eager": err,
+        })

@@ -1,0 +1,41 @@
+"""torch.compile(fullgraph=True) over optimized models: no graph breaks."""
+import pytest
+import torch
+from torch import nn
+
+import effops
+
+from helpers import KERNEL_DEVICE, ON_CUDA, assert_matches, randomize_bn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if ON_CUDA else []))
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.MaxPool2d(2),
+        nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish()),
+    )
+    model = randomize_bn(model).eval().to(KERNEL_DEVICE)
+    fast = effops.optimize(model)
+    x = torch.randn(2, 3, 16, 16, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(fast, fullgraph=True)
+    with torch.no_grad(), effops.use_backend(backend):
+        assert_matches(compiled(x), model.double()(x.double()))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_grad_in_eval():
+    """Eval with autograd (frozen-BN fine-tuning) also traces without breaks."""
+    torch._dynamo.reset()
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    fast = effops.optimize(model)
+    x = torch.randn(1, 3, 8, 8)
+    with effops.use_backend("reference"):
+        y = torch.compile(fast, fullgraph=True, backend="aot_eager")(x)
+        y.sum().backward()
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.conv.weight.grad, model[0].weight.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,130 @@
+"""effops.optimize on hand-written, torchvision and timm models."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import effops
+from effops import FusedConvBNAct, FusedSequential
+from effops.models import classic_vovnet
+
+from helpers import KERNEL_DEVICE, ON_CUDA, assert_matches, needs_triton, randomize_bn
+
+# Whole models run through the Triton interpreter only where noted (it is slow);
+# elsewhere on CPU the reference backend runs the fused graph. On CUDA: Triton.
+WHOLE_MODEL_BACKEND = None if ON_CUDA else "reference"
+DEV = KERNEL_DEVICE
+
+
+def _check_model(model, x, backend=WHOLE_MODEL_BACKEND, tol=1e-5):
+    model = randomize_bn(model).eval().to(DEV)
+    fast = effops.optimize(model)
+    x = x.to(DEV).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), effops.use_backend(backend):
+        ref64 = copy.deepcopy(model).double()(x.double())
+        assert_matches(fast(x), ref64, fp32_tol=tol)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    fast.load_state_dict(model.state_dict(), strict=True)
+    return fast
+
+
+@needs_triton
+@pytest.mark.slow
+def test_classic_vovnet27_slim_through_the_kernel():
+    """The main job's model, converted, run through the Triton kernel (interpreter on CPU)."""
+    fast = _check_model(classic_vovnet("vovnet27_slim", num_classes=10), torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
+    assert len(fast.effops_report.swapped) == 27 and not fast.effops_report.skipped
+    assert isinstance(fast.stem, FusedSequential)
+    assert isinstance(fast.stage2.OSA2_1.layers[0], FusedConvBNAct)
+
+
+@pytest.mark.slow
+def test_torchvision_mobilenet_v2():
+    tv = pytest.importorskip("torchvision")
+    fast = _check_model(tv.models.mobilenet_v2(num_classes=10), torch.randn(2, 3, 64, 64), tol=1e-4)
+    rep = fast.effops_report
+    assert len(rep.swapped) == 52 and not rep.skipped  # every Conv2dNormActivation + each projection conv+bn
+    assert isinstance(fast.features[0], FusedConvBNAct) and fast.features[0].activation[0] == "relu6"
+    assert isinstance(fast.features[2].conv, FusedSequential)
+
+
+@pytest.mark.slow
+def test_timm_ese_vovnet19b_dw():
+    timm = pytest.importorskip("timm")
+    fast = _check_model(timm.create_model("ese_vovnet19b_dw", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64), tol=1e-4)
+    rep = fast.effops_report
+    assert any(e.path == "stem.0" for e in rep.swapped)
+    assert any("SeparableConvNormAct" in e.what for e in rep.skipped)
+
+
+@pytest.mark.slow
+def test_timm_resnet_reports_custom_forward_skips():
+    timm = pytest.importorskip("timm")
+    fast = _check_model(timm.create_model("resnet18", pretrained=False, num_classes=10), torch.randn(1, 3, 32, 32), tol=1e-4)
+    rep = fast.effops_report
+    assert [e.path for e in rep.swapped] == [f"layer{i}.0.downsample" for i in (2, 3, 4)]
+    skipped = {e.path: e.what for e in rep.skipped}
+    assert "inside BasicBlock, which has its own forward" in skipped["layer1.0.conv1"]
+    text = str(rep)
+    assert "3 swapped" in text and "skipped  conv1" in text
+
+
+def _ordered_dict_block():
+    return nn.Sequential(OrderedDict([
+        ("stem_1/conv", nn.Conv2d(3, 8, 3, 2, 1, bias=False)),
+        ("stem_1/norm", nn.BatchNorm2d(8)),
+        ("stem_1/relu", nn.ReLU(inplace=True)),
+        ("pool", nn.MaxPool2d(2)),
+        ("stem_2/conv", nn.Conv2d(8, 8, 1)),
+        ("stem_2/act", nn.SiLU()),
+        ("head/conv", nn.Conv2d(8, 4, 1)),
+    ]))
+
+
+def test_ordered_dict_sequential_keeps_names_and_reports():
+    model = randomize_bn(_ordered_dict_block()).eval()
+    fast = effops.optimize(model)
+    assert isinstance(fast, FusedSequential)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    rep = fast.effops_report
+    assert [e.path for e in rep.swapped] == ["stem_1/conv..stem_1/relu", "stem_2/conv..stem_2/act"]
+    assert rep.skipped[0].path == "head/conv" and "nothing to fuse" in rep.skipped[0].what
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), model(x))
+
+
+def test_not_inplace_by_default_and_inplace_on_request():
+    model = _ordered_dict_block().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = effops.optimize(model)
+    assert type(model) is nn.Sequential and fast is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    same = effops.optimize(model, inplace=True)
+    assert isinstance(same, FusedSequential)
+    again = effops.optimize(same)
+    assert not again.effops_report.swapped  # already optimized: nothing left to swap
+
+
+def test_shared_modules_are_not_folded():
+    conv, bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Sequential(conv, bn, nn.ReLU()), nn.Sequential(conv, bn, nn.ReLU())).eval()
+    fast = effops.optimize(model)
+    assert not fast.effops_report.swapped
+    assert all("shared" in e.what for e in fast.effops_report.skipped)
+
+
+def test_train_mode_after_optimize_is_pytorch():
+    model = randomize_bn(_ordered_dict_block())
+    fast = effops.optimize(model).train()
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(fast(x), model(x))
+    torch.testing.assert_close(fast.state_dict()["stem_1/norm.running_mean"], model.state_dict()["stem_1/norm.running_mean"])
+
+
+def test_optimize_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        effops.optimize(lambda x: x)

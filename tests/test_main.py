@@ -1,0 +1,14 @@
+"""The main job (python -m effops) end to end on this machine."""
+import pytest
+
+from effops.__main__ import main
+
+
+@pytest.mark.slow
+def test_main_job_runs_and_matches(capsys, monkeypatch):
+    monkeypatch.setenv("EFFOPS_BACKEND", "reference")  # the interpreter would take minutes for timing loops
+    rc = main(["--model", "vovnet27_slim", "--size", "32", "--batch", "1", "--no-compile"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "27 conv blocks swapped" in out and "MATCH" in out
+    assert "eager" in out and "effops" in out and "ms / forward" in out

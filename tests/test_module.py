@@ -190,3 +190,13 @@ def test_autocast_cpu_bfloat16():
     assert y.dtype == torch.bfloat16 == y_ref.dtype
     ref64 = copy.deepcopy(ref).double()(x.double())
     assert_matches(y, ref64, y_ref)
+
+
+@needs_triton
+def test_bias_only_training_gets_gradients():
+    """A BN-less conv with a frozen weight but trainable bias still takes the autograd path."""
+    m = FusedConvBNAct(6, 4, 3, norm=False, bias=True).to(DEV).eval()
+    m.conv.weight.requires_grad_(False)
+    y = m(torch.randn(2, 6, 5, 5, device=DEV))
+    y.sum().backward()
+    assert m.conv.bias.grad is not None and m.conv.bias.grad.shape == (4,)

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
-from ..ops.conv import check_inputs, conv_bn_act
+from .. import dispatch
+from ..ops.conv import _OP, check_inputs
 
 
 def _timm_bn_act(bn: nn.Module) -> bool:
@@ -141,8 +142,10 @@ class FusedConvBNAct(nn.Module):
         # (add_module refuses names that hasattr() already finds).
         self._names = names
         self._act = activation_of(act_src)
-        self._padding = resolve_padding(conv)
+        self._padding = list(resolve_padding(conv))
+        self._stride, self._dilation = list(conv.stride), list(conv.dilation)
         self._cache = None
+        self._checked = None
 
     # Children are looked up by their (possibly original) names.
     @property
@@ -210,16 +213,24 @@ class FusedConvBNAct(nn.Module):
         else:
             dtype = conv.weight.dtype
         w = conv.weight if dtype == conv.weight.dtype else conv.weight.to(dtype)
-        check_inputs(x, w, None, None, residual, conv.stride, self._padding, conv.dilation, conv.groups, self._act[0])
-        act, act_param = self._act
+        compiling = torch.compiler.is_compiling()
+        sig = None if compiling or not isinstance(x, Tensor) else (
+            x.shape, x.dtype, x.device, None if residual is None else (residual.shape, residual.dtype, residual.device))
+        if sig is None or sig != self._checked:  # eager: validate each new input signature once
+            check_inputs(x, w, None, None, residual, self._stride, self._padding, self._dilation, conv.groups, self._act[0])
+            if sig is not None:
+                self._checked = sig
         if not self._folds():
             return self._forward_unfused(x, w, residual, residual_after_act)
         weight, bias = self.folded_parameters(dtype)
-        return conv_bn_act(
-            x, weight, None, bias, residual,
-            stride=conv.stride, padding=self._padding, dilation=conv.dilation, groups=conv.groups,
-            act=act, act_param=act_param, residual_after_act=residual_after_act,
-        )
+        act, act_param = self._act
+        args = (x, weight, None, bias, residual, self._stride, self._padding, self._dilation, conv.groups,
+                act, act_param, residual_after_act)
+        if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))):
+            return _OP(*args)  # the registered op: traceable, differentiable
+        # Eager inference: run the op's implementation without the torch.library
+        # layers (they cost more host time than a small conv takes on the GPU).
+        return dispatch.run("conv_bn_act", x, weight, None, bias, residual, None, *args[5:])
 
     def _forward_unfused(self, x, w, residual, residual_after_act):
         # BatchNorm in training mode: batch statistics, so nothing can be folded.
@@ -230,7 +241,7 @@ class FusedConvBNAct(nn.Module):
         # version counters, so the cached fold can't notice: drop it here.
         self._cache = None
         b = conv.bias if conv.bias is None or conv.bias.dtype == w.dtype else conv.bias.to(w.dtype)
-        y = torch.nn.functional.conv2d(x, w, b, conv.stride, self._padding, conv.dilation, conv.groups)
+        y = torch.nn.functional.conv2d(x, w, b, self._stride, self._padding, self._dilation, conv.groups)
         if y.shape[0] == 0:
             return y  # batch statistics of an empty batch are undefined; leave running stats alone
         y = nn.BatchNorm2d.forward(bn, y)

@@ -39,9 +39,10 @@ def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line(f"\n{stamp['device']} | torch {stamp['torch']} | triton {stamp['triton']} -> {OUT_DIR / name}.csv")
-        hdr = f"{'case':<34}{'provider':<22}{'ms':>9}{'speedup':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%roof':>7}"
+        hdr = f"{'case':<34}{'provider':<31}{'ms':>9}{'speedup':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%roof':>7}{'graph ms':>10}{'g-speedup':>10}"
         tr.write_line(hdr)
         for r in RESULTS:
             roof = f"{r['pct_roofline']:.0f}" if r["pct_roofline"] is not None else "-"
-            tr.write_line(f"{r['case']:<34}{r['provider']:<22}{r['ms']:>9.4f}{r['speedup_vs_eager']:>8.2f}x"
-                          f"{r['tflops']:>9.1f}{r['gbps']:>8.0f}{roof:>7}")
+            g = f"{r['ms_cuda_graph']:>10.4f}{r['graph_speedup_vs_eager']:>9.2f}x" if r["ms_cuda_graph"] else ""
+            tr.write_line(f"{r['case']:<34}{r['provider']:<31}{r['ms']:>9.4f}{r['speedup_vs_eager']:>8.2f}x"
+                          f"{r['tflops']:>9.1f}{r['gbps']:>8.0f}{roof:>7}{g}")

@@ -6,6 +6,9 @@
     EFFOPS_BENCH_MAX_AUTOTUNE=all pytest benchmarks/    # also at batch 1 (default: batch 32 only, it compiles slowly)
 
 Each case also checks effops against eager (so a fast wrong kernel fails).
+"ms" is the host-inclusive median (do_bench; CUDA-graph replay at batch 1, where
+launch overhead would dominate), "ms_cuda_graph" the device-only time of every
+provider from CUDA-graph replay.
 Results land in benchmarks/results/ as CSV and JSON stamped with device and versions.
 """
 import copy
@@ -99,9 +102,11 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         esize = x.element_size()
         min_bytes = esize * (batch * hw * hw * (cin + cout) + cout * cin * k * k)
         peaks = measured_peaks(DEV, dtype)
-        times = {}
+        times, graph_times = {}, {}
         for prov, fn in providers.items():
             times[prov] = time_ms(fn, DEV, cuda_graph=CUDA and batch == 1)
+            # Device time alone (CUDA-graph replay: no host overhead), for every provider.
+            graph_times[prov] = time_ms(fn, DEV, cuda_graph=True) if CUDA else None
     for prov, ms in times.items():
         results.append({
             "case": f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
@@ -110,6 +115,8 @@ def test_conv_bn_relu(shape, batch, dtype, results):
             "provider": prov,
             "ms": ms,
             "speedup_vs_eager": times["eager"] / ms,
+            "ms_cuda_graph": graph_times[prov],
+            "graph_speedup_vs_eager": (graph_times["eager"] / graph_times[prov]) if CUDA else None,
             "tflops": flops / ms / 1e9,
             "gbps": min_bytes / ms / 1e6,
             "pct_roofline": (100 * roofline_ms(flops, min_bytes, peaks) / ms) if peaks else None,

@@ -179,10 +179,16 @@ class FusedConvBNAct(nn.Module):
         return w.to(dtype).contiguous(memory_format=torch.channels_last), b
 
     def _state_tensors(self):
-        conv, bn = self.conv, self.bn
-        ts = [conv.weight, conv.bias]
-        if bn is not None:
-            ts += [bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked]
+        # Straight from the parameter/buffer dicts: nn.Module.__getattr__ costs
+        # about a microsecond per lookup, and this runs on every forward.
+        mods = self._modules
+        p = mods[self._names[0]]._parameters
+        ts = [p["weight"], p.get("bias")]
+        if self._names[1] is not None and self._names[1] in mods:
+            bn = mods[self._names[1]]
+            bp, bb = bn._parameters, bn._buffers
+            ts += [bp.get("weight"), bp.get("bias"), bb.get("running_mean"), bb.get("running_var"),
+                   bb.get("num_batches_tracked")]
         return [t for t in ts if t is not None]
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -195,7 +201,7 @@ class FusedConvBNAct(nn.Module):
             return self._fold(dtype)  # differentiable / traced: no cache
         try:
             key = (dtype, self.bn.eps if self.bn is not None else None,
-                   tuple((t.data_ptr(), t._version, t.device) for t in tensors))
+                   tuple([(t.data_ptr(), t._version) for t in tensors]), tensors[0].device)
         except RuntimeError:  # inference tensors carry no version counter: never cache them
             return self._fold(dtype)
         if self._cache is None or self._cache[0] != key:

@@ -268,8 +268,10 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
     if M == 0 or C_out == 0:
         return out
     C_out_g = C_out // groups
-    scale = None if scale is None else scale.to(torch.float32).contiguous()
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        scale = scale.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     interpreting = x.device.type == "cpu"
     args = (

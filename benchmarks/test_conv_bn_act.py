@@ -81,7 +81,8 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         providers["eager_folded"] = lambda: F.relu_(F.conv2d(x, wf, bf, 1, k // 2))
     if WITH_COMPILE:
         torch._dynamo.reset()  # every case is a new module: avoid hitting the recompile limit
-        providers["compile_default"] = torch.compile(copy.deepcopy(seq))
+        compiled = torch.compile(copy.deepcopy(seq))
+        providers["compile_default"] = lambda: compiled(x)
         if CUDA and (batch == 32 or MAX_AUTOTUNE_ALL):
             import torch._inductor.config as inductor_config
 
@@ -89,7 +90,7 @@ def test_conv_bn_relu(shape, batch, dtype, results):
                 ma = torch.compile(copy.deepcopy(seq), mode="max-autotune")
                 with torch.no_grad():
                     ma(x)  # compile (and freeze) under the patched config
-            providers["compile_max_autotune_freezing"] = ma
+            providers["compile_max_autotune_freezing"] = lambda: ma(x)
     providers["effops"] = lambda: fused(x)
 
     with torch.inference_mode():
@@ -102,11 +103,24 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         esize = x.element_size()
         min_bytes = esize * (batch * hw * hw * (cin + cout) + cout * cin * k * k)
         peaks = measured_peaks(DEV, dtype)
-        times, graph_times = {}, {}
+        times, graph_times, errors = {}, {}, {}
+
+        def timed(prov, fn, graph):
+            # A baseline that can't be timed (e.g. a compiled graph that refuses
+            # CUDA-graph capture) is recorded with its error instead of hiding the rest.
+            try:
+                return time_ms(fn, DEV, cuda_graph=graph)
+            except Exception as e:  # noqa: BLE001
+                if prov == "effops":
+                    raise
+                errors[prov] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                return None
+
         for prov, fn in providers.items():
-            times[prov] = time_ms(fn, DEV, cuda_graph=CUDA and batch == 1)
+            times[prov] = timed(prov, fn, CUDA and batch == 1)
             # Device time alone (CUDA-graph replay: no host overhead), for every provider.
-            graph_times[prov] = time_ms(fn, DEV, cuda_graph=True) if CUDA else None
+            graph_times[prov] = timed(prov, fn, True) if CUDA else None
+    ok = lambda a, b: a / b if (a is not None and b) else None
     for prov, ms in times.items():
         results.append({
             "case": f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
@@ -114,14 +128,16 @@ def test_conv_bn_relu(shape, batch, dtype, results):
             "dtype": str(dtype),
             "provider": prov,
             "ms": ms,
-            "speedup_vs_eager": times["eager"] / ms,
+            "speedup_vs_eager": ok(times["eager"], ms),
             "ms_cuda_graph": graph_times[prov],
-            "graph_speedup_vs_eager": (graph_times["eager"] / graph_times[prov]) if CUDA else None,
-            "tflops": flops / ms / 1e9,
-            "gbps": min_bytes / ms / 1e6,
-            "pct_roofline": (100 * roofline_ms(flops, min_bytes, peaks) / ms) if peaks else None,
+            "graph_speedup_vs_eager": ok(graph_times["eager"], graph_times[prov]),
+            "tflops": ok(flops / 1e9, ms),
+            "gbps": ok(min_bytes / 1e6, ms),
+            "pct_roofline": ok(100 * roofline_ms(flops, min_bytes, peaks), ms) if peaks else None,
             "peak_tflops_measured": peaks[0] if peaks else None,
             "peak_gbps_measured": peaks[1] if peaks else None,
             "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),
             "max_rel_err_vs_eager": err,
+            "error": errors.get(prov, ""),
         })
+    results.flush()

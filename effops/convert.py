@@ -82,7 +82,8 @@ class _Converter:
         return None
 
     def _runs(self, children: List[Tuple[str, nn.Module]]):
-        """Yield (start, length, conv, bn, act) for each fusable run of children."""
+        """Yield (start, length, conv, bn, act, child_names) for each fusable run of
+        children; child_names are the (conv, bn, act) names, None where absent."""
         i, n = 0, len(children)
         while i < n:
             conv = children[i][1]
@@ -105,7 +106,9 @@ class _Converter:
                 self.skip_reason[id(conv)] = why
                 i = j
                 continue
-            yield i, j - i, conv, bn, act
+            names = [children[k][0] for k in range(i, j)]
+            yield i, j - i, conv, bn, act, (names[0], names[1] if bn is not None else None,
+                                             names[-1] if act is not None else None)
             i = j
 
     def _match_whole(self, module: nn.Module, prefix: str) -> Optional[nn.Module]:
@@ -113,10 +116,7 @@ class _Converter:
             children = list(module.named_children())
             runs = list(self._runs(children))
             if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
-                _, length, conv, bn, act = runs[0]
-                names = [name for name, _ in children]
-                child_names = (names[0], names[1] if bn is not None else None,
-                               names[-1] if act is not None else None)
+                _, _, conv, bn, act, child_names = runs[0]
                 self._record(prefix or "<model>", conv, bn, act)
                 return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
             return None
@@ -159,13 +159,10 @@ class _Converter:
         if _is_plain_sequential(module):
             children = list(module.named_children())
             runs = []
-            for start, length, conv, bn, act in self._runs(children):
-                names = [children[k][0] for k in range(start, start + length)]
-                fused = FusedConvBNAct.from_modules(
-                    conv, bn, act, names=(names[0], names[1] if bn is not None else None, names[-1] if act is not None else None)
-                )
-                runs.append((start, length, fused))
-                self._record((f"{prefix}." if prefix else "") + f"{names[0]}..{names[-1]}", conv, bn, act)
+            for start, length, conv, bn, act, child_names in self._runs(children):
+                runs.append((start, length, FusedConvBNAct.from_modules(conv, bn, act, names=child_names)))
+                last = children[start + length - 1][0]
+                self._record((f"{prefix}." if prefix else "") + f"{child_names[0]}..{last}", conv, bn, act)
             if runs:
                 return FusedSequential(module, runs)
         return module

@@ -17,7 +17,8 @@ class FusedSequential(nn.Sequential):
     runs with other layers (e.g. the classic VoVNet stem built from an
     ``OrderedDict`` of ``stem_1/conv``, ``stem_1/norm``, ``stem_1/relu``, ...).
 
-    Equivalent PyTorch: the original ``nn.Sequential``.
+    Equivalent PyTorch: the original ``nn.Sequential``. The execution plan is
+    fixed at construction: replacing a child afterwards means optimizing again.
     """
 
     def __init__(self, seq: nn.Sequential, runs: List[Tuple[int, int, FusedConvBNAct]]):

@@ -568,7 +568,9 @@ def conv_bn_act(
     or any strided view. With ``out`` (a :class:`~effops.ChannelView` or a
     tensor of the output's shape) the result is written into it in place,
     e.g. into a channel range of a larger concat buffer; that form is
-    inference-only. An empty batch returns an empty result.
+    inference-only. ``out`` may live in the same buffer as ``x`` (disjoint channel
+    ranges, as OSA stage convs use it) but must not overlap the elements the op
+    reads. An empty batch returns an empty result.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     oh, ow = check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act)

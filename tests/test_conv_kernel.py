@@ -140,3 +140,18 @@ def test_empty_batch_returns_empty():
     with use_backend("triton"):
         out = conv_bn_act(x[:0], w, scale, bias, act="relu", **kw)
     assert out.shape == (0, 6, 5, 5)
+
+
+@pytest.mark.parametrize("k, stride", [(1, 1), (3, 2)])
+def test_non_contiguous_input(k, stride):
+    """A spatially strided slice (every other row, a column window) is read through its strides."""
+    base = torch.randn(2, 6, 14, 11, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    x = base[:, :, ::2, 1:10]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 6, k, k, device=KERNEL_DEVICE) / (6 * k * k) ** 0.5
+    b = torch.randn(5, device=KERNEL_DEVICE)
+    with use_backend("triton"):
+        out = conv_bn_act(x, w, None, b, stride=stride, padding=k // 2, act="silu")
+    ref = reference.conv_scale_bias_act(x.double(), w.double(), None, b.double(), None, (stride,) * 2, (k // 2,) * 2,
+                                        (1, 1), 1, "silu")
+    assert_matches(out, ref)

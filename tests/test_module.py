@@ -203,3 +203,33 @@ def test_bias_only_training_gets_gradients():
     b = m.conv.bias.detach().clone().requires_grad_()
     torch.relu(torch.nn.functional.conv2d(x, m.conv.weight, b, padding=1)).backward(g)
     assert rel_err(m.conv.bias.grad, b.grad) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "bn_kwargs, conv_kwargs",
+    [
+        (dict(affine=False), dict(padding=1)),
+        (dict(track_running_stats=False), dict(padding=1)),   # eval uses batch stats: never folded
+        (dict(momentum=None), dict(padding="same")),          # cumulative running average
+        (dict(eps=1e-3), dict(padding="same", dilation=2)),
+    ],
+    ids=["affine_false", "no_running_stats", "momentum_none_same_pad", "eps_dilated_same"],
+)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_and_conv_variants(bn_kwargs, conv_kwargs, mode):
+    conv = nn.Conv2d(4, 6, 3, bias=False, **conv_kwargs)
+    bn = nn.BatchNorm2d(6, **bn_kwargs)
+    ref = randomize_bn(nn.Sequential(conv, bn, nn.ReLU())).to(DEV).train(mode == "train")
+    fused = FusedConvBNAct.from_modules(*copy.deepcopy(list(ref))).train(mode == "train")
+    with effops.use_backend("reference"):
+        for _ in range(2):
+            x = torch.randn(3, 4, 7, 7, device=DEV)
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    if bn.running_mean is not None:
+        torch.testing.assert_close(fused.bn.running_mean, ref[1].running_mean)
+        torch.testing.assert_close(fused.bn.running_var, ref[1].running_var)
+
+
+def test_same_padding_with_even_kernel_is_refused():
+    with pytest.raises(ValueError, match="asymmetrically"):
+        FusedConvBNAct.from_modules(nn.Conv2d(4, 4, 2, padding="same"), nn.BatchNorm2d(4), nn.ReLU())

@@ -9,8 +9,10 @@ recognises *structures*:
   :class:`~effops.FusedConvBNAct` that keeps the container's child names, so
   the model's ``state_dict`` keys are unchanged;
 * an ``nn.Sequential`` holding such runs among other layers (e.g. built from
-  an ``OrderedDict`` with names like ``stem_1/conv``) becomes a
-  :class:`~effops.nn.FusedSequential` with the same children.
+  an ``OrderedDict`` with names like ``stem_1/conv``), or a timm container
+  known to apply its children in sequence (``SeparableConvNormAct``: dw conv →
+  pw conv → BN-act), becomes a :class:`~effops.nn.FusedSequential` with the
+  same children.
 
 Convs inside modules with their own ``forward`` (``conv1``/``bn1`` attributes
 used in hand-written code) cannot be matched without tracing and are reported
@@ -19,7 +21,7 @@ as skipped, with the reason.
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -53,6 +55,32 @@ class OptimizeReport:
 
 def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+# timm containers whose forward applies these children in this order and nothing
+# else (absent ones are None), checked against timm's source: they convert like an
+# nn.Sequential of those children, keeping the child names.
+_TIMM_SEQUENTIAL = {
+    "ConvNormAct": ("conv", "bn", "aa"),
+    "ConvBnAct": ("conv", "bn", "aa"),
+    "SeparableConvNormAct": ("conv_dw", "conv_pw", "bn"),
+}
+
+
+def _sequential_children(m: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
+    """``m``'s children in execution order when its forward is known to apply them
+    one after another; ``None`` for anything else."""
+    if _is_plain_sequential(m):
+        return list(m.named_children())
+    t = type(m)
+    order = _TIMM_SEQUENTIAL.get(t.__name__) if t.__module__.startswith("timm.") else None
+    if order is None:
+        return None
+    children = [(n, getattr(m, n, None)) for n in order]
+    children = [(n, c) for n, c in children if c is not None]
+    if {n for n, _ in children} != {n for n, _ in m.named_children()}:
+        return None  # a child we don't know the place of
+    return children
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -97,7 +125,8 @@ class _Converter:
                     and type(children[j][1]) is not nn.Identity:
                 act, j = children[j][1], j + 1
             if bn is None and act is None:
-                self.skip_reason.setdefault(id(conv), "no BatchNorm2d or activation follows it: nothing to fuse")
+                nxt = f"followed by {type(children[j][1]).__name__}" if j < n else "last in its container"
+                self.skip_reason.setdefault(id(conv), f"{nxt}, not BatchNorm2d or a supported activation: nothing to fuse")
                 i += 1
                 continue
             why = why_not_fusable(conv, bn, act)
@@ -111,35 +140,6 @@ class _Converter:
                                              names[-1] if act is not None else None)
             i = j
 
-    def _match_whole(self, module: nn.Module, prefix: str) -> Optional[nn.Module]:
-        if _is_plain_sequential(module):
-            children = list(module.named_children())
-            runs = list(self._runs(children))
-            if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
-                _, _, conv, bn, act, child_names = runs[0]
-                self._record(prefix or "<model>", conv, bn, act)
-                return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
-            return None
-        t = type(module)
-        if t.__name__ in ("ConvNormAct", "ConvBnAct") and t.__module__.startswith("timm."):
-            conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
-            if not isinstance(conv, nn.Conv2d):
-                return None
-            if getattr(module, "aa", None) is not None and type(module.aa) is not nn.Identity:
-                self.skip_reason[id(conv)] = "anti-aliasing layer after the conv"
-                return None
-            if not _timm_bn_act(bn):
-                self.skip_reason[id(conv)] = f"its norm layer {type(bn).__name__} is not BatchNormAct2d"
-                return None
-            why = why_not_fusable(conv, bn, None)
-            why = self._shared(conv, bn) or why
-            if why is not None:
-                self.skip_reason[id(conv)] = why
-                return None
-            self._record(prefix or "<model>", conv, bn, None)
-            return FusedConvBNAct.from_modules(conv, bn, None, names=("conv", "bn", None))
-        return None
-
     def _record(self, path: str, conv, bn, act) -> None:
         self.fused_convs.add(id(conv))
         act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
@@ -149,22 +149,27 @@ class _Converter:
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
         if isinstance(module, (FusedConvBNAct, FusedSequential)):
             return module  # already optimized
-        whole = self._match_whole(module, prefix)
-        if whole is not None:
-            return whole
+        children = _sequential_children(module)
+        if children is not None:
+            runs = list(self._runs(children))
+            if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
+                _, _, conv, bn, act, child_names = runs[0]  # the whole container is one run
+                self._record(prefix or "<model>", conv, bn, act)
+                return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
         for name, child in list(module.named_children()):
             new = self.convert(child, f"{prefix}.{name}" if prefix else name)
             if new is not child:
                 setattr(module, name, new)
-        if _is_plain_sequential(module):
-            children = list(module.named_children())
+        if children is not None:
+            children = _sequential_children(module)  # children may have been swapped above
             runs = []
             for start, length, conv, bn, act, child_names in self._runs(children):
                 runs.append((start, length, FusedConvBNAct.from_modules(conv, bn, act, names=child_names)))
                 last = children[start + length - 1][0]
                 self._record((f"{prefix}." if prefix else "") + f"{child_names[0]}..{last}", conv, bn, act)
             if runs:
-                return FusedSequential(module, runs)
+                seq = module if isinstance(module, nn.Sequential) else nn.Sequential(OrderedDict(children))
+                return FusedSequential(seq, runs)
         return module
 
     def report_leftovers(self, model: nn.Module) -> None:

@@ -55,8 +55,13 @@ def test_timm_ese_vovnet19b_dw():
     timm = pytest.importorskip("timm")
     fast = _check_model(timm.create_model("ese_vovnet19b_dw", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64), tol=1e-4)
     rep = fast.effops_report
-    assert any(e.path == "stem.0" for e in rep.swapped)
-    assert any("SeparableConvNormAct" in e.what for e in rep.skipped)
+    swapped = [e.path for e in rep.swapped]
+    assert "stem.0" in swapped  # ConvNormAct -> FusedConvBNAct
+    assert "stem.1.conv_pw..bn" in swapped  # SeparableConvNormAct: pw conv + BatchNormAct2d fused
+    assert isinstance(fast.stem[1], FusedSequential)
+    skipped = {e.path: e.what for e in rep.skipped}
+    assert "followed by Conv2d" in skipped["stem.1.conv_dw"]  # the depthwise conv has no BN of its own
+    assert "EffectiveSEModule" in skipped["stages.0.blocks.0.attn.fc"]
 
 
 @pytest.mark.slow
@@ -128,3 +133,17 @@ def test_train_mode_after_optimize_is_pytorch():
 def test_optimize_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         effops.optimize(lambda x: x)
+
+
+def test_timm_conv_norm_act_with_anti_aliasing():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BlurPool2d, ConvNormAct
+
+    model = randomize_bn(ConvNormAct(4, 8, 3, stride=2, aa_layer=BlurPool2d, act_layer=nn.SiLU)).eval()
+    assert model.aa is not None
+    fast = effops.optimize(model)
+    assert isinstance(fast, FusedSequential) and [e.path for e in fast.effops_report.swapped] == ["conv..bn"]
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 4, 12, 12)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))

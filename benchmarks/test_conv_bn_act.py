@@ -120,7 +120,7 @@ def test_conv_bn_relu(shape, batch, dtype, results):
             times[prov] = timed(prov, fn, CUDA and batch == 1)
             # Device time alone (CUDA-graph replay: no host overhead), for every provider.
             graph_times[prov] = timed(prov, fn, True) if CUDA else None
-    ok = lambda a, b: a / b if (a is not None and b) else None
+    ratio = lambda a, b: a / b if (a is not None and b) else None
     for prov, ms in times.items():
         results.append({
             "case": f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
@@ -128,12 +128,12 @@ def test_conv_bn_relu(shape, batch, dtype, results):
             "dtype": str(dtype),
             "provider": prov,
             "ms": ms,
-            "speedup_vs_eager": ok(times["eager"], ms),
+            "speedup_vs_eager": ratio(times["eager"], ms),
             "ms_cuda_graph": graph_times[prov],
-            "graph_speedup_vs_eager": ok(graph_times["eager"], graph_times[prov]),
-            "tflops": ok(flops / 1e9, ms),
-            "gbps": ok(min_bytes / 1e6, ms),
-            "pct_roofline": ok(100 * roofline_ms(flops, min_bytes, peaks), ms) if peaks else None,
+            "graph_speedup_vs_eager": ratio(graph_times["eager"], graph_times[prov]),
+            "tflops": ratio(flops / 1e9, ms),
+            "gbps": ratio(min_bytes / 1e6, ms),
+            "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes, peaks), ms) if peaks else None,
             "peak_tflops_measured": peaks[0] if peaks else None,
             "peak_gbps_measured": peaks[1] if peaks else None,
             "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),

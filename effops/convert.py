@@ -150,38 +150,37 @@ class _Converter:
         if isinstance(module, (FusedConvBNAct, FusedSequential)):
             return module  # already optimized
         children = _sequential_children(module)
-        if children is not None:
-            runs = list(self._runs(children))
-            if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
-                _, _, conv, bn, act, child_names = runs[0]  # the whole container is one run
-                self._record(prefix or "<model>", conv, bn, act)
-                return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
+        # Runs hold only conv/BN/act modules, which the recursion below never
+        # replaces (it swaps containers in place), so matching once is enough.
+        runs = list(self._runs(children)) if children is not None else []
+        if len(runs) == 1 and runs[0][0] == 0 and runs[0][1] == len(children):
+            _, _, conv, bn, act, child_names = runs[0]  # the whole container is one run
+            self._record(prefix or "<model>", conv, bn, act)
+            return FusedConvBNAct.from_modules(conv, bn, act, names=child_names)
         for name, child in list(module.named_children()):
             new = self.convert(child, f"{prefix}.{name}" if prefix else name)
             if new is not child:
                 setattr(module, name, new)
-        if children is not None:
-            children = _sequential_children(module)  # children may have been swapped above
-            runs = []
-            for start, length, conv, bn, act, child_names in self._runs(children):
-                runs.append((start, length, FusedConvBNAct.from_modules(conv, bn, act, names=child_names)))
-                last = children[start + length - 1][0]
-                self._record((f"{prefix}." if prefix else "") + f"{child_names[0]}..{last}", conv, bn, act)
-            if runs:
-                seq = module if isinstance(module, nn.Sequential) else nn.Sequential(OrderedDict(children))
-                return FusedSequential(seq, runs)
-        return module
+        if not runs:
+            return module
+        fused_runs = []
+        for start, length, conv, bn, act, child_names in runs:
+            fused_runs.append((start, length, FusedConvBNAct.from_modules(conv, bn, act, names=child_names)))
+            last = children[start + length - 1][0]
+            self._record((f"{prefix}." if prefix else "") + f"{child_names[0]}..{last}", conv, bn, act)
+        if isinstance(module, nn.Sequential):
+            seq = module
+        else:  # a timm container: the same children (re-read: containers among them may have been swapped)
+            seq = nn.Sequential(OrderedDict(_sequential_children(module)))
+        return FusedSequential(seq, fused_runs)
 
     def report_leftovers(self, model: nn.Module) -> None:
-        parents = {}
-        for name, m in model.named_modules():
-            for cname, c in m.named_children():
-                parents[id(c)] = (name, m)
+        parents = {id(c): m for m in model.modules() for c in m.children()}
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and id(m) not in self.fused_convs:
                 why = self.skip_reason.get(id(m))
                 if why is None:
-                    pname, parent = parents.get(id(m), ("", None))
+                    parent = parents.get(id(m))
                     why = (f"inside {type(parent).__name__}, which has its own forward: the conv → bn → act order "
                            "can't be seen without tracing") if parent is not None else "a bare conv"
                 self.report.skipped.append(ReportEntry(name or "<model>", why))

@@ -218,16 +218,16 @@ class FusedConvBNAct(nn.Module):
             dtype = x.dtype
         else:
             dtype = conv.weight.dtype
-        w = conv.weight if dtype == conv.weight.dtype else conv.weight.to(dtype)
         compiling = torch.compiler.is_compiling()
         sig = None if compiling or not isinstance(x, Tensor) else (
             x.shape, x.dtype, x.device, None if residual is None else (residual.shape, residual.dtype, residual.device))
         if sig is None or sig != self._checked:  # eager: validate each new input signature once
-            check_inputs(x, w, None, None, residual, self._stride, self._padding, self._dilation, conv.groups, self._act[0])
+            check_inputs(x, self._weight_as(dtype), None, None, residual, self._stride, self._padding, self._dilation,
+                         conv.groups, self._act[0])
             if sig is not None:
                 self._checked = sig
         if not self._folds():
-            return self._forward_unfused(x, w, residual, residual_after_act)
+            return self._forward_unfused(x, self._weight_as(dtype), residual, residual_after_act)
         weight, bias = self.folded_parameters(dtype)
         act, act_param = self._act
         args = (x, weight, None, bias, residual, self._stride, self._padding, self._dilation, conv.groups,
@@ -237,6 +237,12 @@ class FusedConvBNAct(nn.Module):
         # Eager inference: run the op's implementation without the torch.library
         # layers (they cost more host time than a small conv takes on the GPU).
         return dispatch.run("conv_bn_act", x, weight, None, bias, residual, None, *args[5:])
+
+    def _weight_as(self, dtype: torch.dtype) -> Tensor:
+        # Only validation and the unfused path need the raw weight in the run dtype
+        # (autocast); the folded path casts once into its cache instead.
+        w = self.conv.weight
+        return w if w.dtype == dtype else w.to(dtype)
 
     def _forward_unfused(self, x, w, residual, residual_after_act):
         # BatchNorm in training mode: batch statistics, so nothing can be folded.

@@ -444,7 +444,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, scale, bias, residual)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.act = (act, act_param, res_after)
-    ctx.has = (scale is not None, bias is not None, residual is not None)
 
 
 def _backward(ctx, grad_out):
@@ -456,9 +455,7 @@ def _backward(ctx, grad_out):
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, wc, g = x.to(cd), weight.to(cd), grad_out.to(cd)
     z = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
-    pre = z if scale is None else z * scale.to(cd).view(1, -1, 1, 1)
-    if bias is not None:
-        pre = pre + bias.to(cd).view(1, -1, 1, 1)
+    pre = reference._channel_affine(z, scale, bias)
     if residual is not None and not res_after:
         pre = pre + residual.to(cd)
     g_pre = activation_grad(pre, g, act, act_param)

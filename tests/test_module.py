@@ -233,3 +233,17 @@ def test_batchnorm_and_conv_variants(bn_kwargs, conv_kwargs, mode):
 def test_same_padding_with_even_kernel_is_refused():
     with pytest.raises(ValueError, match="asymmetrically"):
         FusedConvBNAct.from_modules(nn.Conv2d(4, 4, 2, padding="same"), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def test_moving_the_module_revalidates_the_input():
+    """The once-per-signature input check must notice that the weights moved or changed dtype."""
+    m = FusedConvBNAct(6, 4, 3).eval()
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad(), effops.use_backend("reference"):
+        m(x)
+        m.to(torch.float64)
+        with pytest.raises(TypeError, match="expected the same dtype"):
+            m(x)
+        m.to("meta")
+        with pytest.raises(ValueError, match="expected the same device"):
+            m(x.double())

@@ -219,9 +219,11 @@ class FusedConvBNAct(nn.Module):
         else:
             dtype = conv.weight.dtype
         compiling = torch.compiler.is_compiling()
+        w = conv._parameters["weight"]
         sig = None if compiling or not isinstance(x, Tensor) else (
-            x.shape, x.dtype, x.device, None if residual is None else (residual.shape, residual.dtype, residual.device))
-        if sig is None or sig != self._checked:  # eager: validate each new input signature once
+            x.shape, x.dtype, x.device, w.device, w.dtype,
+            None if residual is None else (residual.shape, residual.dtype, residual.device))
+        if sig is None or sig != self._checked:  # eager: validate each new (input, weight) signature once
             check_inputs(x, self._weight_as(dtype), None, None, residual, self._stride, self._padding, self._dilation,
                          conv.groups, self._act[0])
             if sig is not None:

@@ -9,18 +9,21 @@ Importing effops does no GPU work and compiles nothing; kernels are compiled
 """
 from .convert import OptimizeReport, optimize
 from .dispatch import BackendUnavailable, use_backend
-from .nn import FusedConvBNAct, FusedSequential
+from .nn import EffectiveSE, FusedConvBNAct, FusedOSA, FusedSequential
 from .views import ChannelView
-from . import dispatch, ops
+from . import dispatch, models, ops
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
     "ChannelView",
+    "EffectiveSE",
     "FusedConvBNAct",
+    "FusedOSA",
     "FusedSequential",
     "OptimizeReport",
+    "models",
     "ops",
     "optimize",
     "use_backend",

@@ -8,6 +8,10 @@ recognises *structures*:
   timm ``ConvNormAct`` with ``BatchNormAct2d``) becomes a
   :class:`~effops.FusedConvBNAct` that keeps the container's child names, so
   the model's ``state_dict`` keys are unchanged;
+* a One-Shot-Aggregation block (the classic VoVNet module: a ``layers``
+  ModuleList of conv-BN-ReLU containers + a ``concat`` conv-BN-ReLU + an
+  ``identity`` flag [+ ``ese``, ``conv_reduction``]; or timm's ``OsaBlock``)
+  becomes a :class:`~effops.FusedOSA` with the block's own child names;
 * an ``nn.Sequential`` holding such runs among other layers (e.g. built from
   an ``OrderedDict`` with names like ``stem_1/conv``), or a timm container
   known to apply its children in sequence (``SeparableConvNormAct``: dw conv →
@@ -29,6 +33,7 @@ from torch import nn
 
 from .activations import activation_of
 from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, why_not_fusable
+from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
 
 
@@ -146,9 +151,33 @@ class _Converter:
         self.report.swapped.append(ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0])))
 
     # -- walking -------------------------------------------------------------
+    def _convert_osa(self, module: nn.Module, path: str) -> Optional[nn.Module]:
+        try:
+            fused = FusedOSA.from_module(module)
+        except ValueError as e:
+            self.report.skipped.append(ReportEntry(path, f"OSA block not fused: {e}"))
+            return None
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and self.uses[id(m)] > 1:
+                self.report.skipped.append(ReportEntry(
+                    path, f"OSA block not fused: its {type(m).__name__} is shared (registered {self.uses[id(m)]} "
+                          "times); folding would change its other use"))
+                return None
+        self.fused_convs.update(id(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+        extras = [w for w, on in (("eSE", fused.has_ese), ("identity", fused.identity),
+                                  ("depthwise", fused.depthwise)) if on]
+        self.report.swapped.append(ReportEntry(
+            path, f"OSA {fused.in_ch}→{fused.layer_per_block}×{fused.stage_ch}→{fused.concat_ch}"
+                  + (f" + {' + '.join(extras)}" if extras else "") + f" ({fused.activation[0]})"))
+        return fused
+
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
-        if isinstance(module, (FusedConvBNAct, FusedSequential)):
+        if isinstance(module, (FusedConvBNAct, FusedSequential, FusedOSA)):
             return module  # already optimized
+        if is_osa_block(module):
+            fused = self._convert_osa(module, prefix or "<model>")
+            if fused is not None:
+                return fused
         children = _sequential_children(module)
         # Runs hold only conv/BN/act modules, which the recursion below never
         # replaces (it swaps containers in place), so matching once is enough.

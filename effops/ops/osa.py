@@ -1,0 +1,446 @@
+"""One-Shot Aggregation (VoVNet's OSA block) without a materialised concat.
+
+Layers, bottom up, all in this file:
+
+1. Triton kernels: ``_osa_agg_kernel`` (the multi-view 1×1 aggregation conv),
+   ``_ese_gate_kernel`` (eSE's pool → fc → hard-sigmoid) and ``_gate_residual_kernel``
+   (``y * gate (+ identity)``, in place), with their launchers;
+2. the two backends of the whole-block op: ``triton`` (stage convs write their
+   channel ranges of one NHWC buffer; the aggregation reads ``x`` and that buffer
+   as two segments of K) and ``reference`` (plain PyTorch with ``torch.cat``);
+3. the registered op ``effops::osa_block`` with a fake implementation, so
+   ``torch.compile(fullgraph=True)`` sees the block as one opaque node;
+4. :func:`osa_block`, the checked public entry point.
+
+Equivalent PyTorch (eval mode, BN folded into each conv's weight and bias)::
+
+    feats = [x]
+    y = act(conv2d(x, red_w) + red_b)            if red_w is given (depthwise blocks, in != stage)
+    for i in range(L):
+        if dw_ws: y = conv2d(y, dw_ws[i], padding=k // 2, groups=C)     # depthwise, no BN/act
+        y = act(conv2d(y, mid_ws[i], padding=k // 2) + mid_bs[i])
+        feats.append(y)
+    y = act(conv2d(cat(feats, 1), agg_w) + agg_b)
+    if ese_w is not None: y = y * hardsigmoid(conv2d(y.mean((2, 3), keepdim=True), ese_w, ese_b))
+    if identity:          y = y + x
+
+The triton backend never builds ``cat(feats)``: the only large intermediate is
+the stage buffer ``[N, L * stage_ch, H, W]`` (NHWC) that the stage convs write
+into through channel views and the aggregation reads back.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import dispatch
+from ..activations import check_activation
+from . import conv as _conv
+from . import reference
+from .conv import _FLOAT_DTYPES, _heuristic_meta, _interpret_block, _on_device, _tuned_config, needs_int64, triton
+
+if triton is not None:
+    import triton.language as tl
+    from .conv import _activation
+
+    @triton.jit
+    def _osa_agg_kernel(
+        x_ptr, s_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, psum_ptr,
+        M, HW, W, C0, C1, C_out, num_hb,
+        sxn, sxc, sxh, sxw,
+        ssn, ssc, ssh, ssw,
+        swo, swi,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        act_param,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
+        IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # A 1×1 conv whose K dimension is two channel views: the block input x
+        # (C0 channels, weight columns [0, C0)) then the stage buffer s (C1
+        # channels, weight columns [C0, C0 + C1)). Rows = output pixels.
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(C_out, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        if PER_IMAGE:
+            # eSE needs per-image channel sums: tile rows within one image so each
+            # program writes one deterministic partial sum (no atomics).
+            n0 = pid_m // num_hb
+            offs_p = (pid_m % num_hb) * BLOCK_M + tl.arange(0, BLOCK_M)
+            if IDX64:
+                offs_p = offs_p.to(tl.int64)
+                n0 = n0.to(tl.int64)
+            m_ok = offs_p < HW
+            n_idx = offs_p * 0 + n0
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            if IDX64:
+                offs_m = offs_m.to(tl.int64)
+            m_ok = offs_m < M
+            n_idx = offs_m // HW
+            offs_p = offs_m % HW
+        oh = offs_p // W
+        ow = offs_p % W
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < C_out
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        a_row = x_ptr + n_idx * sxn + oh * sxh + ow * sxw
+        for k0 in range(0, C0, BLOCK_K):
+            ci = k0 + offs_k
+            k_ok = ci < C0
+            a = tl.load(a_row[:, None] + (ci * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            if UPCAST_DOT:  # Triton's interpreter computes bf16 dots wrongly; fp32 operands are exact.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        s_row = s_ptr + n_idx * ssn + oh * ssh + ow * ssw
+        for k0 in range(0, C1, BLOCK_K):
+            ci = k0 + offs_k
+            k_ok = ci < C1
+            a = tl.load(s_row[:, None] + (ci * ssc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + (offs_n * swo)[None, :] + ((C0 + ci) * swi)[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        y = acc
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = _activation(y, ACT, act_param)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if PER_IMAGE:
+            # Sum of this tile's rows per channel, from the fp32 values (before rounding).
+            part = tl.sum(tl.where(mask, y, 0.0), axis=0)
+            tl.store(psum_ptr + pid_m * C_out + offs_n, part, mask=n_ok)
+        if HAS_RES:  # the identity residual, added after the activation
+            r = tl.load(res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (offs_n * src)[None, :], mask=mask,
+                        other=0.0)
+            y = y + r.to(tl.float32)
+        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (offs_n * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ese_gate_kernel(psum_ptr, w_ptr, b_ptr, gate_ptr, C, num_hb, inv_hw,
+                         HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        # gate[n, c] = hardsigmoid(b[c] + sum_k w[c, k] * mean[n, k]), where
+        # mean[n, k] = sum of the partial sums of image n's row tiles / (H * W).
+        n = tl.program_id(0)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            mean = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for hb in range(0, num_hb):
+                mean += tl.load(psum_ptr + (n * num_hb + hb) * C + offs_k, mask=k_ok, other=0.0)
+            w = tl.load(w_ptr + offs_c[:, None] * C + offs_k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(w * (mean * inv_hw)[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)
+        g = tl.minimum(tl.maximum(acc + 3.0, 0.0), 6.0) / 6.0
+        tl.store(gate_ptr + n * C + offs_c, g, mask=c_ok)
+
+    @triton.jit
+    def _gate_residual_kernel(y_ptr, gate_ptr, res_ptr, HW, W, C,
+                              syn, syc, syh, syw, srn, src, srh, srw,
+                              HAS_RES: tl.constexpr, IDX64: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y[n, c, p] = y[n, c, p] * gate[n, c] (+ res[n, c, p]), in place.
+        n = tl.program_id(0)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if IDX64:
+            n = n.to(tl.int64)
+            offs_p = offs_p.to(tl.int64)
+        p_ok = offs_p < HW
+        c_ok = offs_c < C
+        mask = p_ok[:, None] & c_ok[None, :]
+        oh = offs_p // W
+        ow = offs_p % W
+        y_ptrs = y_ptr + n * syn + (oh * syh + ow * syw)[:, None] + (offs_c * syc)[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + n * C + offs_c, mask=c_ok, other=0.0)
+        y = y * g[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + n * srn + (oh * srh + ow * srw)[:, None] + (offs_c * src)[None, :], mask=mask,
+                        other=0.0)
+            y = y + r.to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_psum: bool) -> Optional[Tensor]:
+    """``out = act(conv1x1(cat([x, s]), weight) + bias) (+ residual)``; with
+    ``want_psum`` also returns per-(row tile, channel) fp32 sums of the activated
+    output, ``[N * num_hb, C_out]``, for the eSE gate."""
+    N, C0, H, W = x.shape
+    C1 = s.shape[1]
+    C_out = weight.shape[0]
+    HW, M = H * W, N * H * W
+    interpreting = x.device.type == "cpu"
+    psum = None
+    idx64 = needs_int64(x, s, residual, out)
+
+    def args_for(bm):
+        num_hb = triton.cdiv(HW, bm)
+        return num_hb, (
+            x, s, weight, bias if bias is not None else out, residual if residual is not None else out, out,
+            psum if psum is not None else out,
+            M, HW, W, C0, C1, C_out, num_hb,
+            *x.stride(), *s.stride(), weight.stride(0), weight.stride(1),
+            *(residual.stride() if residual is not None else (0, 0, 0, 0)), *out.stride(),
+            float(act_param),
+        )
+
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, PER_IMAGE=want_psum, IDX64=idx64,
+        UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
+        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting)
+        else "ieee",
+    )
+
+    def grid(cfg, num_hb):
+        rows = N * num_hb if want_psum else triton.cdiv(M, cfg["BLOCK_M"])
+        return (rows * triton.cdiv(C_out, cfg["BLOCK_N"]),)
+
+    def launch(cfg):
+        nonlocal psum
+        num_hb = triton.cdiv(HW, cfg["BLOCK_M"])
+        if want_psum and (psum is None or psum.shape[0] != N * num_hb):
+            psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
+        num_hb, args = args_for(cfg["BLOCK_M"])
+        _osa_agg_kernel[grid(cfg, num_hb)](*args, **meta, **cfg)
+        return num_hb
+
+    if interpreting:
+        cfg = dict(BLOCK_M=_interpret_block(HW if want_psum else M, 16, 64), BLOCK_N=_interpret_block(C_out, 16, 64),
+                   BLOCK_K=_interpret_block(min(C0, C1) if C1 else C0, 16, 64))
+        num_hb = launch(cfg)
+    else:
+        with _on_device(x.device):
+            if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+                cfg = _heuristic_meta(HW if want_psum else M, min(C0, C1) if C1 else C0, C_out)
+            else:
+                key = ("osa_agg", N, HW, C0, C1, C_out, x.dtype, want_psum, residual is not None, act)
+                cfg = _tuned_config(key, launch, min(C0, C1) if C1 else C0, C_out)
+            num_hb = launch(cfg)
+    return (psum, num_hb) if want_psum else None
+
+
+def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
+    """``out = out * hardsigmoid(fc(mean_hw(out))) (+ residual)`` in place, from the partial sums."""
+    N, C, H, W = out.shape
+    gate = torch.empty((N, C), dtype=torch.float32, device=out.device)
+    w = ese_w.reshape(C, C)
+    w = w if w.dtype == torch.float32 and w.is_contiguous() else w.to(torch.float32).contiguous()
+    b = None if ese_b is None else ese_b.to(torch.float32).contiguous()
+    interpreting = out.device.type == "cpu"
+    bc = _interpret_block(C, 16, 64) if interpreting else 64
+    bk = _interpret_block(C, 16, 64) if interpreting else 64
+    bp = _interpret_block(H * W, 16, 64) if interpreting else 64
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    with _on_device(out.device) if not interpreting else _conv._NULL_CTX:
+        _ese_gate_kernel[(N, triton.cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
+                                                  1.0 / (H * W), HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
+        _gate_residual_kernel[(N, triton.cdiv(H * W, bp), triton.cdiv(C, bc))](
+            out, gate, residual if residual is not None else out, H * W, W, C, *out.stride(), *rs,
+            HAS_RES=residual is not None, IDX64=needs_int64(out, residual), BLOCK_P=bp, BLOCK_C=bc)
+
+
+def _new_block_output(x: Tensor, c_out: int) -> Tensor:
+    fmt = torch.channels_last if _conv.prefers_channels_last(x) else torch.contiguous_format
+    return torch.empty((x.shape[0], c_out, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                       memory_format=fmt)
+
+
+def _same(k: int) -> List[int]:
+    return [k // 2, k // 2]
+
+
+_ONE = [1, 1]
+_ZERO = [0, 0]
+
+
+def _run_triton(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+    N, C_in, H, W = x.shape
+    L, sc = len(mid_ws), mid_ws[0].shape[0]
+    out = _new_block_output(x, agg_w.shape[0])
+    if N == 0:
+        return out
+    # The single large intermediate: every stage output lives in its channel range of this NHWC buffer.
+    stages = torch.empty((N, L * sc, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    y = x
+    if red_w is not None:
+        y = _conv._run_triton(x, red_w, None, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
+    tmp = None
+    for i in range(L):
+        if dw_ws:
+            if tmp is None:  # one scratch tensor reused by every depthwise conv
+                tmp = torch.empty((N, y.shape[1], H, W), dtype=x.dtype, device=x.device,
+                                  memory_format=torch.channels_last)
+            k = dw_ws[i].shape[-1]
+            _conv._run_triton(y, dw_ws[i], None, None, None, tmp, _ONE, _same(k), _ONE, y.shape[1], "identity", 0.0,
+                              False)
+            y = tmp
+        view = stages[:, i * sc:(i + 1) * sc]
+        _conv._run_triton(y, mid_ws[i], None, mid_bs[i], None, view, _ONE, _same(mid_ws[i].shape[-1]), _ONE, 1, act,
+                          act_param, False)
+        y = view
+    residual = x if identity else None
+    if ese_w is None:
+        _launch_aggregate(x, stages, agg_w, agg_b, residual, out, act, act_param, want_psum=False)
+    else:
+        psum, num_hb = _launch_aggregate(x, stages, agg_w, agg_b, None, out, act, act_param, want_psum=True)
+        _launch_ese(out, psum, num_hb, ese_w, ese_b, residual)
+    return out
+
+
+def _run_reference(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+    feats = [x]
+    y = x
+    if red_w is not None:
+        y = _conv._run_reference(y, red_w, None, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
+    for i, (w, b) in enumerate(zip(mid_ws, mid_bs)):
+        if dw_ws:
+            y = F.conv2d(y, dw_ws[i], None, 1, _same(dw_ws[i].shape[-1]), 1, y.shape[1])
+        y = _conv._run_reference(y, w, None, b, None, None, _ONE, _same(w.shape[-1]), _ONE, 1, act, act_param, False)
+        feats.append(y)
+    y = reference.osa_aggregate(feats, agg_w, None, agg_b, act, act_param, ese_w, ese_b, x if identity else None)
+    fmt = torch.channels_last if _conv.prefers_channels_last(x) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _triton_reasons(x, red_w, red_b, dw_ws, mid_ws, *rest) -> List[str]:
+    return _conv._triton_reasons(x, mid_ws[0] if mid_ws else x, None, None, None, None)
+
+
+dispatch.register("osa_block", "triton", _triton_reasons)(_run_triton)
+dispatch.register("osa_block", "reference")(_run_reference)
+
+
+@torch.library.custom_op("effops::osa_block", mutates_args=())
+def _osa_block_op(
+    x: Tensor, red_w: Optional[Tensor], red_b: Optional[Tensor], dw_ws: List[Tensor], mid_ws: List[Tensor],
+    mid_bs: List[Tensor], agg_w: Tensor, agg_b: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor],
+    identity: bool, act: str, act_param: float,
+) -> Tensor:
+    return dispatch.run("osa_block", x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity,
+                        act, act_param)
+
+
+@_osa_block_op.register_fake
+def _(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+    return _new_block_output(x, agg_w.shape[0])
+
+
+_OP = torch.ops.effops.osa_block.default
+
+
+def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act) -> None:
+    """Validate a whole block's arguments; errors name what was expected."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"expected a 4-D input (N, C, H, W) for the OSA block, got {got}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}")
+    if len(mid_ws) == 0:
+        raise ValueError("an OSA block needs at least one stage conv (layer_per_block >= 1)")
+    if len(mid_bs) != len(mid_ws) or (dw_ws and len(dw_ws) != len(mid_ws)):
+        raise ValueError(f"got {len(mid_ws)} stage weights, {len(mid_bs)} biases and {len(dw_ws)} depthwise weights")
+    check_activation(act)
+    c_in = x.shape[1]
+    every = [("red_w", red_w), ("red_b", red_b), ("agg_w", agg_w), ("agg_b", agg_b), ("ese_w", ese_w),
+             ("ese_b", ese_b)] + [(f"dw_ws[{i}]", t) for i, t in enumerate(dw_ws)] \
+        + [(f"mid_ws[{i}]", t) for i, t in enumerate(mid_ws)] + [(f"mid_bs[{i}]", t) for i, t in enumerate(mid_bs)]
+    for name, t in every:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; expected the same device")
+    weights = [("red_w", red_w), ("agg_w", agg_w)] + [(f"dw_ws[{i}]", t) for i, t in enumerate(dw_ws)] \
+        + [(f"mid_ws[{i}]", t) for i, t in enumerate(mid_ws)]
+    for name, t in weights:
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"input is {x.dtype} but {name} is {t.dtype}; expected the same dtype")
+    ch = c_in
+    if red_w is not None:
+        if tuple(red_w.shape[1:]) != (c_in, 1, 1):
+            raise ValueError(f"expected red_w of shape (stage_ch, {c_in}, 1, 1), got {tuple(red_w.shape)}")
+        ch = red_w.shape[0]
+    sc = mid_ws[0].shape[0]
+    for i, w in enumerate(mid_ws):
+        if dw_ws:
+            d = dw_ws[i]
+            if d.dim() != 4 or d.shape[0] != ch or d.shape[1] != 1 or d.shape[2] % 2 == 0 or d.shape[2] != d.shape[3]:
+                raise ValueError(f"expected dw_ws[{i}] of shape ({ch}, 1, k, k) with odd k, got {tuple(d.shape)}")
+        if w.dim() != 4 or w.shape[0] != sc or w.shape[1] != ch or w.shape[2] % 2 == 0 or w.shape[2] != w.shape[3]:
+            raise ValueError(
+                f"expected mid_ws[{i}] of shape ({sc}, {ch}, k, k) with odd k (stage {i} reads {ch} channels), "
+                f"got {tuple(w.shape)}")
+        if mid_bs[i] is not None and tuple(mid_bs[i].shape) != (sc,):
+            raise ValueError(f"expected mid_bs[{i}] of shape ({sc},), got {tuple(mid_bs[i].shape)}")
+        ch = sc
+    k_total = c_in + len(mid_ws) * sc
+    if agg_w.dim() != 4 or agg_w.shape[1:] != (k_total, 1, 1):
+        raise ValueError(
+            f"expected the aggregation weight of shape (concat_ch, {k_total}, 1, 1) = in_ch {c_in} + "
+            f"{len(mid_ws)} x stage_ch {sc}, got {tuple(agg_w.shape)}")
+    c_out = agg_w.shape[0]
+    if agg_b is not None and tuple(agg_b.shape) != (c_out,):
+        raise ValueError(f"expected agg_b of shape ({c_out},), got {tuple(agg_b.shape)}")
+    if ese_w is not None and tuple(ese_w.shape) not in ((c_out, c_out, 1, 1), (c_out, c_out)):
+        raise ValueError(f"expected the eSE weight of shape ({c_out}, {c_out}, 1, 1), got {tuple(ese_w.shape)}")
+    if ese_b is not None and tuple(ese_b.shape) != (c_out,):
+        raise ValueError(f"expected the eSE bias of shape ({c_out},), got {tuple(ese_b.shape)}")
+    if identity and c_out != c_in:
+        raise ValueError(f"identity residual needs concat_ch == in_ch, got {c_out} output and {c_in} input channels")
+
+
+def osa_block(
+    x: Tensor,
+    mid_ws: List[Tensor],
+    mid_bs: List[Optional[Tensor]],
+    agg_w: Tensor,
+    agg_b: Optional[Tensor] = None,
+    *,
+    red_w: Optional[Tensor] = None,
+    red_b: Optional[Tensor] = None,
+    dw_ws: Optional[List[Tensor]] = None,
+    ese_w: Optional[Tensor] = None,
+    ese_b: Optional[Tensor] = None,
+    identity: bool = False,
+    act: str = "relu",
+    act_param: float = 0.0,
+) -> Tensor:
+    """The whole OSA block in eval form (BN already folded into weights and biases).
+
+    Equivalent PyTorch (see the module docstring for the full form)::
+
+        feats, y = [x], x
+        for w, b in zip(mid_ws, mid_bs):
+            y = act(F.conv2d(y, w, b, padding=w.shape[-1] // 2)); feats.append(y)
+        y = act(F.conv2d(torch.cat(feats, 1), agg_w, agg_b))
+        if ese_w is not None: y = y * F.hardsigmoid(F.conv2d(y.mean((2, 3), keepdim=True), ese_w, ese_b))
+        return y + x if identity else y
+
+    Weights are in the input's dtype; biases are best kept in float32. Inference only (no autograd):
+    :class:`effops.FusedOSA` runs the unfused PyTorch modules when gradients are needed.
+    """
+    dw_ws = list(dw_ws or [])
+    mid_ws = list(mid_ws)
+    sc = mid_ws[0].shape[0] if mid_ws else 0
+    mid_bs = [b if b is not None else torch.zeros(sc, dtype=torch.float32, device=x.device) for b in mid_bs]
+    check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act)
+    return _OP(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, bool(identity), act,
+               float(act_param))

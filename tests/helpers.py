@@ -17,8 +17,10 @@ try:
 except ImportError:
     HAS_TRITON = False
 
+# Whether the triton backend can run here (CUDA, or CPU under the interpreter).
+TRITON_RUNS = HAS_TRITON and (ON_CUDA or INTERPRETER)
 needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or not (ON_CUDA or INTERPRETER),
+    not TRITON_RUNS,
     reason="needs Triton with a CUDA GPU or TRITON_INTERPRET=1",
 )
 needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")

@@ -39,3 +39,20 @@ def test_compile_fullgraph_with_grad_in_eval():
     ref.sum().backward()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.conv.weight.grad, model[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if ON_CUDA else []))
+def test_compile_fullgraph_osa_block(backend):
+    """A FusedOSA is one opaque effops::osa_block node to dynamo: no graph break."""
+    from effops.models.classic_vovnet import OSAModule
+
+    torch._dynamo.reset()
+    model = nn.Sequential(OSAModule(8, 5, 8, 3, "OSA2_1", identity=True, ese=True), nn.ReLU())
+    model = randomize_bn(model).eval().to(KERNEL_DEVICE)
+    fast = effops.optimize(model)
+    assert isinstance(fast[0], effops.FusedOSA)
+    x = torch.randn(2, 8, 6, 6, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(fast, fullgraph=True)
+    with torch.no_grad(), effops.use_backend(backend):
+        assert_matches(compiled(x), model.double()(x.double()))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import effops
-from effops import FusedConvBNAct, FusedSequential
+from effops import FusedConvBNAct, FusedOSA, FusedSequential
 from effops.models import classic_vovnet
 
 from helpers import KERNEL_DEVICE, ON_CUDA, assert_matches, needs_triton, randomize_bn
@@ -35,9 +35,13 @@ def _check_model(model, x, backend=WHOLE_MODEL_BACKEND, tol=1e-5):
 def test_classic_vovnet27_slim_through_the_kernel():
     """The main job's model, converted, run through the Triton kernel (interpreter on CPU)."""
     fast = _check_model(classic_vovnet("vovnet27_slim", num_classes=10), torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
-    assert len(fast.effops_report.swapped) == 27 and not fast.effops_report.skipped
+    rep = fast.effops_report
+    assert not rep.skipped
+    assert [e.path for e in rep.swapped] == ["stem.stem_1/conv..stem_1/relu", "stem.stem_2/conv..stem_2/relu",
+                                             "stem.stem_3/conv..stem_3/relu", "stage2.OSA2_1", "stage3.OSA3_1",
+                                             "stage4.OSA4_1", "stage5.OSA5_1"]
     assert isinstance(fast.stem, FusedSequential)
-    assert isinstance(fast.stage2.OSA2_1.layers[0], FusedConvBNAct)
+    assert isinstance(fast.stage2.OSA2_1, FusedOSA) and fast.stage2.OSA2_1.layer_per_block == 5
 
 
 @pytest.mark.slow
@@ -61,7 +65,10 @@ def test_timm_ese_vovnet19b_dw():
     assert isinstance(fast.stem[1], FusedSequential)
     skipped = {e.path: e.what for e in rep.skipped}
     assert "followed by Conv2d" in skipped["stem.1.conv_dw"]  # the depthwise conv has no BN of its own
-    assert "EffectiveSEModule" in skipped["stages.0.blocks.0.attn.fc"]
+    assert set(skipped) == {"stem.1.conv_dw", "stem.2.conv_dw"}
+    osa = {e.path: e.what for e in rep.swapped if e.what.startswith("OSA")}
+    assert osa["stages.0.blocks.0"] == "OSA 64→3×128→256 + eSE + depthwise (relu)"  # with the 1x1 reduction conv
+    assert len(osa) == 4 and all(isinstance(fast.stages[i].blocks[0], FusedOSA) for i in range(4))
 
 
 @pytest.mark.slow

@@ -1,0 +1,292 @@
+"""FusedOSA against the classic OSA module and timm's OsaBlock: eval and train, every variant."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import effops
+from effops import EffectiveSE, FusedOSA
+from effops.models import classic_vovnet, vovnet27_slim
+from effops.models.classic_vovnet import OSAModule
+
+from helpers import DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, needs_triton, randomize_bn, rel_err
+
+DEV = KERNEL_DEVICE
+
+# (in_ch, stage_ch, concat_ch, layer_per_block, identity, ese, depthwise): small, odd channel counts.
+VARIANTS = {
+    "v1": (6, 5, 12, 3, False, False, False),
+    "identity": (12, 5, 12, 2, True, False, False),
+    "ese": (6, 5, 12, 3, False, True, False),
+    "v2": (12, 7, 12, 3, True, True, False),
+    "dw_reduced": (6, 5, 12, 2, False, True, False),  # depthwise with the 1x1 reduction (in != stage)
+    "dw_identity": (10, 10, 10, 3, True, True, True),
+    "one_layer": (9, 4, 7, 1, False, False, False),
+}
+VARIANTS["dw_reduced"] = (6, 5, 12, 2, False, True, True)
+
+
+def _classic(variant, name="OSA2_1"):
+    in_ch, sc, cc, L, identity, ese, dw = VARIANTS[variant]
+    ref = randomize_bn(OSAModule(in_ch, sc, cc, L, name, identity=identity, ese=ese, depthwise=dw))
+    with torch.no_grad():  # larger weights than the default init, so the gate and ReLUs see real ranges
+        for m in ref.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(1.5)
+    return ref.to(DEV)
+
+
+def _x(c, n=2, h=5, w=7, dtype=torch.float32, channels_last=True):
+    x = torch.randn(n, c, h, w, device=DEV, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eval_matches_classic_module(variant, dtype):
+    ref = _classic(variant).eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).to(dtype)
+    x = _x(fused.in_ch, dtype=dtype)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(ref).double()(x.double())
+        same = copy.deepcopy(ref).to(dtype)(x) if dtype != torch.float32 else None
+        with effops.use_backend("triton"):
+            y = fused(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, ref64, same, fp32_tol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "dw_reduced"])
+def test_eval_reference_backend(variant):
+    ref = _classic(variant).eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref))
+    x = torch.randn(3, fused.in_ch, 6, 5)  # NCHW in, NCHW out
+    with torch.no_grad(), effops.use_backend("reference"):
+        y = fused(x)
+        assert y.is_contiguous()
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+
+
+@needs_triton
+def test_nchw_and_odd_sizes_through_the_kernel():
+    ref = _classic("v2").eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref))
+    x = _x(12, n=3, h=9, w=1, channels_last=False)
+    with torch.no_grad(), effops.use_backend("triton"):
+        y = fused(x)
+    assert y.is_contiguous()
+    assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "dw_reduced"])
+def test_train_is_exactly_pytorch(variant):
+    ref = _classic(variant).train()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).train()
+    for _ in range(2):
+        x1 = _x(fused.in_ch).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        y_ref, y = ref(x1), fused(x2)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        g = torch.randn_like(y)
+        y_ref.backward(g)
+        y.backward(g)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # running stats, num_batches_tracked
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+
+
+@needs_triton
+def test_eval_after_training_uses_updated_statistics():
+    ref = _classic("v1").train()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).train()
+    x = _x(fused.in_ch)
+    ref(x), fused(x)
+    ref.eval(), fused.eval()
+    with torch.no_grad(), effops.use_backend("triton"):
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+def test_eval_with_autograd_gives_pytorch_gradients():
+    ref = _classic("v2").eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref))
+    x1 = _x(fused.in_ch).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    ref(x1).sum().backward()
+    fused(x2).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(fused.ese.fc.weight.grad, ref.ese.fc.weight.grad)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records every ATen op, and the shape of every *new* tensor it returns: outputs
+    that alias an input (views, in-place ops, ``set_``) are recorded with shape None."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        rets = func._schema.returns
+        fresh = isinstance(out, torch.Tensor) and rets and rets[0].alias_info is None
+        self.calls.append((func, tuple(out.shape) if fresh else None))
+        return out
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_no_concat_is_materialised(variant):
+    ref = _classic(variant).eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref))
+    in_ch, sc, L = fused.in_ch, fused.stage_ch, fused.layer_per_block
+    x = _x(in_ch)
+    with torch.no_grad(), effops.use_backend("triton"):
+        fused(x)  # warm the folded-weight cache: the recorded call is the steady state
+        with _Allocations() as rec:
+            y = fused(x)
+    names = [str(f) for f, _ in rec.calls]
+    assert not any("cat" in n for n in names), names
+    four_d = [s for _, s in rec.calls if s is not None and len(s) == 4 and s[0] == x.shape[0]]
+    assert (x.shape[0], in_ch + L * sc, 5, 7) not in four_d  # the concat never exists
+    assert four_d.count((x.shape[0], L * sc, 5, 7)) == 1  # the single stage buffer
+    assert all(s[1] in (L * sc, fused.concat_ch) for s in four_d), four_d  # the buffer and the output only
+    # ...and the reference backend, for contrast, does build the concat.
+    with torch.no_grad(), effops.use_backend("reference"), _Allocations() as rec:
+        torch.testing.assert_close(fused(x), y)
+    assert any("cat" in str(f) for f, _ in rec.calls)
+
+
+def test_state_dict_is_the_classic_layout():
+    ref = _classic("v2", name="OSA4_2")
+    fused = FusedOSA(12, 7, 12, 3, identity=True, ese=True, name="OSA4_2")
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(fused.state_dict(), strict=True)
+    assert "layers.0.OSA4_2_0/conv.weight" in fused.state_dict() and "ese.fc.bias" in fused.state_dict()
+    dw = FusedOSA(6, 5, 12, 2, ese=True, depthwise=True, name="OSA2_1")
+    assert list(dw.state_dict()) == list(_classic("dw_reduced").state_dict())
+    assert isinstance(fused.ese, EffectiveSE)
+
+
+def test_bad_configurations_are_clear_errors():
+    with pytest.raises(ValueError, match="layer_per_block must be a positive int"):
+        FusedOSA(8, 4, 16, layer_per_block=0)
+    with pytest.raises(ValueError, match="in_ch == concat_ch"):
+        FusedOSA(8, 4, 16, identity=True)
+    with pytest.raises(ValueError, match="stage_ch must be a positive int"):
+        FusedOSA(8, 0, 16)
+    ckpt = _classic("v1").state_dict()  # in 6, stage 5, concat 12, 3 layers
+    with pytest.raises(RuntimeError, match="size mismatch for layers.0.OSA2_1_0/conv.weight"):
+        FusedOSA(6, 4, 12, 3, name="OSA2_1").load_state_dict(ckpt)
+    with pytest.raises(RuntimeError, match="Unexpected key.*layers.2.OSA2_1_2"):
+        FusedOSA(6, 5, 12, 2, name="OSA2_1").load_state_dict(ckpt)  # checkpoint has 3 layers
+
+
+def test_from_module_refuses_what_it_cannot_fuse():
+    ref = _classic("v1")
+    ref.concat[2] = nn.Tanh()
+    with pytest.raises(ValueError, match="Tanh is not supported"):
+        FusedOSA.from_module(ref)
+    ref = _classic("v1")
+    ref.layers[1][0].stride = (2, 2)
+    with pytest.raises(ValueError, match="size-preserving"):
+        FusedOSA.from_module(ref)
+    with pytest.raises(ValueError, match="not an OSA block"):
+        FusedOSA.from_module(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_RUNS else []))
+def test_bad_inputs_are_clear_errors(backend):
+    fused = FusedOSA.from_module(_classic("v1").cpu()).eval()
+    with torch.no_grad(), effops.use_backend(backend):
+        with pytest.raises(ValueError, match="expected an input with 6 channels"):
+            fused(torch.randn(1, 5, 4, 4))
+        with pytest.raises(ValueError, match="4-D input"):
+            fused(torch.randn(6, 4, 4))
+        with pytest.raises(TypeError, match="floating-point"):
+            fused(torch.ones(1, 6, 4, 4, dtype=torch.int32))
+        with pytest.raises(TypeError, match="expected the same dtype"):
+            fused(torch.randn(1, 6, 4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_RUNS else []))
+def test_empty_batch(backend):
+    fused = FusedOSA.from_module(_classic("v2").cpu()).eval()
+    with torch.no_grad(), effops.use_backend(backend):
+        y = fused(torch.randn(0, 12, 5, 7))
+    assert y.shape == (0, 12, 5, 7)
+
+
+def test_checked_op_validates_arguments():
+    x = torch.randn(1, 4, 3, 3)
+    w = [torch.randn(2, 4, 3, 3)]
+    with pytest.raises(ValueError, match="concat_ch, 6, 1, 1"):
+        effops.ops.osa_block(x, w, [None], torch.randn(5, 7, 1, 1))
+    with pytest.raises(ValueError, match="at least one stage conv"):
+        effops.ops.osa_block(x, [], [], torch.randn(5, 4, 1, 1))
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "ese_vovnet39b"])
+def test_timm_osa_block(name):
+    timm = pytest.importorskip("timm")
+    from timm.models.vovnet import OsaBlock
+
+    dw = name.endswith("_dw")
+    # One block of each kind, small: with eSE; depthwise with the reduction conv / residual without.
+    for kw in (dict(in_chs=8, residual=False), dict(in_chs=12, residual=True)):
+        blk = OsaBlock(mid_chs=12 if dw else 6, out_chs=12, layer_per_block=3, depthwise=dw, attn="ese", **kw)
+        blk = randomize_bn(blk).eval().to(DEV)
+        fused = FusedOSA.from_module(copy.deepcopy(blk))
+        assert list(fused.state_dict()) == list(blk.state_dict())
+        assert fused.depthwise == dw and fused.has_ese and fused.identity == kw["residual"]
+        x = _x(kw["in_chs"], h=6, w=5)
+        with torch.no_grad(), effops.use_backend("triton"):
+            assert_matches(fused(x), copy.deepcopy(blk).double()(x.double()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("v2", [False, True])
+def test_effops_models_load_the_classic_checkpoint(v2):
+    ref = randomize_bn(classic_vovnet("vovnet27_slim", num_classes=10, v2=v2)).eval()
+    model = vovnet27_slim(v2=v2, num_classes=10)
+    assert sum(isinstance(m, FusedOSA) for m in model.modules()) == 4
+    assert sum(isinstance(m, FusedOSA) and m.has_ese for m in model.modules()) == (4 if v2 else 0)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(model.eval()(x), copy.deepcopy(ref).double()(x.double()))
+
+
+@pytest.mark.slow
+def test_optimize_converts_classic_v2_vovnet39_blocks_with_identity():
+    model = classic_vovnet("vovnet39", num_classes=10, v2=True)
+    fast = effops.optimize(model)
+    osa = {e.path: e.what for e in fast.effops_report.swapped if e.what.startswith("OSA")}
+    assert osa["stage4.OSA4_2"] == "OSA 768→5×192→768 + eSE + identity (relu)"
+    assert osa["stage4.OSA4_1"] == "OSA 512→5×192→768 (relu)"
+    assert not fast.effops_report.skipped
+
+
+def test_shared_conv_inside_a_block_is_not_fused():
+    ref = _classic("identity").cpu()
+    shared = nn.Sequential(ref, nn.Sequential(ref.concat[0]))  # the aggregation conv is used twice
+    fast = effops.optimize(shared)
+    assert not any(isinstance(m, FusedOSA) for m in fast.modules())
+    assert any("OSA block not fused" in e.what and "shared" in e.what for e in fast.effops_report.skipped)
+
+
+@pytest.mark.parametrize("device_dtype", [torch.bfloat16])
+def test_autocast_runs_in_the_autocast_dtype(device_dtype):
+    fused = FusedOSA.from_module(_classic("v1").cpu()).eval()
+    x = torch.randn(1, 6, 4, 4)
+    with torch.no_grad(), effops.use_backend("reference"), torch.autocast("cpu", dtype=device_dtype):
+        y = fused(x)
+    assert y.dtype == device_dtype
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert rel_err(y, fused(x)) < 2e-2

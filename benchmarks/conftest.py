@@ -16,14 +16,14 @@ OUT_DIR = Path(os.environ.get("EFFOPS_BENCH_OUT", Path(__file__).parent / "resul
 class _Results(list):
     """Rows of one session; ``flush()`` rewrites the CSV and JSON files."""
 
-    def __init__(self):
+    def __init__(self, prefix: str):
         super().__init__()
         from effops.benchmark import device_stamp
 
         self.stamp = device_stamp(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.stamp["device"]).strip("-").lower()
         tag = os.environ.get("EFFOPS_BENCH_TAG", "")
-        self.path = OUT_DIR / (f"conv_bn_act_{slug}_torch{self.stamp['torch'].split('+')[0]}"
+        self.path = OUT_DIR / (f"{prefix}_{slug}_torch{self.stamp['torch'].split('+')[0]}"
                                f"_triton{self.stamp['triton']}{('_' + tag) if tag else ''}")
 
     def flush(self):
@@ -42,27 +42,33 @@ class _Results(list):
 _SESSION = {}
 
 
-@pytest.fixture(scope="session")
-def results():
-    _SESSION["results"] = _Results()
-    return _SESSION["results"]
+@pytest.fixture(scope="module")
+def results(request):
+    """One result file per benchmark module: ``test_osa.py`` -> ``results/osa_<device>_<versions>.csv``."""
+    prefix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    if prefix not in _SESSION:
+        _SESSION[prefix] = _Results(prefix)
+    return _SESSION[prefix]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    res = _SESSION.get("results")
-    if not res:
-        return
-    res.flush()
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is None:
-        return
+    for res in _SESSION.values():
+        if res:
+            res.flush()
+            if tr is not None:
+                _print_table(tr, res)
+
+
+def _print_table(tr, res):
     st = res.stamp
     tr.write_line(f"\n{st['device']} | torch {st['torch']} | triton {st['triton']} -> {res.path}.csv")
     tr.write_line(f"{'case':<34}{'provider':<31}{'ms':>9}{'speedup':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%roof':>7}"
-                  f"{'graph ms':>10}{'g-speedup':>10}")
+                  f"{'graph ms':>10}{'g-speedup':>10}{'peak MB':>9}")
     f = lambda v, spec, suffix="": "-" if v is None else f"{v:{spec}}{suffix}"
     for r in res:
         tr.write_line(f"{r['case']:<34}{r['provider']:<31}{f(r['ms'], '.4f'):>9}{f(r['speedup_vs_eager'], '.2f', 'x'):>9}"
                       f"{f(r['tflops'], '.1f'):>9}{f(r['gbps'], '.0f'):>8}{f(r['pct_roofline'], '.0f'):>7}"
                       f"{f(r['ms_cuda_graph'], '.4f'):>10}{f(r['graph_speedup_vs_eager'], '.2f', 'x'):>10}"
+                      f"{f(r.get('peak_mem_mb'), '.1f'):>9}"
                       + (f"  [{r['error']}]" if r["error"] else ""))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effops import FusedConvBNAct
-from effops.benchmark import measured_peaks, roofline_ms, time_ms
+from effops.benchmark import measure_providers, measured_peaks, roofline_ms
 from effops.ops.reference import fold_bn
 
 CUDA = torch.cuda.is_available()
@@ -103,23 +103,7 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         esize = x.element_size()
         min_bytes = esize * (batch * hw * hw * (cin + cout) + cout * cin * k * k)
         peaks = measured_peaks(DEV, dtype)
-        times, graph_times, errors = {}, {}, {}
-
-        def timed(prov, fn, graph):
-            # A baseline that can't be timed (e.g. a compiled graph that refuses
-            # CUDA-graph capture) is recorded with its error instead of hiding the rest.
-            try:
-                return time_ms(fn, DEV, cuda_graph=graph)
-            except Exception as e:  # noqa: BLE001
-                if prov == "effops":
-                    raise
-                errors[prov] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                return None
-
-        for prov, fn in providers.items():
-            times[prov] = timed(prov, fn, CUDA and batch == 1)
-            # Device time alone (CUDA-graph replay: no host overhead), for every provider.
-            graph_times[prov] = timed(prov, fn, True) if CUDA else None
+        times, graph_times, peak_mb, errors = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
     ratio = lambda a, b: a / b if (a is not None and b) else None
     for prov, ms in times.items():
         results.append({
@@ -134,6 +118,7 @@ def test_conv_bn_relu(shape, batch, dtype, results):
             "tflops": ratio(flops / 1e9, ms),
             "gbps": ratio(min_bytes / 1e6, ms),
             "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes, peaks), ms) if peaks else None,
+            "peak_mem_mb": peak_mb[prov],
             "peak_tflops_measured": peaks[0] if peaks else None,
             "peak_gbps_measured": peaks[1] if peaks else None,
             "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),

@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     randomize_bn(model)
     fast = effops.optimize(model)
     rep = fast.effops_report
-    print(f"model {args.model}: {len(rep.swapped)} conv blocks swapped, {len(rep.skipped)} convs skipped")
+    n_osa = sum(e.what.startswith("OSA") for e in rep.swapped)
+    print(f"model {args.model}: {len(rep.swapped)} blocks swapped ({n_osa} OSA, {len(rep.swapped) - n_osa} conv+BN+act), "
+          f"{len(rep.skipped)} skipped")
     for e in rep.skipped[:10]:
         print(f"  skipped {e.path}: {e.what}")
 

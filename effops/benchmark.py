@@ -11,7 +11,7 @@ import datetime
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -86,3 +86,47 @@ def roofline_ms(flops: float, min_bytes: float, peaks: tuple) -> float:
     """The floor ``max(flops / peak_flops, min_bytes / peak_bw)`` in ms."""
     tflops, gbps = peaks
     return max(flops / (tflops * 1e9), min_bytes / (gbps * 1e6))
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory (MB) allocated *during* ``fn()`` above what was allocated before
+    it, the output included (CUDA caching allocator; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    fn()  # compile / tune / fill weight caches first: steady state only
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak / 1e6
+
+
+def measure_providers(providers: Dict[str, Callable[[], object]], device: torch.device, *, host_graph: bool = False,
+                      must_run: Tuple[str, ...] = ("effops",)):
+    """Time every provider: ``(times, graph_times, peak_mb, errors)``, dicts keyed by provider.
+
+    ``times``: host-inclusive medians (CUDA-graph replay instead when ``host_graph``,
+    for launch-bound cases); ``graph_times``: device-only CUDA-graph replay (CUDA only);
+    ``peak_mb``: :func:`peak_memory_mb`. A baseline that can't be run is recorded in
+    ``errors`` instead of hiding the others; a provider in ``must_run`` re-raises.
+    """
+    times, graph_times, peaks, errors = {}, {}, {}, {}
+
+    def guarded(prov, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if prov in must_run:
+                raise
+            errors.setdefault(prov, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            return None
+
+    cuda = device.type == "cuda"
+    for prov, fn in providers.items():
+        times[prov] = guarded(prov, lambda: time_ms(fn, device, cuda_graph=cuda and host_graph))
+        graph_times[prov] = guarded(prov, lambda: time_ms(fn, device, cuda_graph=True)) if cuda else None
+        peaks[prov] = guarded(prov, lambda: peak_memory_mb(fn, device)) if cuda else None
+    return times, graph_times, peaks, errors

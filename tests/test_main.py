@@ -10,5 +10,5 @@ def test_main_job_runs_and_matches(capsys, monkeypatch):
     rc = main(["--model", "vovnet27_slim", "--size", "32", "--batch", "1", "--no-compile"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "27 conv blocks swapped" in out and "MATCH" in out
+    assert "7 blocks swapped (4 OSA, 3 conv+BN+act), 0 skipped" in out and "MATCH" in out
     assert "eager" in out and "effops" in out and "ms / forward" in out

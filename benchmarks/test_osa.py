@@ -1,0 +1,165 @@
+"""OSA blocks of VoVNet-39 and whole VoVNets: eager, torch.compile (default, and
+max-autotune with freezing), effops — time, speedup, % of roofline, peak memory.
+
+    pytest benchmarks/test_osa.py                    # CUDA: fp16 + bf16, batch 1 and 32; CPU: fp32, batch 1
+    EFFOPS_BENCH_DTYPES=float16 pytest benchmarks/test_osa.py
+    EFFOPS_BENCH_MODELS=0 pytest benchmarks/test_osa.py   # blocks only
+
+Blocks: the first OSA module of each VoVNet-39 stage at 224² input (56², 28², 14², 7²)
+and the V2 form of the last module of stages 4 and 5 (identity + eSE). Models:
+classic VoVNet-39 and VoVNet-57 (V1) and timm ``ese_vovnet39b`` when timm imports.
+
+Roofline floor of a block: its conv FLOPs, and the bytes of reading the input once,
+writing every stage output once and reading it back once (the aggregation), and
+writing the output (+ weights). Whole models: the compute floor only (FLOPs from
+``torch.utils.flop_counter``), bytes are not modelled. "peak MB" (CUDA) is the memory
+allocated during one forward above what was allocated before it, output included.
+Each case checks effops against eager first.
+"""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import effops
+from effops.benchmark import measure_providers, measured_peaks, roofline_ms
+from effops.models.classic_vovnet import OSAModule, classic_vovnet
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+BLOCKS = [
+    # name, in_ch, stage_ch, concat_ch, H=W, identity, ese
+    ("s2_osa", 128, 128, 256, 56, False, False),
+    ("s3_osa", 256, 160, 512, 28, False, False),
+    ("s4_osa", 512, 192, 768, 14, False, False),
+    ("s4_osa_v2_identity_ese", 768, 192, 768, 14, True, True),
+    ("s5_osa", 768, 224, 1024, 7, False, False),
+    ("s5_osa_v2_identity_ese", 1024, 224, 1024, 7, True, True),
+]
+MODELS = ["vovnet39", "vovnet57", "ese_vovnet39b"]
+if CUDA:
+    DTYPES = [getattr(torch, d) for d in os.environ.get("EFFOPS_BENCH_DTYPES", "float16,bfloat16").split(",")]
+    BATCHES = [1, 32]
+else:
+    DTYPES, BATCHES = [torch.float32], [1]
+MAX_AUTOTUNE_ALL = os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"
+WITH_COMPILE = os.environ.get("EFFOPS_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+WITH_MODELS = os.environ.get("EFFOPS_BENCH_MODELS", "1") == "1"
+L = 5
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+def _providers(model, fast, x, batch):
+    providers = {"eager": lambda: model(x)}
+    if WITH_COMPILE:
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model))
+        providers["compile_default"] = lambda: compiled(x)
+        if CUDA and (batch == 32 or MAX_AUTOTUNE_ALL):
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                ma = torch.compile(copy.deepcopy(model), mode="max-autotune")
+                with torch.no_grad():
+                    ma(x)  # compile (and freeze) under the patched config
+            providers["compile_max_autotune_freezing"] = lambda: ma(x)
+    providers["effops"] = lambda: fast(x)
+    return providers
+
+
+def _record(results, case, shape, dtype, batch, providers, flops, min_bytes, err):
+    times, graph_times, peak_mb, errors = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
+    peaks = measured_peaks(DEV, dtype)
+    ratio = lambda a, b: a / b if (a is not None and b) else None
+    for prov, ms in times.items():
+        results.append({
+            "case": case,
+            "shape": shape,
+            "dtype": str(dtype),
+            "provider": prov,
+            "ms": ms,
+            "speedup_vs_eager": ratio(times["eager"], ms),
+            "ms_cuda_graph": graph_times[prov],
+            "graph_speedup_vs_eager": ratio(graph_times["eager"], graph_times[prov]),
+            "tflops": ratio(flops / 1e9, ms),
+            "gbps": ratio(min_bytes / 1e6, ms) if min_bytes else None,
+            "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes or 0, peaks), ms) if peaks else None,
+            "peak_mem_mb": peak_mb[prov],
+            "peak_mem_vs_eager": ratio(peak_mb[prov], peak_mb["eager"]),
+            "peak_tflops_measured": peaks[0] if peaks else None,
+            "peak_gbps_measured": peaks[1] if peaks else None,
+            "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),
+            "max_rel_err_vs_eager": err,
+            "error": errors.get(prov, ""),
+        })
+    results.flush()
+
+
+def _check(fast, model, x):
+    ref = model(x).float()
+    out = fast(x).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"effops disagrees with eager: relative error {err:.2e}"
+    return err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b[0])
+def test_osa_block(block, batch, dtype, results):
+    name, cin, sc, cc, hw, identity, ese = block
+    model = _randomize(OSAModule(cin, sc, cc, L, "OSA", identity=identity, ese=ese)).eval()
+    model = model.to(DEV, dtype).to(memory_format=torch.channels_last)
+    fast = effops.FusedOSA.from_module(copy.deepcopy(model)).eval()
+    x = torch.randn(batch, cin, hw, hw, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        err = _check(fast, model, x)
+        pix = batch * hw * hw
+        flops = 2 * pix * (9 * sc * cin + (L - 1) * 9 * sc * sc + cc * (cin + L * sc))
+        esize = x.element_size()
+        weights = sum(p.numel() for p in model.parameters())
+        min_bytes = esize * (pix * (cin + 2 * L * sc + cc) + weights)
+        _record(results, f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
+                f"{batch}x{cin}x{hw}x{hw} -> {L}x{sc} -> {cc}", dtype, batch, _providers(model, fast, x, batch),
+                flops, min_bytes, err)
+
+
+def _model(name):
+    if name.startswith("ese_"):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False)
+    return classic_vovnet(name)
+
+
+@pytest.mark.skipif(not WITH_MODELS, reason="EFFOPS_BENCH_MODELS=0")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_model(name, batch, dtype, results):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _randomize(_model(name)).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+    fast = effops.optimize(model)
+    assert not [e for e in fast.effops_report.skipped if "conv_dw" not in e.path], str(fast.effops_report)
+    x = torch.randn(batch, 3, 224, 224, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        err = _check(fast, model, x)
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+        _record(results, f"{name}_b{batch}_{str(dtype).replace('torch.', '')}", f"{batch}x3x224x224", dtype, batch,
+                _providers(model, fast, x, batch), fc.get_total_flops(), None, err)

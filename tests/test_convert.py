@@ -154,3 +154,23 @@ def test_timm_conv_norm_act_with_anti_aliasing():
     x = torch.randn(2, 4, 12, 12)
     with torch.no_grad(), effops.use_backend("reference"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+
+
+@pytest.mark.slow
+def test_timm_ese_vovnet39b_whole_model():
+    timm = pytest.importorskip("timm")
+    fast = _check_model(timm.create_model("ese_vovnet39b", pretrained=False, num_classes=10),
+                        torch.randn(1, 3, 64, 64), tol=1e-4)
+    rep = fast.effops_report
+    assert not rep.skipped
+    assert sum(isinstance(m, FusedOSA) for m in fast.modules()) == 6
+    assert sum(e.what.endswith("+ eSE + identity (relu)") for e in rep.swapped) == 2  # last blocks of stages 4, 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vovnet39", "vovnet57"])
+def test_classic_vovnet_v2_whole_model(name):
+    fast = _check_model(classic_vovnet(name, num_classes=10, v2=True), torch.randn(1, 3, 64, 64), tol=1e-4)
+    assert not fast.effops_report.skipped
+    blocks = [m for m in fast.modules() if isinstance(m, FusedOSA)]
+    assert len(blocks) == (6 if name == "vovnet39" else 9) and sum(b.has_ese for b in blocks) == 4

@@ -159,9 +159,10 @@ if triton is not None:
                               syn, syc, syh, syw, srn, src, srh, srw,
                               HAS_RES: tl.constexpr, IDX64: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # y[n, c, p] = y[n, c, p] * gate[n, c] (+ res[n, c, p]), in place.
-        n = tl.program_id(0)
-        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        # y[n, c, p] = y[n, c, p] * gate[n, c] (+ res[n, c, p]), in place. Pixel blocks
+        # on grid axis 0: axes 1 and 2 are limited to 65535 programs on CUDA.
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.program_id(1)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         if IDX64:
             n = n.to(tl.int64)
@@ -255,7 +256,7 @@ def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
     with _on_device(out.device) if not interpreting else _conv._NULL_CTX:
         _ese_gate_kernel[(N, triton.cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
                                                   1.0 / (H * W), HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
-        _gate_residual_kernel[(N, triton.cdiv(H * W, bp), triton.cdiv(C, bc))](
+        _gate_residual_kernel[(triton.cdiv(H * W, bp), N, triton.cdiv(C, bc))](
             out, gate, residual if residual is not None else out, H * W, W, C, *out.stride(), *rs,
             HAS_RES=residual is not None, IDX64=needs_int64(out, residual), BLOCK_P=bp, BLOCK_C=bc)
 

@@ -1,0 +1,94 @@
+"""Compile every effops Triton kernel for real GPU targets, with no GPU present.
+
+Run by ``tests/test_aot_compile.py`` in a fresh process (the test session itself
+imports the kernels under ``TRITON_INTERPRET=1``, which never compiles). Prints one
+JSON object: case name -> {"shared": bytes, "async_copies": n, "tma": n} or {"error": ...}.
+
+    TRITON_INTERPRET=0 python tests/aot_check.py
+"""
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from effops.ops import conv, osa  # noqa: E402
+
+
+def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc=90):
+    """``arg_types``: pointer and float arguments (everything else is i32); ``ones``:
+    integer arguments equal to 1 at launch (the JIT turns them into constants)."""
+    sig, cx, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], cx[(i,)] = "constexpr", consts[name]
+        elif name in ones:
+            sig[name], cx[(i,)] = "constexpr", 1
+        else:
+            sig[name] = arg_types.get(name, "i32")
+            if sig[name] != "fp32":  # pointers and ints: what the JIT marks for multiples of 16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptrs(names, t):
+    return {n: f"*{t}" for n in names}
+
+
+# The largest candidate tile (most shared memory) and a small one.
+TILES = {"big": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+         "small": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)}
+
+
+def cases():
+    for cc in (90, 80):
+        for dt in ("fp16", "bf16", "fp32"):
+            for tile, cfg in TILES.items():
+                if dt == "fp32" and tile == "big":
+                    cfg = dict(cfg, BLOCK_M=128)
+                blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                prec = "tf32" if dt == "fp32" else "ieee"
+                for pw in (True, False):
+                    types = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
+                             "bias_ptr": "*fp32", "act_param": "fp32"}
+                    consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True,
+                                  RES_AFTER_ACT=False, ACT="silu", POINTWISE=pw, IDX64=False, UPCAST_DOT=False,
+                                  DOT_PRECISION=prec, **blocks)
+                    yield (f"conv_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel, types, consts,
+                           ("sxc", "swi", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
+                for per_image in (False, True):
+                    types = {**ptrs(["x_ptr", "s_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "bias_ptr": "*fp32",
+                             "psum_ptr": "*fp32", "act_param": "fp32"}
+                    consts = dict(HAS_BIAS=True, HAS_RES=not per_image, ACT="relu", PER_IMAGE=per_image, IDX64=False,
+                                  UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
+                    yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_sm{cc}", osa._osa_agg_kernel,
+                           types, consts, ("sxc", "ssc", "swi", "soc", "src"), cfg, cc)
+            yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
+                   {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
+                   dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)
+        yield (f"ese_gate_sm{cc}", osa._ese_gate_kernel,
+               {**ptrs(["psum_ptr", "w_ptr", "b_ptr", "gate_ptr"], "fp32"), "inv_hw": "fp32"},
+               dict(HAS_BIAS=True, BLOCK_C=64, BLOCK_K=64), (), {}, cc)
+
+
+def main() -> int:
+    out = {}
+    for name, fn, types, consts, ones, cfg, cc in cases():
+        try:
+            k = compile_kernel(fn, types, consts, ones, cfg.get("num_warps", 4), cfg.get("num_stages", 3), cc)
+            g = k.asm["ttgir"]
+            out[name] = {"shared": k.metadata.shared, "async_copies": g.count("async_copy_global_to_local"),
+                         "tma": g.count("async_tma_copy")}
+        except Exception as e:  # noqa: BLE001 - reported per case
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

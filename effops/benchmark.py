@@ -130,3 +130,51 @@ def measure_providers(providers: Dict[str, Callable[[], object]], device: torch.
         graph_times[prov] = guarded(prov, lambda: time_ms(fn, device, cuda_graph=True)) if cuda else None
         peaks[prov] = guarded(prov, lambda: peak_memory_mb(fn, device)) if cuda else None
     return times, graph_times, peaks, errors
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensors *allocated inside the block* and alive at the same time,
+    measured from the ATen calls themselves (any device, CPU included)::
+
+        with LiveTensorBytes() as mem:
+            y = model(x)
+        mem.peak      # bytes; the output counts, inputs and parameters don't
+
+    Every ATen op whose result is a new tensor (not a view or in-place result) adds
+    that tensor's storage size until the tensor is garbage-collected. It is an
+    allocation model, not an allocator reading: no rounding or caching, views are
+    assumed to die with their base. On CUDA, :func:`peak_memory_mb` reads the real
+    allocator; this one makes the same comparison checkable without a GPU.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import weakref
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for ret, t in zip(func._schema.returns, outs):
+                    if isinstance(t, torch.Tensor) and ret.alias_info is None:  # a new tensor, not a view
+                        n = t.untyped_storage().nbytes()
+                        outer.live += n
+                        outer.peak = max(outer.peak, outer.live)
+                        weakref.finalize(t, outer._free, n)
+                return out
+
+        self._mode = _Mode()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __enter__(self) -> "LiveTensorBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

@@ -316,3 +316,28 @@ def test_peak_activation_memory_at_most_0_6x_eager(in_ch, stage_ch, concat_ch, v
     buf = 2 * 5 * stage_ch * 9 * 4
     assert buf + y.untyped_storage().nbytes() <= ours.peak <= buf + y.untyped_storage().nbytes() + 2 * 2 * concat_ch * 4 * 4
     assert ours.peak <= 0.6 * eager.peak, f"effops peak {ours.peak} B vs eager {eager.peak} B"
+
+
+@needs_triton
+def test_deepcopy_pickle_and_eval_train_eval():
+    import io
+
+    ref = _classic("v2")
+    fused = FusedOSA.from_module(copy.deepcopy(ref))
+    twin = copy.deepcopy(fused)  # e.g. an EMA copy: shares modules internally, not with the original
+    assert twin._parts.agg.fused.conv is twin.concat[0] and twin.concat[0] is not fused.concat[0]
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded._parts.ese is loaded.ese
+    x = _x(fused.in_ch)
+    ref.eval(), fused.eval()
+    with torch.no_grad(), effops.use_backend("triton"):
+        fused(x)  # warm the folded caches
+    ref.train(), fused.train()
+    for _ in range(3):  # running statistics move
+        ref(x), fused(x)
+    ref.eval(), fused.eval()
+    with torch.no_grad(), effops.use_backend("triton"):
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))

@@ -406,6 +406,10 @@ class FusedOSA(nn.Module):
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""
         p = self._parts
+        # Training-mode batch_norm updates running stats without bumping their version
+        # counters: drop the folded caches, as FusedConvBNAct does on its unfused path.
+        for u in self._units:
+            u.fused._cache = None
         feats = [x]
         y = x if p.reduction is None else p.reduction.container(x)
         for u in p.mid:

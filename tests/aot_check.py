@@ -68,6 +68,16 @@ def cases():
                                   UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
                     yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_sm{cc}", osa._osa_agg_kernel,
                            types, consts, ("sxc", "ssc", "swi", "soc", "src"), cfg, cc)
+            # Every candidate tile of the fused depthwise kernel (and its heuristic tile): they
+            # differ most in shared memory, which is what can fail at launch.
+            dw_tiles = osa._dw_pw_configs() + [osa._dw_pw_heuristic(1 << 20, 256), osa._dw_pw_heuristic(64, 32)]
+            for j, cfg in enumerate(dw_tiles):
+                types = {**ptrs(["x_ptr", "dw_ptr", "w_ptr", "out_ptr"], dt), "bias_ptr": "*fp32", "act_param": "fp32"}
+                consts = dict(DWK=3, HAS_BIAS=True, ACT="relu", IDX64=False, UPCAST_DOT=False,
+                              DOT_PRECISION="tf32" if dt == "fp32" else "ieee",
+                              **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
+                yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdw", "swi", "soc"), cfg,
+                       cc)
             yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
                    {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
                    dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)

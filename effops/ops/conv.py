@@ -211,13 +211,13 @@ def _candidates(C_in_g: int, C_out_g: int):
 _TUNED: dict = {}
 
 
-def _tuned_config(key, launch, C_in_g: int, C_out_g: int) -> dict:
+def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates: Optional[list] = None) -> dict:
     cfg = _TUNED.get(key)
     if cfg is None:
         import triton.testing
 
         best_ms, cfg = float("inf"), None
-        for cand in _candidates(C_in_g, C_out_g):
+        for cand in candidates if candidates is not None else _candidates(C_in_g, C_out_g):
             try:
                 ms = triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20)
             except Exception:  # e.g. out of shared memory for this tile on this GPU

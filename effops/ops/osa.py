@@ -183,6 +183,124 @@ if triton is not None:
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _dw_pw_kernel(
+        x_ptr, dw_ptr, w_ptr, bias_ptr, out_ptr,
+        H, W, M, C_in, C_out,
+        sxn, sxc, sxh, sxw,
+        sdc, sdh, sdw,
+        swo, swi,
+        son, soc, soh, sow,
+        act_param,
+        DWK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Depthwise-separable stage: act(conv1x1(dwconv_kxk(x)) + bias), one kernel.
+        # The A tile of the 1x1 GEMM (pixels x channels) is the depthwise conv's
+        # output for this K chunk, computed on the fly from DWK*DWK shifted loads of
+        # x: the depthwise result is never written to memory.
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(C_out, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IDX64:
+            offs_m = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        hw = H * W
+        n_idx = offs_m // hw
+        rem = offs_m % hw
+        oh = rem // W
+        ow = rem % W
+        x_row = x_ptr + n_idx * sxn
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < C_out
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_in, BLOCK_K):
+            ci = k0 + offs_k
+            k_ok = ci < C_in
+            a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for t in tl.static_range(DWK * DWK):
+                ih = oh + (t // DWK - DWK // 2)
+                iw = ow + (t % DWK - DWK // 2)
+                ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                             mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wv = tl.load(dw_ptr + ci * sdc + (t // DWK) * sdh + (t % DWK) * sdw, mask=k_ok, other=0.0)
+                a += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            # Rounded to the input dtype, as eager PyTorch stores the depthwise output.
+            a = a.to(x_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        y = acc
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = _activation(y, ACT, act_param)
+        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (offs_n * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _dw_pw_configs():
+    """Tiles for ``_dw_pw_kernel``. Its A operand is built from DWK*DWK shifted loads
+    per K step; multi-buffering all of them (num_stages >= 3) needs 150-700 KB of
+    shared memory, more than any GPU has (tests/test_aot_compile.py checks every tile
+    here against sm_80 and sm_90 limits). One or two stages: the nine independent loads
+    per step already keep memory busy."""
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in [
+        (128, 128, 64, 8, 1),
+        (256, 128, 32, 8, 1),
+        (128, 128, 32, 4, 1),
+        (64, 128, 32, 4, 2),
+        (128, 64, 32, 4, 1),
+        (64, 64, 32, 4, 2),
+        (32, 32, 32, 2, 1),
+    ]]
+
+
+def _dw_pw_heuristic(M: int, C_out: int) -> dict:
+    bn = 128 if C_out > 64 else (64 if C_out > 32 else 32)
+    return dict(BLOCK_M=128 if M >= 4096 else 64, BLOCK_N=bn, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
+def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
+    """``out = act(conv1x1(depthwise_conv(x, dw_w, padding=k // 2), pw_w) + pw_b)`` in one kernel."""
+    N, C_in, H, W = x.shape
+    C_out = pw_w.shape[0]
+    M = N * H * W
+    interpreting = x.device.type == "cpu"
+    args = (x, dw_w, pw_w, pw_b if pw_b is not None else out, out, H, W, M, C_in, C_out,
+            *x.stride(), dw_w.stride(0), dw_w.stride(2), dw_w.stride(3), pw_w.stride(0), pw_w.stride(1),
+            *out.stride(), float(act_param))
+    meta = dict(DWK=dw_w.shape[-1], HAS_BIAS=pw_b is not None, ACT=act, IDX64=needs_int64(x, out),
+                UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
+                DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+                                         and not interpreting) else "ieee")
+
+    def launch(cfg):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C_out, cfg["BLOCK_N"]),)
+        _dw_pw_kernel[grid](*args, **meta, **cfg)
+
+    if interpreting:
+        launch(dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out, 16, 64),
+                    BLOCK_K=_interpret_block(C_in, 16, 64)))
+        return
+    with _on_device(x.device):
+        if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+            cfg = _dw_pw_heuristic(M, C_out)
+        else:
+            key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
+            n_cap = max(32, triton.next_power_of_2(C_out))
+            cands = [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
+            cfg = _tuned_config(key, launch, C_in, C_out, cands)
+        launch(cfg)
+
+
 def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_psum: bool) -> Optional[Tensor]:
     """``out = act(conv1x1(cat([x, s]), weight) + bias) (+ residual)``; with
     ``want_psum`` also returns per-(row tile, channel) fp32 sums of the activated
@@ -286,19 +404,13 @@ def _run_triton(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese
     y = x
     if red_w is not None:
         y = _conv._run_triton(x, red_w, None, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
-    tmp = None
     for i in range(L):
-        if dw_ws:
-            if tmp is None:  # one scratch tensor reused by every depthwise conv
-                tmp = torch.empty((N, y.shape[1], H, W), dtype=x.dtype, device=x.device,
-                                  memory_format=torch.channels_last)
-            k = dw_ws[i].shape[-1]
-            _conv._run_triton(y, dw_ws[i], None, None, None, tmp, _ONE, _same(k), _ONE, y.shape[1], "identity", 0.0,
-                              False)
-            y = tmp
         view = stages[:, i * sc:(i + 1) * sc]
-        _conv._run_triton(y, mid_ws[i], None, mid_bs[i], None, view, _ONE, _same(mid_ws[i].shape[-1]), _ONE, 1, act,
-                          act_param, False)
+        if dw_ws:  # depthwise-separable stage: the depthwise conv runs inside the 1x1's K loop
+            _launch_dw_pw(y, dw_ws[i], mid_ws[i], mid_bs[i], view, act, act_param)
+        else:
+            _conv._run_triton(y, mid_ws[i], None, mid_bs[i], None, view, _ONE, _same(mid_ws[i].shape[-1]), _ONE, 1,
+                              act, act_param, False)
         y = view
     residual = x if identity else None
     if ese_w is None:
@@ -385,6 +497,9 @@ def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w
             d = dw_ws[i]
             if d.dim() != 4 or d.shape[0] != ch or d.shape[1] != 1 or d.shape[2] % 2 == 0 or d.shape[2] != d.shape[3]:
                 raise ValueError(f"expected dw_ws[{i}] of shape ({ch}, 1, k, k) with odd k, got {tuple(d.shape)}")
+        if dw_ws and (w.dim() != 4 or tuple(w.shape[2:]) != (1, 1)):
+            raise ValueError(f"expected mid_ws[{i}] of shape ({sc}, {ch}, 1, 1): after a depthwise conv the stage "
+                             f"conv is pointwise, got {tuple(w.shape)}")
         if w.dim() != 4 or w.shape[0] != sc or w.shape[1] != ch or w.shape[2] % 2 == 0 or w.shape[2] != w.shape[3]:
             raise ValueError(
                 f"expected mid_ws[{i}] of shape ({sc}, {ch}, k, k) with odd k (stage {i} reads {ch} channels), "

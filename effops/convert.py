@@ -18,23 +18,34 @@ recognises *structures*:
   pw conv → BN-act), becomes a :class:`~effops.nn.FusedSequential` with the
   same children.
 
-Convs inside modules with their own ``forward`` (``conv1``/``bn1`` attributes
-used in hand-written code) cannot be matched without tracing and are reported
-as skipped, with the reason.
+* inside a module with a hand-written ``forward`` (ResNet's ``conv1``/``bn1``/``relu``
+  with ``out += identity``, timm's blocks), the module's own forward is traced with
+  ``torch.fx`` (children stay opaque calls) and each conv → BN [→ act] chain,
+  with a residual add before or after the activation, becomes one fused step; the
+  rewritten graph is installed as that instance's eval-mode forward
+  (:mod:`effops.nn.traced`), the class and children stay as they were.
+
+What can't be matched (untraceable forwards, a conv whose output is used twice,
+unsupported activations) is reported as skipped, with the reason.
 """
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-from .activations import activation_of
+from .activations import activation_of, make_activation
 from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
+from .nn.traced import FusedStep, TracedForward
 
 
 @dataclass
@@ -99,6 +110,70 @@ def _describe(conv: nn.Conv2d, bn, act_name: str) -> str:
     return f"conv{k}{s}{g} {conv.in_channels}→{conv.out_channels}" + (" + bn" if bn is not None else "") + f" + {act_name}"
 
 
+# -- tracing hand-written forwards ----------------------------------------------
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Trace only the module's own forward: every submodule call stays one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+# Functional activations a traced forward may call on the BN output (args: the tensor only).
+_FUNCTION_ACTS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
+    F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid", F.gelu: "gelu",
+}
+_METHOD_ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _node_act(node: torch.fx.Node, owner: nn.Module, prev: torch.fx.Node) -> Optional[Tuple[str, float, Optional[nn.Module]]]:
+    """``(name, param, module_or_None)`` if ``node`` applies a supported activation to ``prev`` alone."""
+    if node.args[:1] != (prev,) or len(node.args) != 1:
+        return None
+    extra = set(node.kwargs) - {"inplace"}
+    if node.op == "call_module":
+        m = owner.get_submodule(node.target)
+        a = activation_of(m)
+        if a is None or type(m) is nn.Identity or node.kwargs:
+            return None
+        return a[0], a[1], m
+    if node.op == "call_function" and node.target in _FUNCTION_ACTS:
+        if node.target is F.gelu:
+            approx = node.kwargs.get("approximate", "none")
+            extra -= {"approximate"}
+            if extra or approx not in ("none", "tanh"):
+                return None
+            return ("gelu" if approx == "none" else "gelu_tanh"), 0.0, None
+        return (None if extra else (_FUNCTION_ACTS[node.target], 0.0, None))
+    if node.op == "call_method" and node.target in _METHOD_ACTS and not node.kwargs:
+        return _METHOD_ACTS[node.target], 0.0, None
+    return None
+
+
+def _only_user(node: torch.fx.Node, owner: nn.Module, chain: List[torch.fx.Node]) -> Optional[torch.fx.Node]:
+    """The single user of ``node``, looking through ``nn.Identity`` calls (appended to ``chain``)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and type(owner.get_submodule(user.target)) is nn.Identity \
+                and user.args == (node,) and not user.kwargs:
+            chain.append(user)
+            node = user
+            continue
+        return user
+    return None
+
+
+def _residual_of(node: torch.fx.Node, prev: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The other operand if ``node`` is ``prev + r`` (r a traced value), else None."""
+    if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    other = b if a is prev else (a if b is prev else None)
+    return other if isinstance(other, torch.fx.Node) and other is not prev else None
+
+
 class _Converter:
     def __init__(self, model: nn.Module):
         self.report = OptimizeReport()
@@ -150,6 +225,107 @@ class _Converter:
         act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
         self.report.swapped.append(ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0])))
 
+    # -- hand-written forwards ---------------------------------------------------
+    def _match_traced(self, conv_node, owner):
+        """``(chain nodes, x, residual node, residual mode, conv, bn, act tuple)`` for a chain starting at
+        ``conv_node``, or a skip reason string."""
+        conv = owner.get_submodule(conv_node.target)
+        if len(conv_node.args) != 1 or conv_node.kwargs:
+            return "called with extra arguments"
+        chain = [conv_node]
+        bn_node = _only_user(conv_node, owner, chain)
+        if bn_node is None:
+            return "its output is used more than once"
+        bn = owner.get_submodule(bn_node.target) if bn_node.op == "call_module" else None
+        if not (isinstance(bn, nn.BatchNorm2d) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
+            return "not followed by a BatchNorm2d: nothing to fuse"
+        chain.append(bn_node)
+        act, mode, res = None, None, None
+        nxt = _only_user(bn_node, owner, chain)
+        if _timm_bn_act(bn):  # the activation is inside the BN module: an add after it is "after act"
+            res = _residual_of(nxt, chain[-1]) if nxt is not None else None
+            if res is not None:
+                chain.append(nxt)
+                mode = "after_act"
+        elif nxt is not None and _node_act(nxt, owner, chain[-1]) is not None:
+            act = _node_act(nxt, owner, chain[-1])
+            chain.append(nxt)
+            after = _only_user(nxt, owner, chain)
+            res = _residual_of(after, chain[-1]) if after is not None else None
+            if res is not None:
+                chain.append(after)
+                mode = "after_act"
+        elif nxt is not None and _residual_of(nxt, chain[-1]) is not None:
+            res = _residual_of(nxt, chain[-1])
+            chain.append(nxt)
+            mode = "before_act"
+            after = _only_user(nxt, owner, chain)
+            if after is not None and _node_act(after, owner, chain[-1]) is not None:
+                act = _node_act(after, owner, chain[-1])
+                chain.append(after)
+        act_mod = None
+        if act is not None:
+            act_mod = act[2] if act[2] is not None else make_activation(act[0], act[1])
+        why = why_not_fusable(conv, bn, act_mod) or self._shared(conv, bn)
+        if why is not None:
+            return why
+        return chain, conv_node.args[0], res, mode, conv, bn, act_mod
+
+    def _trace(self, module: nn.Module, prefix: str) -> None:
+        """Fuse conv → BN chains inside ``module``'s hand-written forward (see effops.nn.traced)."""
+        if "forward" in module.__dict__:  # an instance-level forward (ours or the user's): leave it alone
+            fwd = module.__dict__["forward"]
+            if isinstance(fwd, TracedForward):  # optimized before: its fused convs are not "skipped"
+                self.fused_convs.update(id(m.fused.conv) for m in fwd.graph_module.modules() if isinstance(m, FusedStep))
+            return
+        direct = [c for c in module.children() if type(c) is nn.Conv2d and id(c) not in self.fused_convs]
+        if not direct:
+            return
+        try:
+            graph = _ChildrenAsLeaves().trace(module)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "leave this forward alone"
+            why = f"inside {type(module).__name__}, whose forward torch.fx can't trace ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            for c in direct:
+                self.skip_reason.setdefault(id(c), why)
+            return
+        steps = {}
+        for node in list(graph.nodes):
+            if node.op != "call_module":
+                continue
+            try:
+                m = module.get_submodule(node.target)
+            except AttributeError:
+                continue
+            if type(m) is not nn.Conv2d or id(m) in self.fused_convs:
+                continue
+            match = self._match_traced(node, module)
+            if isinstance(match, str):
+                self.skip_reason.setdefault(id(m), f"in {type(module).__name__}.forward: {match}")
+                continue
+            chain, x, res, mode, conv, bn, act_mod = match
+            fused = FusedConvBNAct.from_modules(conv, bn, act_mod, names=("conv", "bn", None))
+            name = f"_effops_step{len(steps)}"
+            steps[name] = FusedStep(fused, mode)
+            with graph.inserting_before(chain[-1]):
+                new = graph.call_module(name, (x,) if res is None else (x, res))
+            chain[-1].replace_all_uses_with(new)
+            for n in reversed(chain):
+                graph.erase_node(n)
+            self.fused_convs.add(id(conv))
+            where = f"{prefix}." if prefix else ""
+            # Trailing nn.Identity calls are absorbed; the label names the last real op.
+            last = next(n for n in reversed(chain) if not (n.op == "call_module" and type(_resolve(module, n.target)) is nn.Identity))
+            what = _describe(conv, bn, fused.activation[0]) + (f" + residual ({mode.replace('_', ' ')})" if mode else "")
+            self.report.swapped.append(ReportEntry(f"{where}{chain[0].target}..{last.name}", what + " [traced]"))
+        if not steps:
+            return
+        graph.lint()
+        targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")} - set(steps)
+        root = {t: _resolve(module, t) for t in targets}
+        root.update(steps)
+        gm = torch.fx.GraphModule(root, graph, class_name=f"{type(module).__name__}_effops")
+        module.forward = TracedForward(module, gm)
+
     # -- walking -------------------------------------------------------------
     def _convert_osa(self, module: nn.Module, path: str) -> Optional[nn.Module]:
         try:
@@ -190,6 +366,8 @@ class _Converter:
             new = self.convert(child, f"{prefix}.{name}" if prefix else name)
             if new is not child:
                 setattr(module, name, new)
+        if children is None and type(module).forward is not nn.Module.forward:
+            self._trace(module, prefix)
         if not runs:
             return module
         fused_runs = []
@@ -213,6 +391,13 @@ class _Converter:
                     why = (f"inside {type(parent).__name__}, which has its own forward: the conv → bn → act order "
                            "can't be seen without tracing") if parent is not None else "a bare conv"
                 self.report.skipped.append(ReportEntry(name or "<model>", why))
+
+
+def _resolve(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def optimize(model: nn.Module, *, inplace: bool = False) -> nn.Module:

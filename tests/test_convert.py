@@ -72,15 +72,16 @@ def test_timm_ese_vovnet19b_dw():
 
 
 @pytest.mark.slow
-def test_timm_resnet_reports_custom_forward_skips():
+def test_timm_resnet_hand_written_blocks_are_traced():
     timm = pytest.importorskip("timm")
     fast = _check_model(timm.create_model("resnet18", pretrained=False, num_classes=10), torch.randn(1, 3, 32, 32), tol=1e-4)
     rep = fast.effops_report
-    assert [e.path for e in rep.swapped] == [f"layer{i}.0.downsample" for i in (2, 3, 4)]
-    skipped = {e.path: e.what for e in rep.skipped}
-    assert "inside BasicBlock, which has its own forward" in skipped["layer1.0.conv1"]
-    text = str(rep)
-    assert "3 swapped" in text and "skipped  conv1" in text
+    assert not rep.skipped
+    swapped = {e.path: e.what for e in rep.swapped}
+    assert [p for p, w in swapped.items() if "[traced]" not in w] == [f"layer{i}.0.downsample" for i in (2, 3, 4)]
+    assert swapped["layer1.0.conv1..act1"] == "conv3x3 64→64 + bn + relu [traced]"  # timm's Identity `aa` absorbed
+    assert swapped["layer1.0.conv2..act2"] == "conv3x3 64→64 + bn + relu + residual (before act) [traced]"
+    assert "20 swapped, 0 skipped" in str(rep)
 
 
 def _ordered_dict_block():

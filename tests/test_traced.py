@@ -1,0 +1,187 @@
+"""effops.optimize inside hand-written forwards (torch.fx): ResNet blocks, timm blocks, edge cases."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effops
+from effops.nn.traced import FusedStep, TracedForward, traced_forward_of
+
+from helpers import KERNEL_DEVICE, assert_matches, needs_triton, randomize_bn
+
+
+class Bottleneck(nn.Module):
+    """torchvision-style: shared ReLU module, in-place residual add before the last ReLU."""
+
+    def __init__(self, c=8, mid=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.drop(out)  # train-only behaviour: must still apply in train()
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class Functional(nn.Module):
+    """Functional activations, residual after the activation, a conv output used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bna = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.b, self.bnb = nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.c, self.bnc = nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = F.silu(self.bna(self.a(x))) + x          # residual after act
+        z = self.bnb(self.b(y)).relu()               # method activation
+        t = self.c(z)                                # used twice: not fusable
+        return self.bnc(t) + t.mean()
+
+
+def _fast(model):
+    model = randomize_bn(model).eval()
+    return model, effops.optimize(model)
+
+
+def test_bottleneck_fused_with_residual_before_act():
+    model, fast = _fast(Bottleneck())
+    rep = fast.effops_report
+    assert [e.path for e in rep.swapped] == ["conv1..relu", "conv2..relu_1", "conv3..relu_2"]
+    assert rep.swapped[2].what == "conv1x1 4→8 + bn + relu + residual (before act) [traced]"
+    assert isinstance(traced_forward_of(fast), TracedForward) and type(fast) is Bottleneck
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert not any(isinstance(m, FusedStep) for m in fast.modules())  # nothing registered twice
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+
+
+def test_functional_acts_residual_after_act_and_shared_outputs():
+    model, fast = _fast(Functional())
+    rep = fast.effops_report
+    assert [e.what for e in rep.swapped] == [
+        "conv3x3 6→6 + bn + silu + residual (after act) [traced]", "conv1x1 6→6 + bn + relu [traced]"]
+    assert {e.path: e.what for e in rep.skipped}["c"] == "in Functional.forward: its output is used more than once"
+    x = torch.randn(2, 6, 4, 4)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+
+
+def test_train_mode_runs_the_class_forward_exactly():
+    model, fast = _fast(Bottleneck())
+    model.train(), fast.train()
+    x = torch.randn(4, 8, 5, 5)
+    torch.manual_seed(1)
+    y1 = model(x)
+    torch.manual_seed(1)
+    y2 = fast(x)  # dropout active, batch statistics: exactly the original forward
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    torch.testing.assert_close(fast.bn1.running_mean, model.bn1.running_mean, rtol=0, atol=0)
+
+
+def test_deepcopy_pickle_and_reoptimize():
+    model, fast = _fast(Bottleneck())
+    twin = copy.deepcopy(fast)
+    fwd = traced_forward_of(twin)
+    assert fwd.owner is twin and fwd.graph_module._effops_step0.fused.conv is twin.conv1
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad(), effops.use_backend("reference"):
+        torch.testing.assert_close(loaded.eval()(x), fast(x))
+        torch.testing.assert_close(twin.eval()(x), fast(x))
+    again = effops.optimize(fast)
+    assert not again.effops_report.swapped and not again.effops_report.skipped
+
+
+def test_untraceable_forward_is_reported_and_left_alone():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # control flow on a tensor value
+
+    fast = effops.optimize(DataDependent().eval())
+    assert traced_forward_of(fast) is None
+    [skip] = fast.effops_report.skipped
+    assert "forward torch.fx can't trace" in skip.what
+
+
+@needs_triton
+def test_traced_block_through_the_kernel():
+    model, fast = _fast(Bottleneck(c=16, mid=8))
+    model, fast = model.to(KERNEL_DEVICE), fast.to(KERNEL_DEVICE)
+    x = torch.randn(2, 16, 5, 6, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), effops.use_backend("triton"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+
+
+def test_broadcasting_residual_runs_unfused():
+    class Bias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.offset = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + self.offset)
+
+    model, fast = _fast(Bias())
+    assert len(fast.effops_report.swapped) == 1  # matched statically...
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad(), effops.use_backend("reference"):  # ...and the [1,4,1,1] add runs as PyTorch would
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+
+
+@pytest.mark.slow
+def test_torchvision_resnet50_fully_fused():
+    tv = pytest.importorskip("torchvision")
+    model, fast = _fast(tv.models.resnet50(num_classes=10))
+    rep = fast.effops_report
+    assert len(rep.swapped) == 53 and not rep.skipped  # 49 traced chains + stem via the root + 4 downsample
+    assert sum("residual (before act)" in e.what for e in rep.swapped) == 16
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "resnetrs50"])
+def test_timm_models_with_hand_written_blocks(name):
+    timm = pytest.importorskip("timm")
+    model, fast = _fast(timm.create_model(name, pretrained=False, num_classes=10))
+    rep = fast.effops_report
+    assert sum("[traced]" in e.what for e in rep.swapped) >= 17
+    # What stays unfused are SE convs (no BatchNorm) and, in ResNet-RS, the stem conv whose BN lives in the parent.
+    assert all(".se." in e.path or e.path == "conv1.6" for e in rep.skipped), str(rep)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_over_traced_forward():
+    torch._dynamo.reset()
+    model, fast = _fast(Bottleneck())
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad(), effops.use_backend("reference"):
+        y = torch.compile(fast, fullgraph=True)(x)
+        assert_matches(y, copy.deepcopy(model).double()(x.double()))

@@ -128,13 +128,23 @@ _METHOD_ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
+def _submodule(owner: nn.Module, target: str) -> Optional[nn.Module]:
+    """``owner.get_submodule(target)``, or None for nodes this pass inserted (fused steps)."""
+    try:
+        return owner.get_submodule(target)
+    except AttributeError:
+        return None
+
+
 def _node_act(node: torch.fx.Node, owner: nn.Module, prev: torch.fx.Node) -> Optional[Tuple[str, float, Optional[nn.Module]]]:
     """``(name, param, module_or_None)`` if ``node`` applies a supported activation to ``prev`` alone."""
     if node.args[:1] != (prev,) or len(node.args) != 1:
         return None
     extra = set(node.kwargs) - {"inplace"}
     if node.op == "call_module":
-        m = owner.get_submodule(node.target)
+        m = _submodule(owner, node.target)
+        if m is None:
+            return None
         a = activation_of(m)
         if a is None or type(m) is nn.Identity or node.kwargs:
             return None
@@ -156,7 +166,7 @@ def _only_user(node: torch.fx.Node, owner: nn.Module, chain: List[torch.fx.Node]
     """The single user of ``node``, looking through ``nn.Identity`` calls (appended to ``chain``)."""
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if user.op == "call_module" and type(owner.get_submodule(user.target)) is nn.Identity \
+        if user.op == "call_module" and type(_submodule(owner, user.target)) is nn.Identity \
                 and user.args == (node,) and not user.kwargs:
             chain.append(user)
             node = user
@@ -226,23 +236,32 @@ class _Converter:
         self.report.swapped.append(ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0])))
 
     # -- hand-written forwards ---------------------------------------------------
-    def _match_traced(self, conv_node, owner):
-        """``(chain nodes, x, residual node, residual mode, conv, bn, act tuple)`` for a chain starting at
-        ``conv_node``, or a skip reason string."""
-        conv = owner.get_submodule(conv_node.target)
-        if len(conv_node.args) != 1 or conv_node.kwargs:
+    def _match_traced(self, head, owner):
+        """``(chain nodes, x, residual node, residual mode, conv, bn, act module)`` for a chain starting at
+        ``head``, or a skip reason string. ``head`` calls an ``nn.Conv2d`` (then a BatchNorm2d must follow)
+        or a ``FusedConvBNAct`` without activation that an earlier rule swapped in (then it is extended
+        with the residual add and activation that follow it, e.g. ``act3(conv3(x) + shortcut)``)."""
+        if len(head.args) != 1 or head.kwargs:
             return "called with extra arguments"
-        chain = [conv_node]
-        bn_node = _only_user(conv_node, owner, chain)
-        if bn_node is None:
-            return "its output is used more than once"
-        bn = owner.get_submodule(bn_node.target) if bn_node.op == "call_module" else None
-        if not (isinstance(bn, nn.BatchNorm2d) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
-            return "not followed by a BatchNorm2d: nothing to fuse"
-        chain.append(bn_node)
+        chain = [head]
+        m = owner.get_submodule(head.target)
+        if isinstance(m, FusedConvBNAct):
+            conv, bn = m.conv, m.bn
+            last = head
+        else:
+            conv = m
+            bn_node = _only_user(head, owner, chain)
+            if bn_node is None:
+                return "its output is used more than once"
+            bn = _submodule(owner, bn_node.target) if bn_node.op == "call_module" else None
+            if not (isinstance(bn, nn.BatchNorm2d) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
+                return "not followed by a BatchNorm2d: nothing to fuse"
+            chain.append(bn_node)
+            last = bn_node
         act, mode, res = None, None, None
-        nxt = _only_user(bn_node, owner, chain)
-        if _timm_bn_act(bn):  # the activation is inside the BN module: an add after it is "after act"
+        nxt = _only_user(last, owner, chain)
+        if bn is not None and _timm_bn_act(bn) and type(bn.act) is not nn.Identity:
+            # The activation is inside the BN module: an add right after it is "after act".
             res = _residual_of(nxt, chain[-1]) if nxt is not None else None
             if res is not None:
                 chain.append(nxt)
@@ -263,13 +282,15 @@ class _Converter:
             if after is not None and _node_act(after, owner, chain[-1]) is not None:
                 act = _node_act(after, owner, chain[-1])
                 chain.append(after)
+        if isinstance(m, FusedConvBNAct) and mode is None and act is None:
+            return None  # nothing to add to a module that is already fused
         act_mod = None
         if act is not None:
             act_mod = act[2] if act[2] is not None else make_activation(act[0], act[1])
         why = why_not_fusable(conv, bn, act_mod) or self._shared(conv, bn)
         if why is not None:
             return why
-        return chain, conv_node.args[0], res, mode, conv, bn, act_mod
+        return chain, head.args[0], res, mode, conv, bn, act_mod
 
     def _trace(self, module: nn.Module, prefix: str) -> None:
         """Fuse conv → BN chains inside ``module``'s hand-written forward (see effops.nn.traced)."""
@@ -279,7 +300,8 @@ class _Converter:
                 self.fused_convs.update(id(m.fused.conv) for m in fwd.graph_module.modules() if isinstance(m, FusedStep))
             return
         direct = [c for c in module.children() if type(c) is nn.Conv2d and id(c) not in self.fused_convs]
-        if not direct:
+        extendable = [c for c in module.children() if isinstance(c, FusedConvBNAct) and c.activation[0] == "identity"]
+        if not direct and not extendable:
             return
         try:
             graph = _ChildrenAsLeaves().trace(module)
@@ -296,11 +318,15 @@ class _Converter:
                 m = module.get_submodule(node.target)
             except AttributeError:
                 continue
-            if type(m) is not nn.Conv2d or id(m) in self.fused_convs:
+            extendable = isinstance(m, FusedConvBNAct) and m.activation[0] == "identity" and m.bn is not None
+            if not extendable and (type(m) is not nn.Conv2d or id(m) in self.fused_convs):
                 continue
             match = self._match_traced(node, module)
+            if match is None:
+                continue
             if isinstance(match, str):
-                self.skip_reason.setdefault(id(m), f"in {type(module).__name__}.forward: {match}")
+                if not extendable:
+                    self.skip_reason.setdefault(id(m), f"in {type(module).__name__}.forward: {match}")
                 continue
             chain, x, res, mode, conv, bn, act_mod = match
             fused = FusedConvBNAct.from_modules(conv, bn, act_mod, names=("conv", "bn", None))
@@ -315,6 +341,8 @@ class _Converter:
             where = f"{prefix}." if prefix else ""
             # Trailing nn.Identity calls are absorbed; the label names the last real op.
             last = next(n for n in reversed(chain) if not (n.op == "call_module" and type(_resolve(module, n.target)) is nn.Identity))
+            if isinstance(m, FusedConvBNAct):  # extended: this entry replaces the container's own
+                self.report.swapped = [e for e in self.report.swapped if e.path != f"{where}{chain[0].target}"]
             what = _describe(conv, bn, fused.activation[0]) + (f" + residual ({mode.replace('_', ' ')})" if mode else "")
             self.report.swapped.append(ReportEntry(f"{where}{chain[0].target}..{last.name}", what + " [traced]"))
         if not steps:

@@ -185,3 +185,35 @@ def test_compile_fullgraph_over_traced_forward():
     with torch.no_grad(), effops.use_backend("reference"):
         y = torch.compile(fast, fullgraph=True)(x)
         assert_matches(y, copy.deepcopy(model).double()(x.double()))
+
+
+@pytest.mark.slow
+def test_timm_regnet_extends_swapped_container_with_residual_and_act():
+    """timm RegNet: conv3 is a ConvNormAct without activation (swapped as a container first);
+    `act3(drop_path(conv3(x)) + shortcut)` then extends it with the residual and the ReLU."""
+    timm = pytest.importorskip("timm")
+    model, fast = _fast(timm.create_model("regnety_002", pretrained=False, num_classes=10))
+    swapped = {e.path: e.what for e in fast.effops_report.swapped}
+    assert swapped["s1.b1.conv3..act3"] == "conv1x1 24→24 + bn + relu + residual (before act) [traced]"
+    assert "s1.b1.conv3" not in swapped  # one entry per conv
+    assert sum(w.endswith("residual (before act) [traced]") for w in swapped.values()) == 13
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+    model.train(), fast.train()
+    torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+def test_fused_conv_bn_act_accepts_an_act_after_identity_batchnormact():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    bn = randomize_bn(nn.Sequential(BatchNormAct2d(4, apply_act=False)))[0].eval()
+    fused = effops.FusedConvBNAct.from_modules(conv, bn, nn.SiLU(), names=("conv", "bn", None))
+    assert fused.activation[0] == "silu"
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad(), effops.use_backend("reference"):
+        torch.testing.assert_close(fused(x), F.silu(bn(conv(x))), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already applies ReLU"):
+        effops.FusedConvBNAct.from_modules(conv, BatchNormAct2d(4), nn.SiLU())

@@ -135,7 +135,15 @@ class FusedConvBNAct(nn.Module):
         self.add_module(names[0], conv)
         if bn is not None:
             self.add_module(names[1], bn)
-        act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
+        act_src = act
+        if bn is not None and _timm_bn_act(bn):
+            # BatchNormAct2d applies its own activation; an extra one is only meaningful
+            # (and accepted) when the BN's is Identity, e.g. act(bn(conv(x)) + residual).
+            if act is None:
+                act_src = bn.act
+            elif type(bn.act) is not nn.Identity:
+                raise ValueError(f"{type(bn).__name__} already applies {type(bn.act).__name__}; "
+                                 f"can't add {type(act).__name__} after it")
         if act is not None and names[2] is not None:
             self.add_module(names[2], act)
         # Set after add_module: until then the conv/bn properties must not resolve

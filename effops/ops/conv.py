@@ -20,6 +20,7 @@ Equivalent PyTorch::
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -177,6 +178,16 @@ if triton is not None:
 else:
     INTERPRETED = False
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain int math: triton.cdiv / next_power_of_2 are ConstexprFunctions in recent
+    # Triton and cost ~3 us per call, several times per launch.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _cuda_configs():
     """Candidate tiles (see benchmarks/tools/sweep_conv_configs.py for a sweep)."""
     cfg = []
@@ -199,8 +210,8 @@ def _cuda_configs():
 def _candidates(C_in_g: int, C_out_g: int):
     # Tiles much wider than the problem only waste work: drop them before
     # benchmarking, but always keep the smallest so something remains.
-    n_cap = max(32, triton.next_power_of_2(C_out_g))
-    k_cap = max(32, triton.next_power_of_2(C_in_g))
+    n_cap = max(32, _next_pow2(C_out_g))
+    k_cap = max(32, _next_pow2(C_in_g))
     kept = [c for c in _cuda_configs() if c["BLOCK_N"] <= n_cap and c["BLOCK_K"] <= k_cap]
     return kept or _cuda_configs()[-1:]
 
@@ -244,7 +255,7 @@ def _max_offset(t: Optional[Tensor]) -> int:
     # (masked lanes included): sum(size * stride).
     if t is None:
         return 0
-    return sum(s * st for s, st in zip(t.shape, t.stride()))
+    return sum(map(operator.mul, t.shape, t.stride()))
 
 
 def needs_int64(*tensors: Optional[Tensor]) -> bool:
@@ -252,7 +263,7 @@ def needs_int64(*tensors: Optional[Tensor]) -> bool:
 
 
 def _interpret_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, _next_pow2(max(n, 1))))
 
 
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
@@ -298,11 +309,11 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         bm = _interpret_block(M, 16, 64)
         bn = _interpret_block(C_out_g, 16, 64)
         bk = _interpret_block(C_in_g, 16, 64)
-        grid = (triton.cdiv(M, bm) * triton.cdiv(C_out_g, bn), groups)
+        grid = (_cdiv(M, bm) * _cdiv(C_out_g, bn), groups)
         _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
         def launch(cfg):
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C_out_g, cfg["BLOCK_N"]), groups)
+            grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
             _conv_bn_act_kernel[grid](*args, **meta, **cfg)
 
         with _on_device(x.device):

@@ -41,7 +41,8 @@ from .. import dispatch
 from ..activations import check_activation
 from . import conv as _conv
 from . import reference
-from .conv import _FLOAT_DTYPES, _heuristic_meta, _interpret_block, _on_device, _tuned_config, needs_int64, triton
+from .conv import (_FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, _on_device, _tuned_config,
+                   needs_int64, triton)
 
 if triton is not None:
     import triton.language as tl
@@ -283,7 +284,7 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
                                          and not interpreting) else "ieee")
 
     def launch(cfg):
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C_out, cfg["BLOCK_N"]),)
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out, cfg["BLOCK_N"]),)
         _dw_pw_kernel[grid](*args, **meta, **cfg)
 
     if interpreting:
@@ -295,7 +296,7 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
             cfg = _dw_pw_heuristic(M, C_out)
         else:
             key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
-            n_cap = max(32, triton.next_power_of_2(C_out))
+            n_cap = max(32, _next_pow2(C_out))
             cands = [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
             cfg = _tuned_config(key, launch, C_in, C_out, cands)
         launch(cfg)
@@ -314,7 +315,7 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     idx64 = needs_int64(x, s, residual, out)
 
     def args_for(bm):
-        num_hb = triton.cdiv(HW, bm)
+        num_hb = _cdiv(HW, bm)
         return num_hb, (
             x, s, weight, bias if bias is not None else out, residual if residual is not None else out, out,
             psum if psum is not None else out,
@@ -332,12 +333,12 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     )
 
     def grid(cfg, num_hb):
-        rows = N * num_hb if want_psum else triton.cdiv(M, cfg["BLOCK_M"])
-        return (rows * triton.cdiv(C_out, cfg["BLOCK_N"]),)
+        rows = N * num_hb if want_psum else _cdiv(M, cfg["BLOCK_M"])
+        return (rows * _cdiv(C_out, cfg["BLOCK_N"]),)
 
     def launch(cfg):
         nonlocal psum
-        num_hb = triton.cdiv(HW, cfg["BLOCK_M"])
+        num_hb = _cdiv(HW, cfg["BLOCK_M"])
         if want_psum and (psum is None or psum.shape[0] != N * num_hb):
             psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
         num_hb, args = args_for(cfg["BLOCK_M"])
@@ -372,9 +373,9 @@ def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
     bp = _interpret_block(H * W, 16, 64) if interpreting else 64
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     with _on_device(out.device) if not interpreting else _conv._NULL_CTX:
-        _ese_gate_kernel[(N, triton.cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
+        _ese_gate_kernel[(N, _cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
                                                   1.0 / (H * W), HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
-        _gate_residual_kernel[(triton.cdiv(H * W, bp), N, triton.cdiv(C, bc))](
+        _gate_residual_kernel[(_cdiv(H * W, bp), N, _cdiv(C, bc))](
             out, gate, residual if residual is not None else out, H * W, W, C, *out.stride(), *rs,
             HAS_RES=residual is not None, IDX64=needs_int64(out, residual), BLOCK_P=bp, BLOCK_C=bc)
 

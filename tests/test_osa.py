@@ -10,6 +10,7 @@ import effops
 from effops import EffectiveSE, FusedOSA
 from effops.models import classic_vovnet, vovnet27_slim
 from effops.models.classic_vovnet import OSAModule
+from effops.ops import osa as osa_ops
 
 from helpers import DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, needs_triton, randomize_bn, rel_err
 
@@ -344,3 +345,46 @@ def test_deepcopy_pickle_and_eval_train_eval():
     ref.eval(), fused.eval()
     with torch.no_grad(), effops.use_backend("triton"):
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+@pytest.fixture
+def device_launch_path(monkeypatch):
+    """Run the launchers' *device* branch (heuristic tiles, as with EFFOPS_AUTOTUNE=0 or
+    during CUDA-graph capture) on CPU tensors under the interpreter. Without a GPU
+    this code would otherwise never execute before reaching one."""
+    import contextlib
+
+    from effops.ops import conv
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("on a GPU the device branch runs in every kernel test")
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "0")
+    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
+    monkeypatch.setattr(conv, "_capturing", lambda: False)
+    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    calls = []
+    for mod, name in ((conv, "_heuristic_meta"), (osa_ops, "_heuristic_meta"), (osa_ops, "_dw_pw_heuristic")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["v1", "v2", "dw_reduced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_device_launch_path_under_the_interpreter(device_launch_path, variant, dtype):
+    calls = device_launch_path
+    ref = _classic(variant).eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).to(dtype)
+    # Enough pixels (2 x 9 x 10 = 180) that the heuristic 64-row tiles leave a ragged last tile.
+    x = _x(fused.in_ch, n=2, h=9, w=10, dtype=dtype)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(ref).double()(x.double())
+        same = copy.deepcopy(ref).to(dtype)(x) if dtype != torch.float32 else None
+        with effops.use_backend("triton"):
+            y = fused(x)
+    assert_matches(y, ref64, same)
+    L = fused.layer_per_block
+    expected = (["_dw_pw_heuristic"] * L if fused.depthwise else ["_heuristic_meta"] * L) + ["_heuristic_meta"]
+    assert sorted(calls) == sorted(expected + (["_heuristic_meta"] if variant == "dw_reduced" else []))

@@ -188,6 +188,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _interpreting(t: Tensor) -> bool:
+    """Whether launches for ``t`` take the interpreter path (CPU tensors under
+    TRITON_INTERPRET=1) rather than the device path (tuned or heuristic tiles).
+    Tests patch it (with ``_capturing`` and ``_on_device``) to run the device path
+    under the interpreter, which no CPU-only run would otherwise execute."""
+    return t.device.type == "cpu"
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
 def _cuda_configs():
     """Candidate tiles (see benchmarks/tools/sweep_conv_configs.py for a sweep)."""
     cfg = []
@@ -284,7 +296,7 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
-    interpreting = x.device.type == "cpu"
+    interpreting = _interpreting(x)
     args = (
         x, weight, scale if scale is not None else out, bias if bias is not None else out,
         residual if residual is not None else out, out,
@@ -319,7 +331,7 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         with _on_device(x.device):
             if config is None:
                 # No benchmarking inside a CUDA-graph capture: warm up first to get tuned tiles.
-                if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+                if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _capturing():
                     config = _heuristic_meta(M, C_in_g, C_out_g)
                 else:
                     key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)

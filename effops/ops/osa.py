@@ -41,7 +41,7 @@ from .. import dispatch
 from ..activations import check_activation
 from . import conv as _conv
 from . import reference
-from .conv import (_FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, _on_device, _tuned_config,
+from .conv import (_FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, _tuned_config,
                    needs_int64, triton)
 
 if triton is not None:
@@ -274,7 +274,7 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
     N, C_in, H, W = x.shape
     C_out = pw_w.shape[0]
     M = N * H * W
-    interpreting = x.device.type == "cpu"
+    interpreting = _conv._interpreting(x)
     args = (x, dw_w, pw_w, pw_b if pw_b is not None else out, out, H, W, M, C_in, C_out,
             *x.stride(), dw_w.stride(0), dw_w.stride(2), dw_w.stride(3), pw_w.stride(0), pw_w.stride(1),
             *out.stride(), float(act_param))
@@ -291,8 +291,8 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
         launch(dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out, 16, 64),
                     BLOCK_K=_interpret_block(C_in, 16, 64)))
         return
-    with _on_device(x.device):
-        if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    with _conv._on_device(x.device):
+        if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _conv._capturing():
             cfg = _dw_pw_heuristic(M, C_out)
         else:
             key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
@@ -310,7 +310,7 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     C1 = s.shape[1]
     C_out = weight.shape[0]
     HW, M = H * W, N * H * W
-    interpreting = x.device.type == "cpu"
+    interpreting = _conv._interpreting(x)
     psum = None
     idx64 = needs_int64(x, s, residual, out)
 
@@ -350,8 +350,8 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
                    BLOCK_K=_interpret_block(min(C0, C1) if C1 else C0, 16, 64))
         num_hb = launch(cfg)
     else:
-        with _on_device(x.device):
-            if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        with _conv._on_device(x.device):
+            if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _conv._capturing():
                 cfg = _heuristic_meta(HW if want_psum else M, min(C0, C1) if C1 else C0, C_out)
             else:
                 key = ("osa_agg", N, HW, C0, C1, C_out, x.dtype, want_psum, residual is not None, act)
@@ -367,12 +367,12 @@ def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
     w = ese_w.reshape(C, C)
     w = w if w.dtype == torch.float32 and w.is_contiguous() else w.to(torch.float32).contiguous()
     b = None if ese_b is None else ese_b.to(torch.float32).contiguous()
-    interpreting = out.device.type == "cpu"
+    interpreting = _conv._interpreting(out)
     bc = _interpret_block(C, 16, 64) if interpreting else 64
     bk = _interpret_block(C, 16, 64) if interpreting else 64
     bp = _interpret_block(H * W, 16, 64) if interpreting else 64
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
-    with _on_device(out.device) if not interpreting else _conv._NULL_CTX:
+    with _conv._on_device(out.device) if not interpreting else _conv._NULL_CTX:
         _ese_gate_kernel[(N, _cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
                                                   1.0 / (H * W), HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
         _gate_residual_kernel[(_cdiv(H * W, bp), N, _cdiv(C, bc))](

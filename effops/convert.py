@@ -45,7 +45,7 @@ from .activations import activation_of, make_activation
 from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
-from .nn.traced import FusedStep, TracedForward
+from .nn.traced import FusedStep, FusedTailStep, TracedForward
 
 
 @dataclass
@@ -175,6 +175,24 @@ def _only_user(node: torch.fx.Node, owner: nn.Module, chain: List[torch.fx.Node]
     return None
 
 
+def _tail_of(m: Optional[nn.Module]):
+    """``(prefix steps, tail)`` when ``m``'s output is the output of an activation-free
+    ``FusedConvBNAct`` with a BN (its last step): a converted container whose last conv
+    can still absorb a residual add and an activation that follow ``m``. Else None."""
+    if isinstance(m, FusedConvBNAct):
+        steps = [m]
+    elif isinstance(m, FusedSequential):
+        steps = list(m._plan)
+    elif m is not None and _is_plain_sequential(m):
+        steps = list(m.children())
+    else:
+        return None
+    tail = steps[-1] if steps else None
+    if isinstance(tail, FusedConvBNAct) and tail.activation[0] == "identity" and tail.bn is not None:
+        return steps[:-1], tail
+    return None
+
+
 def _residual_of(node: torch.fx.Node, prev: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The other operand if ``node`` is ``prev + r`` (r a traced value), else None."""
     if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
@@ -190,6 +208,7 @@ class _Converter:
         self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.fused_convs: set = set()
         self.skip_reason: Dict[int, str] = {}
+        self.entry_of_conv: Dict[int, ReportEntry] = {}
 
     # -- matching ------------------------------------------------------------
     def _shared(self, conv, bn) -> Optional[str]:
@@ -233,7 +252,9 @@ class _Converter:
     def _record(self, path: str, conv, bn, act) -> None:
         self.fused_convs.add(id(conv))
         act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
-        self.report.swapped.append(ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0])))
+        entry = ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0]))
+        self.report.swapped.append(entry)
+        self.entry_of_conv[id(conv)] = entry
 
     # -- hand-written forwards ---------------------------------------------------
     def _match_traced(self, head, owner):
@@ -245,8 +266,9 @@ class _Converter:
             return "called with extra arguments"
         chain = [head]
         m = owner.get_submodule(head.target)
-        if isinstance(m, FusedConvBNAct):
-            conv, bn = m.conv, m.bn
+        tail = _tail_of(m)
+        if tail is not None:
+            conv, bn = tail[1].conv, tail[1].bn
             last = head
         else:
             conv = m
@@ -282,7 +304,7 @@ class _Converter:
             if after is not None and _node_act(after, owner, chain[-1]) is not None:
                 act = _node_act(after, owner, chain[-1])
                 chain.append(after)
-        if isinstance(m, FusedConvBNAct) and mode is None and act is None:
+        if tail is not None and mode is None and act is None:
             return None  # nothing to add to a module that is already fused
         act_mod = None
         if act is not None:
@@ -300,7 +322,7 @@ class _Converter:
                 self.fused_convs.update(id(m.fused.conv) for m in fwd.graph_module.modules() if isinstance(m, FusedStep))
             return
         direct = [c for c in module.children() if type(c) is nn.Conv2d and id(c) not in self.fused_convs]
-        extendable = [c for c in module.children() if isinstance(c, FusedConvBNAct) and c.activation[0] == "identity"]
+        extendable = [c for c in module.children() if _tail_of(c) is not None]
         if not direct and not extendable:
             return
         try:
@@ -318,7 +340,7 @@ class _Converter:
                 m = module.get_submodule(node.target)
             except AttributeError:
                 continue
-            extendable = isinstance(m, FusedConvBNAct) and m.activation[0] == "identity" and m.bn is not None
+            extendable = _tail_of(m) is not None
             if not extendable and (type(m) is not nn.Conv2d or id(m) in self.fused_convs):
                 continue
             match = self._match_traced(node, module)
@@ -332,6 +354,9 @@ class _Converter:
             fused = FusedConvBNAct.from_modules(conv, bn, act_mod, names=("conv", "bn", None))
             name = f"_effops_step{len(steps)}"
             steps[name] = FusedStep(fused, mode)
+            tail = _tail_of(m)
+            if tail is not None and tail[0]:
+                steps[name] = FusedTailStep(tail[0], steps[name])
             with graph.inserting_before(chain[-1]):
                 new = graph.call_module(name, (x,) if res is None else (x, res))
             chain[-1].replace_all_uses_with(new)
@@ -341,10 +366,13 @@ class _Converter:
             where = f"{prefix}." if prefix else ""
             # Trailing nn.Identity calls are absorbed; the label names the last real op.
             last = next(n for n in reversed(chain) if not (n.op == "call_module" and type(_resolve(module, n.target)) is nn.Identity))
-            if isinstance(m, FusedConvBNAct):  # extended: this entry replaces the container's own
-                self.report.swapped = [e for e in self.report.swapped if e.path != f"{where}{chain[0].target}"]
+            if tail is not None:  # extended: this entry replaces the one recorded for that conv before
+                old = self.entry_of_conv.get(id(conv))
+                self.report.swapped = [e for e in self.report.swapped if e is not old]
             what = _describe(conv, bn, fused.activation[0]) + (f" + residual ({mode.replace('_', ' ')})" if mode else "")
-            self.report.swapped.append(ReportEntry(f"{where}{chain[0].target}..{last.name}", what + " [traced]"))
+            entry = ReportEntry(f"{where}{chain[0].target}..{last.name}", what + " [traced]")
+            self.report.swapped.append(entry)
+            self.entry_of_conv[id(conv)] = entry
         if not steps:
             return
         graph.lint()

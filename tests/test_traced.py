@@ -217,3 +217,44 @@ def test_fused_conv_bn_act_accepts_an_act_after_identity_batchnormact():
         torch.testing.assert_close(fused(x), F.silu(bn(conv(x))), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="already applies ReLU"):
         effops.FusedConvBNAct.from_modules(conv, BatchNormAct2d(4), nn.SiLU())
+
+
+@pytest.mark.slow
+def test_torchvision_mobilenet_v2_residual_joins_the_projection_conv():
+    """`x + self.conv(x)`: the FusedSequential's last step (projection conv → BN) takes the add."""
+    tv = pytest.importorskip("torchvision")
+    from effops.nn.traced import FusedTailStep
+
+    model, fast = _fast(tv.models.mobilenet_v2(num_classes=10))
+    rep = fast.effops_report
+    assert len(rep.swapped) == 52 and not rep.skipped  # one entry per conv run, as before
+    res = [e for e in rep.swapped if "residual" in e.what]
+    assert len(res) == 10 and res[0].path == "features.3.conv..add"
+    assert res[0].what == "conv1x1 144→24 + bn + identity + residual (before act) [traced]"
+    assert isinstance(traced_forward_of(fast.features[3]).graph_module._effops_step0, FusedTailStep)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+    model.train(), fast.train()
+    torch.manual_seed(3)
+    y = fast(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)  # train: the class forward (dropout included)
+
+
+@pytest.mark.slow
+def test_torchvision_regnet_block_output_fused():
+    """`activation(proj(x) + f(x))` with f a Sequential ending in an activation-free conv → BN."""
+    tv = pytest.importorskip("torchvision")
+    model, fast = _fast(tv.models.regnet_y_400mf(num_classes=10))
+    swapped = {e.path: e.what for e in fast.effops_report.swapped}
+    traced = [p for p, w in swapped.items() if w.endswith("+ bn + relu + residual (before act) [traced]")]
+    # One per block: f's last conv takes `+ proj(x)`; in downsampling blocks the projection shortcut
+    # (also an activation-free conv → BN, first in graph order) takes `+ f(x)` instead: the same pass saved.
+    assert "trunk_output.block2.block2-1.f..activation" in traced
+    assert "trunk_output.block1.block1-0.proj..activation" in traced
+    assert len(traced) == 16  # regnet_y_400mf: 1 + 3 + 6 + 6 blocks
+    assert all(".se." in e.path for e in fast.effops_report.skipped)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)

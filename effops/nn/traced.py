@@ -71,6 +71,25 @@ class FusedStep(nn.Module):
         return tuple(r.shape) == (x.shape[0], conv.out_channels, oh, ow)
 
 
+class FusedTailStep(nn.Module):
+    """A container run up to its last step, whose last step (an activation-free conv → BN)
+    takes the residual add and activation that follow the container in the traced code::
+
+        for step in prefix: x = step(x)     # e.g. MobileNetV2's expand + depthwise convs
+        return fused_step(x, r)             # projection conv → BN (+ r) (→ act)
+    """
+
+    def __init__(self, prefix, step: FusedStep):
+        super().__init__()
+        self.prefix = nn.ModuleList(prefix)
+        self.step = step
+
+    def forward(self, x: Tensor, r: Optional[Tensor] = None) -> Tensor:
+        for m in self.prefix:
+            x = m(x)
+        return self.step(x, r)
+
+
 class TracedForward:
     """The instance-level ``forward`` effops.optimize installs on a module with a
     hand-written forward: the fused ``graph_module`` in eval, the class's own

@@ -1,20 +1,18 @@
-"""OSA blocks of VoVNet-39 and whole VoVNets: eager, torch.compile (default, and
-max-autotune with freezing), effops — time, speedup, % of roofline, peak memory.
+"""OSA blocks of VoVNet-39: eager, torch.compile (default, and max-autotune with
+freezing), effops — time, speedup, % of roofline, peak memory. Whole models
+(VoVNet-39/57, timm ese_vovnet39b, ...) are in test_models.py.
 
     pytest benchmarks/test_osa.py                    # CUDA: fp16 + bf16, batch 1 and 32; CPU: fp32, batch 1
     EFFOPS_BENCH_DTYPES=float16 pytest benchmarks/test_osa.py
-    EFFOPS_BENCH_MODELS=0 pytest benchmarks/test_osa.py   # blocks only
 
 Blocks: the first OSA module of each VoVNet-39 stage at 224² input (56², 28², 14², 7²)
-and the V2 form of the last module of stages 4 and 5 (identity + eSE). Models:
-classic VoVNet-39 and VoVNet-57 (V1) and timm ``ese_vovnet39b`` when timm imports.
+and the V2 form of the last module of stages 4 and 5 (identity + eSE).
 
 Roofline floor of a block: its conv FLOPs, and the bytes of reading the input once,
 writing every stage output once and reading it back once (the aggregation), and
-writing the output (+ weights). Whole models: the compute floor only (FLOPs from
-``torch.utils.flop_counter``), bytes are not modelled. "peak MB" (CUDA) is the memory
-allocated during one forward above what was allocated before it, output included.
-Each case checks effops against eager first.
+writing the output (+ weights). "peak MB" (CUDA) is the memory allocated during one
+forward above what was allocated before it, output included. Each case checks
+effops against eager first.
 """
 import copy
 import os
@@ -39,7 +37,6 @@ BLOCKS = [
     ("s5_osa", 768, 224, 1024, 7, False, False),
     ("s5_osa_v2_identity_ese", 1024, 224, 1024, 7, True, True),
 ]
-MODELS = ["vovnet39", "vovnet57", "ese_vovnet39b"]
 if CUDA:
     DTYPES = [getattr(torch, d) for d in os.environ.get("EFFOPS_BENCH_DTYPES", "float16,bfloat16").split(",")]
     BATCHES = [1, 32]
@@ -47,7 +44,6 @@ else:
     DTYPES, BATCHES = [torch.float32], [1]
 MAX_AUTOTUNE_ALL = os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"
 WITH_COMPILE = os.environ.get("EFFOPS_BENCH_COMPILE", "1" if CUDA else "0") == "1"
-WITH_MODELS = os.environ.get("EFFOPS_BENCH_MODELS", "1") == "1"
 L = 5
 
 
@@ -137,29 +133,3 @@ def test_osa_block(block, batch, dtype, results):
         _record(results, f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
                 f"{batch}x{cin}x{hw}x{hw} -> {L}x{sc} -> {cc}", dtype, batch, _providers(model, fast, x, batch),
                 flops, min_bytes, err)
-
-
-def _model(name):
-    if name.startswith("ese_"):
-        timm = pytest.importorskip("timm")
-        return timm.create_model(name, pretrained=False)
-    return classic_vovnet(name)
-
-
-@pytest.mark.skipif(not WITH_MODELS, reason="EFFOPS_BENCH_MODELS=0")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("name", MODELS)
-def test_whole_model(name, batch, dtype, results):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = _randomize(_model(name)).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
-    fast = effops.optimize(model)
-    assert not [e for e in fast.effops_report.skipped if "conv_dw" not in e.path], str(fast.effops_report)
-    x = torch.randn(batch, 3, 224, 224, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        err = _check(fast, model, x)
-        with FlopCounterMode(display=False) as fc:
-            model(x)
-        _record(results, f"{name}_b{batch}_{str(dtype).replace('torch.', '')}", f"{batch}x3x224x224", dtype, batch,
-                _providers(model, fast, x, batch), fc.get_total_flops(), None, err)

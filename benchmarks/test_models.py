@@ -1,0 +1,53 @@
+"""Whole models: eager, torch.compile (default, and max-autotune with freezing), effops.optimize —
+time, speedup, TFLOP/s and % of the compute roofline, peak memory.
+
+    pytest benchmarks/test_models.py                  # CUDA: fp16 + bf16, batch 1 and 32; CPU: fp32, batch 1
+    EFFOPS_BENCH_MODELS=vovnet39,resnet50 pytest benchmarks/test_models.py
+    EFFOPS_BENCH_COMPILE=0 ...                        # skip the torch.compile providers (max-autotune of a
+                                                      # whole model takes minutes per case)
+
+Models: classic VoVNet-39 / VoVNet-57 (FusedOSA blocks), timm ``ese_vovnet39b``
+(VoVNetV2), torchvision ``resnet50`` and ``mobilenet_v2`` (hand-written forwards,
+fused by tracing). FLOPs from ``torch.utils.flop_counter``; the roofline is the
+compute floor only (activation bytes of a whole network are not modelled).
+"""
+import os
+
+import pytest
+import torch
+
+import effops
+from effops.models.classic_vovnet import classic_vovnet
+
+from test_osa import BATCHES, CUDA, DEV, DTYPES, _check, _providers, _randomize, _record
+
+MODELS = os.environ.get("EFFOPS_BENCH_MODELS", "vovnet39,vovnet57,ese_vovnet39b,resnet50,mobilenet_v2").split(",")
+
+
+def _model(name):
+    if name.startswith("vovnet"):
+        return classic_vovnet(name)
+    if name in ("resnet50", "mobilenet_v2"):
+        tv = pytest.importorskip("torchvision")
+        return getattr(tv.models, name)()
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name, pretrained=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_model(name, batch, dtype, results):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _randomize(_model(name)).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+    fast = effops.optimize(model)
+    x = torch.randn(batch, 3, 224, 224, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        err = _check(fast, model, x)
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+        rep = fast.effops_report
+        _record(results, f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
+                f"{batch}x3x224x224 ({len(rep.swapped)} swapped, {len(rep.skipped)} skipped)", dtype, batch,
+                _providers(model, fast, x, batch), fc.get_total_flops(), None, err)

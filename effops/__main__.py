@@ -2,6 +2,7 @@
 
     python -m effops                                   # classic VoVNet-27-slim
     python -m effops --model vovnet39 --batch 32
+    python -m effops --model vovnet39 --v2             # VoVNetV2 (eSE)
     python -m effops --model ese_vovnet19b_dw          # any timm model by name (random weights)
 
 Runs on the best device present (CUDA if available, else CPU, where effops
@@ -21,9 +22,11 @@ from effops.benchmark import device_stamp, time_ms
 from effops.models import VOVNET_CONFIGS, classic_vovnet
 
 
-def build_model(name: str) -> torch.nn.Module:
+def build_model(name: str, v2: bool = False) -> torch.nn.Module:
     if name in VOVNET_CONFIGS:
-        return classic_vovnet(name)
+        return classic_vovnet(name, v2=v2)
+    if v2:
+        raise SystemExit(f"--v2 applies to the built-in VoVNets ({', '.join(VOVNET_CONFIGS)}), not {name!r}")
     try:
         import timm
     except ImportError:
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--v2", action="store_true", help="VoVNetV2 form of a built-in VoVNet (eSE on each stage's last block)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     args = p.parse_args(argv)
 
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    model = build_model(args.model, args.v2).eval()
     randomize_bn(model)
     fast = effops.optimize(model)
     rep = fast.effops_report

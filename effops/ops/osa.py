@@ -312,37 +312,27 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     HW, M = H * W, N * H * W
     interpreting = _conv._interpreting(x)
     psum = None
-    idx64 = needs_int64(x, s, residual, out)
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, PER_IMAGE=want_psum,
+        IDX64=needs_int64(x, s, residual, out), UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
+        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting)
+        else "ieee",
+    )
 
-    def args_for(bm):
-        num_hb = _cdiv(HW, bm)
-        return num_hb, (
+    def launch(cfg) -> int:
+        # Row tiles per image (PER_IMAGE) depend on BLOCK_M, and so does the partial-sum buffer.
+        nonlocal psum
+        num_hb = _cdiv(HW, cfg["BLOCK_M"])
+        if want_psum and (psum is None or psum.shape[0] != N * num_hb):
+            psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
+        rows = N * num_hb if want_psum else _cdiv(M, cfg["BLOCK_M"])
+        _osa_agg_kernel[(rows * _cdiv(C_out, cfg["BLOCK_N"]),)](
             x, s, weight, bias if bias is not None else out, residual if residual is not None else out, out,
             psum if psum is not None else out,
             M, HW, W, C0, C1, C_out, num_hb,
             *x.stride(), *s.stride(), weight.stride(0), weight.stride(1),
             *(residual.stride() if residual is not None else (0, 0, 0, 0)), *out.stride(),
-            float(act_param),
-        )
-
-    meta = dict(
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, PER_IMAGE=want_psum, IDX64=idx64,
-        UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
-        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting)
-        else "ieee",
-    )
-
-    def grid(cfg, num_hb):
-        rows = N * num_hb if want_psum else _cdiv(M, cfg["BLOCK_M"])
-        return (rows * _cdiv(C_out, cfg["BLOCK_N"]),)
-
-    def launch(cfg):
-        nonlocal psum
-        num_hb = _cdiv(HW, cfg["BLOCK_M"])
-        if want_psum and (psum is None or psum.shape[0] != N * num_hb):
-            psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
-        num_hb, args = args_for(cfg["BLOCK_M"])
-        _osa_agg_kernel[grid(cfg, num_hb)](*args, **meta, **cfg)
+            float(act_param), **meta, **cfg)
         return num_hb
 
     if interpreting:
@@ -373,8 +363,8 @@ def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
     bp = _interpret_block(H * W, 16, 64) if interpreting else 64
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     with _conv._on_device(out.device) if not interpreting else _conv._NULL_CTX:
-        _ese_gate_kernel[(N, _cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb,
-                                                  1.0 / (H * W), HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
+        _ese_gate_kernel[(N, _cdiv(C, bc))](psum, w, b if b is not None else w, gate, C, num_hb, 1.0 / (H * W),
+                                            HAS_BIAS=b is not None, BLOCK_C=bc, BLOCK_K=bk)
         _gate_residual_kernel[(_cdiv(H * W, bp), N, _cdiv(C, bc))](
             out, gate, residual if residual is not None else out, H * W, W, C, *out.stride(), *rs,
             HAS_RES=residual is not None, IDX64=needs_int64(out, residual), BLOCK_P=bp, BLOCK_C=bc)

@@ -175,3 +175,13 @@ def test_classic_vovnet_v2_whole_model(name):
     assert not fast.effops_report.skipped
     blocks = [m for m in fast.modules() if isinstance(m, FusedOSA)]
     assert len(blocks) == (6 if name == "vovnet39" else 9) and sum(b.has_ese for b in blocks) == 4
+
+
+@needs_triton
+@pytest.mark.slow
+def test_timm_ese_vovnet19b_dw_through_the_kernels():
+    """A whole real VoVNetV2 (depthwise stages with the 1x1 reduction, eSE, identity) through the Triton kernels."""
+    timm = pytest.importorskip("timm")
+    fast = _check_model(timm.create_model("ese_vovnet19b_dw", pretrained=False, num_classes=10),
+                        torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
+    assert sum(isinstance(m, FusedOSA) and m.depthwise and m.has_ese for m in fast.modules()) == 4

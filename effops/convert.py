@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation_of, make_activation
-from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, why_not_fusable
+from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, frozen_bn, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
 from .nn.traced import FusedStep, FusedTailStep, TracedForward
@@ -100,7 +100,7 @@ def _sequential_children(m: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
 
 
 def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.BatchNorm2d)
+    return isinstance(m, nn.BatchNorm2d) or frozen_bn(m)
 
 
 def _describe(conv: nn.Conv2d, bn, act_name: str) -> str:
@@ -276,7 +276,7 @@ class _Converter:
             if bn_node is None:
                 return "its output is used more than once"
             bn = _submodule(owner, bn_node.target) if bn_node.op == "call_module" else None
-            if not (isinstance(bn, nn.BatchNorm2d) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
+            if not (_is_bn(bn) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
                 return "not followed by a BatchNorm2d: nothing to fuse"
             chain.append(bn_node)
             last = bn_node
@@ -390,7 +390,7 @@ class _Converter:
             self.report.skipped.append(ReportEntry(path, f"OSA block not fused: {e}"))
             return None
         for m in module.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and self.uses[id(m)] > 1:
+            if (isinstance(m, nn.Conv2d) or _is_bn(m)) and self.uses[id(m)] > 1:
                 self.report.skipped.append(ReportEntry(
                     path, f"OSA block not fused: its {type(m).__name__} is shared (registered {self.uses[id(m)]} "
                           "times); folding would change its other use"))

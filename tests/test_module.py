@@ -247,3 +247,29 @@ def test_moving_the_module_revalidates_the_input():
         m.to("meta")
         with pytest.raises(ValueError, match="expected the same device"):
             m(x.double())
+
+
+def test_frozen_batchnorm_always_folds_with_gradients_in_train():
+    """torchvision FrozenBatchNorm2d (detection backbones): statistics and affine are buffers,
+    used in train() too, so the fused path runs in both modes and the conv weight still learns."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    conv, bn = nn.Conv2d(6, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.5)
+    ref = nn.Sequential(conv, bn, nn.ReLU())
+    fused = FusedConvBNAct.from_modules(*copy.deepcopy(list(ref)))
+    assert fused._folds()
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(fused, mode)()
+        x1 = torch.randn(2, 6, 5, 7).requires_grad_()
+        x2 = x1.detach().clone().requires_grad_()
+        with effops.use_backend("reference"):
+            y = fused(x2)
+        y_ref = ref(x1)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        y.sum().backward(), y_ref.sum().backward()
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.conv.weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-5)

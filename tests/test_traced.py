@@ -258,3 +258,21 @@ def test_torchvision_regnet_block_output_fused():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), effops.use_backend("reference"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_resnet50_with_frozen_batchnorm_fused():
+    """A detection-style backbone (torchvision FrozenBatchNorm2d) fuses like a BatchNorm2d one."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = tv.models.resnet50(num_classes=10, norm_layer=FrozenBatchNorm2d).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    fast = effops.optimize(model)
+    assert len(fast.effops_report.swapped) == 53 and not fast.effops_report.skipped
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)

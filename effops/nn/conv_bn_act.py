@@ -16,6 +16,17 @@ def _timm_bn_act(bn: nn.Module) -> bool:
     return type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
 
 
+def frozen_bn(bn: Optional[nn.Module]) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` (also what timm's ``freeze_batch_norm_2d`` swaps in):
+    affine and statistics are buffers, and it always normalises with the running statistics."""
+    return type(bn).__name__ == "FrozenBatchNorm2d" and type(bn).__module__.startswith("torchvision.")
+
+
+def is_batch_norm(bn: Optional[nn.Module]) -> bool:
+    """A BatchNorm this library folds: ``nn.BatchNorm2d``, timm ``BatchNormAct2d``, torchvision ``FrozenBatchNorm2d``."""
+    return type(bn) is nn.BatchNorm2d or _timm_bn_act(bn) or frozen_bn(bn)
+
+
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
     """Explicit symmetric padding of ``conv``, or None when the kernel can't express it."""
     if isinstance(conv.padding, str):
@@ -37,10 +48,11 @@ def why_not_fusable(conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.M
     if resolve_padding(conv) is None:
         return "padding='same' with an even receptive field pads asymmetrically"
     if bn is not None:
-        if not (type(bn) is nn.BatchNorm2d or _timm_bn_act(bn)):
+        if not is_batch_norm(bn):
             return f"{type(bn).__name__} is not nn.BatchNorm2d"
-        if bn.num_features != conv.out_channels:
-            return f"BatchNorm2d has {bn.num_features} features but the conv has {conv.out_channels} outputs"
+        features = bn.running_mean.shape[0] if frozen_bn(bn) else bn.num_features
+        if features != conv.out_channels:
+            return f"{type(bn).__name__} has {features} features but the conv has {conv.out_channels} outputs"
         if _timm_bn_act(bn) and type(bn.drop) is not nn.Identity:
             return "BatchNormAct2d with dropout"
     if act is not None and activation_of(act) is None:
@@ -174,7 +186,9 @@ class FusedConvBNAct(nn.Module):
 
     def _folds(self) -> bool:
         bn = self.bn
-        return bn is None or (not bn.training and bn.running_mean is not None and bn.running_var is not None)
+        if bn is None or frozen_bn(bn):  # a frozen BN uses its running statistics in train() too
+            return True
+        return not bn.training and bn.running_mean is not None and bn.running_var is not None
 
     def _fold(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         conv, bn = self.conv, self.bn
@@ -195,8 +209,9 @@ class FusedConvBNAct(nn.Module):
         if self._names[1] is not None and self._names[1] in mods:
             bn = mods[self._names[1]]
             bp, bb = bn._parameters, bn._buffers
-            ts += [bp.get("weight"), bp.get("bias"), bb.get("running_mean"), bb.get("running_var"),
-                   bb.get("num_batches_tracked")]
+            # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
+            ts += [bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb.get("running_mean"),
+                   bb.get("running_var"), bb.get("num_batches_tracked")]
         return [t for t in ts if t is not None]
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:

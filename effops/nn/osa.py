@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.osa import _OP, check_osa_inputs
-from .conv_bn_act import FusedConvBNAct, _timm_bn_act, resolve_padding, why_not_fusable
+from .conv_bn_act import FusedConvBNAct, frozen_bn, resolve_padding, why_not_fusable
 
 
 class EffectiveSE(nn.Module):
@@ -97,7 +97,7 @@ def _unit(container: nn.Module, what: str) -> _Unit:
     if not mods or not isinstance(mods[0], nn.Conv2d):
         raise ValueError(f"{what} does not start with a conv")
     conv = mods[0]
-    bn = mods[1] if len(mods) > 1 and isinstance(mods[1], nn.BatchNorm2d) else None
+    bn = mods[1] if len(mods) > 1 and (isinstance(mods[1], nn.BatchNorm2d) or frozen_bn(mods[1])) else None
     rest = mods[2:] if bn is not None else mods[1:]
     act = rest[0] if rest else None
     if len(rest) > 1 or bn is None:

@@ -155,3 +155,33 @@ def test_non_contiguous_input(k, stride):
     ref = reference.conv_scale_bias_act(x.double(), w.double(), None, b.double(), None, (stride,) * 2, (k // 2,) * 2,
                                         (1, 1), 1, "silu")
     assert_matches(out, ref)
+
+
+def test_tile_choice_tuned_heuristic_and_during_graph_capture(monkeypatch):
+    """Inside a CUDA-graph capture nothing may be benchmarked: reuse the tile tuned for that
+    problem when there is one (so graphs run tuned tiles), else the heuristic tile."""
+    from effops.ops import conv
+
+    tuned, heuristic = dict(BLOCK_M=32, tag="tuned"), dict(BLOCK_M=64, tag="heuristic")
+    timed = []
+
+    def fake_tune(key, launch, c_in, c_out, candidates=None):
+        timed.append(key)
+        conv._TUNED[key] = tuned
+        return tuned
+
+    monkeypatch.setattr(conv, "_tuned_config", fake_tune)
+    monkeypatch.setattr(conv, "_TUNED", {})
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
+    capturing = [False]
+    monkeypatch.setattr(conv, "_capturing", lambda: capturing[0])
+    pick = lambda key: conv._pick_config(key, None, lambda: heuristic, 8, 8)
+
+    capturing[0] = True
+    assert pick("a") is heuristic and not timed and "a" not in conv._TUNED  # not tuned yet: heuristic, no timing
+    capturing[0] = False
+    assert pick("a") is tuned and timed == ["a"]                            # eager warm-up tunes it
+    capturing[0] = True
+    assert pick("a") is tuned and timed == ["a"]                            # the capture reuses it, no timing
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "0")
+    assert pick("a") is heuristic                                           # tuning off: always the heuristic

@@ -253,6 +253,22 @@ def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates: Optional[l
     return cfg
 
 
+def _pick_config(key, launch, heuristic, C_in_g: int, C_out_g: int, candidates: Optional[list] = None) -> dict:
+    """The tile for one launch on a GPU.
+
+    * ``EFFOPS_AUTOTUNE=0``: ``heuristic()`` (no benchmarking; tests, reproducible start-up);
+    * during CUDA-graph capture nothing may be benchmarked: the tile tuned earlier for
+      this problem if there is one (warm up before capturing to get it), else the heuristic;
+    * otherwise the tuned tile (timed once per problem key, then cached).
+    """
+    if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
+        return heuristic()
+    if _capturing():
+        cfg = _TUNED.get(key)
+        return cfg if cfg is not None else heuristic()
+    return _tuned_config(key, launch, C_in_g, C_out_g, candidates)
+
+
 def _heuristic_meta(M: int, C_in_g: int, C_out_g: int) -> dict:
     """One fixed config when autotuning is off (EFFOPS_AUTOTUNE=0): no
     benchmarking on first call, deterministic start-up (tests, CI-like runs)."""
@@ -330,12 +346,9 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
 
         with _on_device(x.device):
             if config is None:
-                # No benchmarking inside a CUDA-graph capture: warm up first to get tuned tiles.
-                if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _capturing():
-                    config = _heuristic_meta(M, C_in_g, C_out_g)
-                else:
-                    key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)
-                    config = _tuned_config(key, launch, C_in_g, C_out_g)
+                # Tuned once per problem; inside a CUDA-graph capture the tile tuned earlier (or the heuristic).
+                key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)
+                config = _pick_config(key, launch, lambda: _heuristic_meta(M, C_in_g, C_out_g), C_in_g, C_out_g)
             launch(config)
     return out
 

@@ -30,7 +30,6 @@ into through channel views and the aggregation reads back.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
@@ -41,8 +40,7 @@ from .. import dispatch
 from ..activations import check_activation
 from . import conv as _conv
 from . import reference
-from .conv import (_FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, _tuned_config,
-                   needs_int64, triton)
+from .conv import _FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, needs_int64, triton
 
 if triton is not None:
     import triton.language as tl
@@ -292,13 +290,10 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
                     BLOCK_K=_interpret_block(C_in, 16, 64)))
         return
     with _conv._on_device(x.device):
-        if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _conv._capturing():
-            cfg = _dw_pw_heuristic(M, C_out)
-        else:
-            key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
-            n_cap = max(32, _next_pow2(C_out))
-            cands = [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
-            cfg = _tuned_config(key, launch, C_in, C_out, cands)
+        key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
+        n_cap = max(32, _next_pow2(C_out))
+        cands = [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
+        cfg = _conv._pick_config(key, launch, lambda: _dw_pw_heuristic(M, C_out), C_in, C_out, cands)
         launch(cfg)
 
 
@@ -341,11 +336,10 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
         num_hb = launch(cfg)
     else:
         with _conv._on_device(x.device):
-            if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0" or _conv._capturing():
-                cfg = _heuristic_meta(HW if want_psum else M, min(C0, C1) if C1 else C0, C_out)
-            else:
-                key = ("osa_agg", N, HW, C0, C1, C_out, x.dtype, want_psum, residual is not None, act)
-                cfg = _tuned_config(key, launch, min(C0, C1) if C1 else C0, C_out)
+            k_seg = min(C0, C1) if C1 else C0
+            key = ("osa_agg", N, HW, C0, C1, C_out, x.dtype, want_psum, residual is not None, act)
+            cfg = _conv._pick_config(key, launch, lambda: _heuristic_meta(HW if want_psum else M, k_seg, C_out),
+                                     k_seg, C_out)
             num_hb = launch(cfg)
     return (psum, num_hb) if want_psum else None
 

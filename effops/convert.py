@@ -31,6 +31,7 @@ unsupported activations) is reported as skipped, with the reason.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -126,6 +127,28 @@ _FUNCTION_ACTS = {
 }
 _METHOD_ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 _ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _untraceable_signature(module: nn.Module) -> Optional[str]:
+    """Why ``module.forward``'s signature makes a trace unsafe, or None.
+
+    torch.fx evaluates Python control flow on arguments against Proxies without
+    complaint: ``if shortcut is None: shortcut = x`` silently takes the "not None"
+    branch, and the graph is then wrong for every call that passes None (timm's DLA
+    blocks do exactly this). So only forwards whose parameters are all required
+    (no defaults, no ``*args`` / ``**kwargs``) are traced."""
+    try:
+        sig = inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return "has no inspectable signature"
+    for i, p in enumerate(sig.parameters.values()):
+        if i == 0:
+            continue  # self
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return f"takes *{p.name}: tracing would fix its Python branches"
+        if p.default is not p.empty:
+            return f"has the optional argument {p.name!r}: tracing would fix the branches that test it"
+    return None
 
 
 def _submodule(owner: nn.Module, target: str) -> Optional[nn.Module]:
@@ -325,13 +348,25 @@ class _Converter:
         extendable = [c for c in module.children() if _tail_of(c) is not None]
         if not direct and not extendable:
             return
+        why = _untraceable_signature(module)
+        if why is not None:
+            for c in direct:
+                self.skip_reason.setdefault(id(c), f"inside {type(module).__name__}, whose forward {why}")
+            return
+        # The graph only ever runs in eval, so trace in eval: a forward that reads self.training
+        # (F.dropout(x, p, self.training), drop-path) must not bake in the caller's train mode.
+        flags = [(m, m.training) for m in module.modules()]
         try:
+            module.eval()
             graph = _ChildrenAsLeaves().trace(module)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "leave this forward alone"
             why = f"inside {type(module).__name__}, whose forward torch.fx can't trace ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
             for c in direct:
                 self.skip_reason.setdefault(id(c), why)
             return
+        finally:
+            for m, was_training in flags:
+                m.training = was_training
         steps = {}
         for node in list(graph.nodes):
             if node.op != "call_module":

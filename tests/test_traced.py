@@ -276,3 +276,85 @@ def test_resnet50_with_frozen_batchnorm_fused():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), effops.use_backend("reference"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+
+
+class _OptionalShortcut(nn.Module):
+    """timm DLA's pattern: a branch on an optional argument, which torch.fx would fix silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return torch.relu(self.bn(self.conv(x)) + shortcut)
+
+
+def test_forward_with_optional_arguments_is_not_traced():
+    model, fast = _fast(_OptionalShortcut())
+    assert traced_forward_of(fast) is None
+    [skip] = fast.effops_report.skipped
+    assert "optional argument 'shortcut'" in skip.what
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad(), effops.use_backend("reference"):
+        torch.testing.assert_close(fast(x), model(x))
+        torch.testing.assert_close(fast(x, 2 * x), model(x, 2 * x))
+
+
+def test_fused_step_never_drops_a_traced_residual():
+    step = FusedStep(effops.FusedConvBNAct(4, 4, 1).eval(), "before_act")
+    with pytest.raises(TypeError, match="residual traced here is None"):
+        step(torch.randn(1, 4, 2, 2), None)
+
+
+def test_optimizing_a_model_in_train_mode_traces_the_eval_graph():
+    class Dropping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.dropout(F.relu(self.bn(self.conv(x))), 0.5, self.training)
+
+    model = randomize_bn(Dropping()).train()
+    fast = effops.optimize(model)
+    assert fast.training and fast.bn.training  # the caller's flags are restored after tracing
+    model.eval(), fast.eval()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))  # no dropout baked into eval
+
+
+ZOO = ["dla34", "res2net50_14w_8s", "resnest14d", "hrnet_w18_small", "ghostnet_100", "repvgg_a2",
+       "cspresnet50", "densenet121", "mobilenetv3_large_100", "efficientnetv2_rw_t", "tv.googlenet",
+       "tv.mobilenet_v3_large"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_model_zoo_structure_is_preserved(name):
+    """optimize() (called in train mode) on real models with varied hand-written forwards:
+    the optimized model computed in fp64 equals the original in fp64 (a rewrite error shows
+    up here at ~1e-1, independent of how well-conditioned the model is in fp32), and
+    train mode is bit-exact."""
+    if name.startswith("tv."):
+        tv = pytest.importorskip("torchvision")
+        model = getattr(tv.models, name[3:])(num_classes=10, **({"aux_logits": False, "init_weights": True}
+                                                                   if name == "tv.googlenet" else {}))
+    else:
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    model = randomize_bn(model).train()
+    fast = effops.optimize(model)
+    assert fast.training
+    x = torch.randn(2, 3, 64, 64)  # batch 2: train-mode BN on 1x1 attention maps needs > 1 value
+    torch.manual_seed(0)
+    y_fast = fast(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y_fast, model(x), rtol=0, atol=0)
+    model.eval(), fast.eval()
+    with torch.no_grad(), effops.use_backend("reference"):
+        ref64 = copy.deepcopy(model).double()(x.double())
+        err = (copy.deepcopy(fast).double()(x.double()) - ref64).norm() / ref64.norm()
+    assert err < 1e-6, f"{name}: optimized model differs from the original in fp64 ({err:.1e})"

@@ -49,6 +49,10 @@ class FusedStep(nn.Module):
     def forward(self, x: Tensor, r: Optional[Tensor] = None) -> Tensor:
         f = self.fused
         if r is None:
+            if self.residual is not None:
+                # The traced code adds a value that is None now: the trace assumed otherwise.
+                # Never drop the add silently (the original code would have raised too).
+                raise TypeError("effops FusedStep: the residual traced here is None at run time")
             return f(x)
         after = self.residual == "after_act"
         if self._exact_residual(x, r):

@@ -56,3 +56,19 @@ def test_compile_fullgraph_osa_block(backend):
     compiled = torch.compile(fast, fullgraph=True)
     with torch.no_grad(), effops.use_backend(backend):
         assert_matches(compiled(x), model.double()(x.double()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["timm_resnet18", "vovnet27_slim_v2"])
+def test_whole_optimized_models_trace_as_one_graph(name):
+    """Traced forwards (TracedForward), FusedOSA and FusedSequential all stay inside one dynamo graph."""
+    if name == "timm_resnet18":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    else:
+        model = effops.models.classic_vovnet("vovnet27_slim", num_classes=10, v2=True)
+    torch._dynamo.reset()
+    fast = effops.optimize(randomize_bn(model).eval())
+    with torch.no_grad(), effops.use_backend("reference"):
+        explained = torch._dynamo.explain(fast)(torch.randn(1, 3, 32, 32))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

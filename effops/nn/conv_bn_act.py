@@ -185,10 +185,15 @@ class FusedConvBNAct(nn.Module):
         return f"act={self._act[0]}"
 
     def _folds(self) -> bool:
-        bn = self.bn
-        if bn is None or frozen_bn(bn):  # a frozen BN uses its running statistics in train() too
+        # Runs on every forward: dict lookups instead of nn.Module.__getattr__ (~1 us each).
+        name = self._names[1]
+        bn = self._modules.get(name) if name is not None else None
+        if bn is None:
             return True
-        return not bn.training and bn.running_mean is not None and bn.running_var is not None
+        if bn.training:
+            return frozen_bn(bn)  # a frozen BN uses its running statistics in train() too
+        buffers = bn._buffers
+        return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
 
     def _fold(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
         conv, bn = self.conv, self.bn

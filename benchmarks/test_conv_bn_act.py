@@ -4,6 +4,7 @@
     pytest benchmarks/                         # CUDA: fp16 + bf16, batch 1 and 32; CPU: fp32, batch 1
     EFFOPS_BENCH_DTYPES=float16 pytest benchmarks/
     EFFOPS_BENCH_MAX_AUTOTUNE=all pytest benchmarks/    # also at batch 1 (default: batch 32 only, it compiles slowly)
+    EFFOPS_BENCH_COMPILE_MODES=default pytest benchmarks/   # only compile default (or EFFOPS_BENCH_COMPILE=0: none)
 
 Each case also checks effops against eager (so a fast wrong kernel fails).
 "ms" is the host-inclusive median (do_bench; CUDA-graph replay at batch 1, where
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effops import FusedConvBNAct
-from effops.benchmark import measure_providers, measured_peaks, roofline_ms
+from effops.benchmark import compiled_providers, measure_providers, measured_peaks, roofline_ms
 from effops.ops.reference import fold_bn
 
 CUDA = torch.cuda.is_available()
@@ -46,8 +47,6 @@ if CUDA:
 else:  # CPU: wall clock, fp32, the smaller shapes only (keeps the run to a minute or two)
     DTYPES, BATCHES = [torch.float32], [1]
     SHAPES = [s for s in SHAPES if s[4] <= 28]
-MAX_AUTOTUNE_ALL = os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"
-WITH_COMPILE = os.environ.get("EFFOPS_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 
 
 def _block(cin, cout, k, dtype):
@@ -79,18 +78,7 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         providers["eager_folded_cudnn"] = lambda: torch.cudnn_convolution_relu(x, wf, bf, (1, 1), (k // 2,) * 2, (1, 1), 1)
     else:
         providers["eager_folded"] = lambda: F.relu_(F.conv2d(x, wf, bf, 1, k // 2))
-    if WITH_COMPILE:
-        torch._dynamo.reset()  # every case is a new module: avoid hitting the recompile limit
-        compiled = torch.compile(copy.deepcopy(seq))
-        providers["compile_default"] = lambda: compiled(x)
-        if CUDA and (batch == 32 or MAX_AUTOTUNE_ALL):
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(freezing=True):
-                ma = torch.compile(copy.deepcopy(seq), mode="max-autotune")
-                with torch.no_grad():
-                    ma(x)  # compile (and freeze) under the patched config
-            providers["compile_max_autotune_freezing"] = lambda: ma(x)
+    providers.update(compiled_providers(seq, x, batch))
     providers["effops"] = lambda: fused(x)
 
     with torch.inference_mode():

@@ -19,7 +19,7 @@ import torch
 import effops
 from effops.models.classic_vovnet import classic_vovnet
 
-from test_osa import BATCHES, CUDA, DEV, DTYPES, _check, _providers, _randomize, _record
+from test_osa import BATCHES, DEV, DTYPES, _check, _providers, _randomize, _record
 
 MODELS = os.environ.get("EFFOPS_BENCH_MODELS", "vovnet39,vovnet57,ese_vovnet39b,resnet50,mobilenet_v2").split(",")
 

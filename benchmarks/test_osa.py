@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import effops
-from effops.benchmark import measure_providers, measured_peaks, roofline_ms
-from effops.models.classic_vovnet import OSAModule, classic_vovnet
+from effops.benchmark import compiled_providers, measure_providers, measured_peaks, roofline_ms
+from effops.models.classic_vovnet import OSAModule
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -42,8 +42,6 @@ if CUDA:
     BATCHES = [1, 32]
 else:
     DTYPES, BATCHES = [torch.float32], [1]
-MAX_AUTOTUNE_ALL = os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"
-WITH_COMPILE = os.environ.get("EFFOPS_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 L = 5
 
 
@@ -62,18 +60,7 @@ def _randomize(model):
 
 def _providers(model, fast, x, batch):
     providers = {"eager": lambda: model(x)}
-    if WITH_COMPILE:
-        torch._dynamo.reset()
-        compiled = torch.compile(copy.deepcopy(model))
-        providers["compile_default"] = lambda: compiled(x)
-        if CUDA and (batch == 32 or MAX_AUTOTUNE_ALL):
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(freezing=True):
-                ma = torch.compile(copy.deepcopy(model), mode="max-autotune")
-                with torch.no_grad():
-                    ma(x)  # compile (and freeze) under the patched config
-            providers["compile_max_autotune_freezing"] = lambda: ma(x)
+    providers.update(compiled_providers(model, x, batch))
     providers["effops"] = lambda: fast(x)
     return providers
 

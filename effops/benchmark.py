@@ -178,3 +178,46 @@ class LiveTensorBytes:
 
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
+
+
+def compile_modes(device: torch.device) -> list:
+    """The torch.compile baselines to time: ``EFFOPS_BENCH_COMPILE_MODES`` (comma list of
+    ``default``, ``max-autotune``); ``EFFOPS_BENCH_COMPILE=0`` means none. Default: both on
+    CUDA, none on CPU (inductor's CPU code is not what this library competes with)."""
+    import os
+
+    if os.environ.get("EFFOPS_BENCH_COMPILE", "") == "0":
+        return []
+    default = "default,max-autotune" if device.type == "cuda" else ""
+    modes = [m.strip() for m in os.environ.get("EFFOPS_BENCH_COMPILE_MODES", default).split(",") if m.strip()]
+    unknown = set(modes) - {"default", "max-autotune"}
+    if unknown:
+        raise ValueError(f"EFFOPS_BENCH_COMPILE_MODES: unknown modes {sorted(unknown)}; use default, max-autotune")
+    return modes
+
+
+def compiled_providers(module: torch.nn.Module, x: torch.Tensor, batch: int) -> Dict[str, Callable[[], object]]:
+    """``{"compile_default": fn, "compile_max_autotune_freezing": fn}`` per :func:`compile_modes`.
+    max-autotune (with inductor's freezing) compiles for minutes, so it runs at batch 32
+    only unless ``EFFOPS_BENCH_MAX_AUTOTUNE=all``. Each compiles a deep copy of ``module``."""
+    import copy
+    import os
+
+    providers = {}
+    modes = compile_modes(x.device)
+    if not modes:
+        return providers
+    torch._dynamo.reset()  # every case is a new module: avoid hitting the recompile limit
+    if "default" in modes:
+        compiled = torch.compile(copy.deepcopy(module))
+        providers["compile_default"] = lambda: compiled(x)
+    if "max-autotune" in modes and x.device.type == "cuda" and (
+            batch == 32 or os.environ.get("EFFOPS_BENCH_MAX_AUTOTUNE", "") == "all"):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            ma = torch.compile(copy.deepcopy(module), mode="max-autotune")
+            with torch.no_grad():
+                ma(x)  # compile (and freeze) under the patched config
+        providers["compile_max_autotune_freezing"] = lambda: ma(x)
+    return providers

@@ -88,6 +88,11 @@ def cases():
 
 def main() -> int:
     out = {}
+    try:  # the ahead-of-time API has changed between Triton releases: say so instead of failing every case
+        ASTSource(osa._ese_gate_kernel, {n: "i32" for n in osa._ese_gate_kernel.arg_names}, constexprs={}, attrs={})
+    except TypeError as e:
+        json.dump({"__unsupported__": f"triton {triton.__version__}: ASTSource({e})"}, sys.stdout)
+        return 0
     for name, fn, types, consts, ones, cfg, cc in cases():
         try:
             k = compile_kernel(fn, types, consts, ones, cfg.get("num_warps", 4), cfg.get("num_stages", 3), cc)

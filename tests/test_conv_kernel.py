@@ -101,7 +101,6 @@ def test_activations_and_residual(act, residual):
 )
 def test_dtypes(dtype, geom, act, residual):
     x, w, scale, bias, kw = _make(geom, dtype, "nhwc")
-    n, cout = geom[0], geom[4]
     ref_shape = _ref64(x, w, scale, bias, kw, act).shape
     res = None if residual is None else torch.randn(ref_shape, device=x.device).to(dtype)
     after = residual == "after"

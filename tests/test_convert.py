@@ -144,7 +144,7 @@ def test_optimize_rejects_non_modules():
 
 
 def test_timm_conv_norm_act_with_anti_aliasing():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BlurPool2d, ConvNormAct
 
     model = randomize_bn(ConvNormAct(4, 8, 3, stride=2, aa_layer=BlurPool2d, act_layer=nn.SiLU)).eval()

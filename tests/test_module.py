@@ -252,7 +252,7 @@ def test_moving_the_module_revalidates_the_input():
 def test_frozen_batchnorm_always_folds_with_gradients_in_train():
     """torchvision FrozenBatchNorm2d (detection backbones): statistics and affine are buffers,
     used in train() too, so the fused path runs in both modes and the conv weight still learns."""
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     conv, bn = nn.Conv2d(6, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8)

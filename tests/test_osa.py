@@ -238,7 +238,7 @@ def test_checked_op_validates_arguments():
 @needs_triton
 @pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "ese_vovnet39b"])
 def test_timm_osa_block(name):
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vovnet import OsaBlock
 
     dw = name.endswith("_dw")

@@ -205,7 +205,7 @@ def test_timm_regnet_extends_swapped_container_with_residual_and_act():
 
 
 def test_fused_conv_bn_act_accepts_an_act_after_identity_batchnormact():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
     conv = nn.Conv2d(4, 4, 1, bias=False)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ..activations import activation_grad, apply_activation, check_activation
+from ..activations import activation_grad, check_activation
 from ..views import ChannelView
 from . import reference
 

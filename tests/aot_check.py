@@ -78,6 +78,14 @@ def cases():
                               **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
                 yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdw", "swi", "soc"), cfg,
                        cc)
+            dw_conv_tiles = conv._depthwise_configs() + [conv._depthwise_heuristic(c) for c in (8, 32, 256)]
+            for j, cfg in enumerate(dw_conv_tiles):
+                types = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
+                         "bias_ptr": "*fp32", "act_param": "fp32"}
+                consts = dict(KH=3, KW=3, HAS_SCALE=False, HAS_BIAS=True, HAS_RES=True, RES_AFTER_ACT=True,
+                              ACT="relu6", IDX64=False, BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
+                yield (f"depthwise_{dt}_tile{j}_sm{cc}", conv._depthwise_kernel, types, consts,
+                       ("sxc", "swc", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)  # module layout: tap-major
             yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
                    {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
                    dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)

@@ -184,3 +184,59 @@ def test_tile_choice_tuned_heuristic_and_during_graph_capture(monkeypatch):
     assert pick("a") is tuned and timed == ["a"]                            # the capture reuses it, no timing
     monkeypatch.setenv("EFFOPS_AUTOTUNE", "0")
     assert pick("a") is heuristic                                           # tuning off: always the heuristic
+
+
+# Depthwise (groups == C_in == C_out) runs its own kernel: (N, C, H, W, kernel, stride, padding, dilation)
+DEPTHWISE = [
+    (2, 6, 9, 9, 3, 1, 1, 1),
+    (1, 13, 11, 7, 3, 2, 1, 1),     # stride 2, odd sizes, C not a multiple of 8
+    (1, 70, 8, 8, 5, 1, 2, 1),      # C larger than one channel block
+    (2, 8, 13, 13, 7, 2, 3, 1),
+    (1, 9, 9, 10, 3, 1, 2, 2),      # dilation 2
+    (3, 4, 1, 1, 3, 1, 1, 1),       # one pixel: all taps but the centre are padding
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", DEPTHWISE, ids=lambda g: "x".join(map(str, g)))
+def test_depthwise_kernel(geom, dtype):
+    n, c, h, w, k, s, p, d = geom
+    x, wt, scale, bias, kw = _make((n, c, h, w, c, k, s, p, d, c), dtype, "nhwc")
+    with use_backend("triton"):
+        out = conv_bn_act(x, wt, scale, bias, act="relu6", **kw)
+    ref = _ref64(x, wt, scale, bias, kw, "relu6")
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(out, ref, _torch_same_dtype(x, wt, scale, bias, kw, "relu6") if dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize("residual", ["before", "after"])
+def test_depthwise_residual_nchw_and_channel_view_output(residual):
+    x, wt, scale, bias, kw = _make((2, 10, 7, 6, 10, 3, 1, 1, 1, 10), torch.float32, "nchw")
+    res = torch.randn(2, 10, 7, 6, device=x.device)
+    buf = torch.full((2, 24, 7, 6), float("nan"), device=x.device).contiguous(memory_format=torch.channels_last)
+    after = residual == "after"
+    with use_backend("triton"):
+        conv_bn_act(x, wt, scale, bias, res, act="hardswish", residual_after_act=after, out=buf[:, 4:24:2], **kw)
+    assert_matches(buf[:, 4:24:2], _ref64(x, wt, scale, bias, kw, "hardswish", res, after))
+    untouched = torch.cat([buf[:, :4], buf[:, 5:24:2]], 1)
+    assert torch.isnan(untouched).all()  # nothing written outside the view
+
+
+def test_depthwise_uses_its_own_kernel_and_int64_path(monkeypatch):
+    from effops.ops import conv
+
+    calls = []
+    real = conv._run_depthwise
+    monkeypatch.setattr(conv, "_run_depthwise", lambda *a: calls.append(a[-1]) or real(*a))  # last arg: force_int64
+    x, wt, scale, bias, kw = _make((1, 8, 6, 6, 8, 3, 1, 1, 1, 8), torch.float32, "nhwc")
+    ref = _ref64(x, wt, scale, bias, kw, "silu")
+    for force in (False, True):
+        out = conv._new_output(x, wt, [1, 1], [1, 1], [1, 1])
+        _run_triton(x, wt, scale, bias, None, out, [1, 1], [1, 1], [1, 1], 8, "silu", 0.0, False, force_int64=force)
+        assert_matches(out, ref)
+    assert calls == [False, True]
+    # A channel multiplier > 1 (C_out = 2 * C_in) still takes the GEMM kernel.
+    x2, w2, s2, b2, kw2 = _make((1, 4, 6, 6, 8, 3, 1, 1, 1, 4), torch.float32, "nhwc")
+    with use_backend("triton"):
+        assert_matches(conv_bn_act(x2, w2, s2, b2, act="relu", **kw2), _ref64(x2, w2, s2, b2, kw2, "relu"))
+    assert len(calls) == 2

@@ -273,3 +273,18 @@ def test_frozen_batchnorm_always_folds_with_gradients_in_train():
         y.sum().backward(), y_ref.sum().backward()
         torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.conv.weight.grad, ref[0].weight.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_depthwise_module_eval(dtype):
+    """MobileNet-style depthwise conv → BN → ReLU6: the depthwise kernel, with the folded weight tap-major."""
+    ref, fused = _pair(nn.ReLU6, k=3, groups=12, cin=12, cout=12)
+    ref.eval(), fused.eval()
+    w, _ = fused.folded_parameters(dtype)
+    assert w.shape == (12, 1, 3, 3) and w.stride(0) == 1  # each tap's 12 channel weights contiguous
+    x = _x(c=12).detach().to(dtype)
+    with torch.no_grad(), effops.use_backend("triton"):
+        y = fused.to(dtype)(x)
+        same = copy.deepcopy(ref).to(dtype)(x) if dtype != torch.float32 else None
+    assert_matches(y, copy.deepcopy(ref).double()(x.double()), same)

@@ -202,8 +202,13 @@ class FusedConvBNAct(nn.Module):
             b = None if b is None else b.float()
         else:
             w, b = reference.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        # channels_last weights make the kernel's K (input channel) loads contiguous.
-        return w.to(dtype).contiguous(memory_format=torch.channels_last), b
+        w = w.to(dtype)
+        if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+            # Depthwise: tap-major memory ([kh, kw, C]) so each tap's per-channel weights are
+            # one contiguous vector for the depthwise kernel. Same logical [C, 1, kh, kw] tensor.
+            return w.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1), b
+        # channels_last weights make the GEMM kernel's K (input channel) loads contiguous.
+        return w.contiguous(memory_format=torch.channels_last), b
 
     def _state_tensors(self):
         # Straight from the parameter/buffer dicts: nn.Module.__getattr__ costs

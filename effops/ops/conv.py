@@ -174,6 +174,68 @@ if triton is not None:
         o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _depthwise_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        H, W, OH, OW, M, C,
+        sxn, sxc, sxh, sxw,
+        swc, swh, sww,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        act_param,
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
+        ACT: tl.constexpr, IDX64: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # Depthwise conv (groups == C_in == C_out): out[p, c] = sum_taps x[p + tap, c] * w[c, tap].
+        # Memory-bound, no GEMM: each program owns a [pixels, channels] tile (contiguous along
+        # channels in NHWC) and accumulates the KH*KW shifted input tiles, each times one
+        # weight per channel. Same epilogue as the GEMM kernel.
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        if IDX64:
+            offs_p = offs_p.to(tl.int64)
+        p_ok = offs_p < M
+        ohw = OH * OW
+        n_idx = offs_p // ohw
+        rem = offs_p % ohw
+        oh = rem // OW
+        ow = rem % OW
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = co < C
+        x_row = x_ptr + n_idx * sxn
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for t in tl.static_range(KH * KW):
+            ih = ih0 + (t // KW) * dil_h
+            iw = iw0 + (t % KW) * dil_w
+            ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xv = tl.load(x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + (co * sxc)[None, :],
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + co * swc + (t // KW) * swh + (t % KW) * sww, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + co, mask=c_ok, other=1.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + co, mask=c_ok, other=0.0)[None, :]
+        mask = p_ok[:, None] & c_ok[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if not RES_AFTER_ACT:
+                y = y + r
+        y = _activation(y, ACT, act_param)
+        if HAS_RES:
+            if RES_AFTER_ACT:
+                y = y + r
+        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
     INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
 else:
     INTERPRETED = False
@@ -294,6 +356,48 @@ def _interpret_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(max(n, 1))))
 
 
+def _depthwise_configs():
+    """Tiles for ``_depthwise_kernel`` (pixels x channels; no shared-memory pipeline)."""
+    return [dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=w, num_stages=1) for bp, bc, w in [
+        (64, 64, 4), (32, 128, 4), (128, 32, 4), (128, 64, 8), (16, 128, 4), (256, 16, 4), (32, 32, 2),
+    ]]
+
+
+def _depthwise_heuristic(C: int) -> dict:
+    bc = 64 if C >= 64 else (32 if C > 16 else 16)
+    return dict(BLOCK_P=4096 // bc if bc < 64 else 64, BLOCK_C=bc, num_warps=4, num_stages=1)
+
+
+def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
+                   residual_after_act, force_int64: bool = False) -> None:
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    OH, OW = out.shape[2], out.shape[3]
+    M = N * OH * OW
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    args = (
+        x, weight, scale if scale is not None else out, bias if bias is not None else out,
+        residual if residual is not None else out, out,
+        H, W, OH, OW, M, C,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *rs, *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        float(act_param),
+    )
+    meta = dict(KH=KH, KW=KW, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None, RES_AFTER_ACT=bool(residual_after_act), ACT=act,
+                IDX64=force_int64 or needs_int64(x, residual, out))
+
+    def launch(cfg):
+        _depthwise_kernel[(_cdiv(M, cfg["BLOCK_P"]), _cdiv(C, cfg["BLOCK_C"]))](*args, **meta, **cfg)
+
+    if _interpreting(x):
+        launch(dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)))
+        return
+    with _on_device(x.device):
+        key = ("depthwise", M, C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None, act)
+        launch(_pick_config(key, launch, lambda: _depthwise_heuristic(C), C, C, _depthwise_configs()))
+
+
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
                 residual_after_act, force_int64: bool = False, config: Optional[dict] = None):
     """Launch the kernel. ``config`` (BLOCK_M/N/K, num_warps, num_stages) bypasses
@@ -311,6 +415,11 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         scale = scale.to(torch.float32).contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
+    if groups > 1 and C_in_g == 1 and C_out_g == 1 and config is None:
+        # Depthwise: the GEMM would compute one useful column of every >= 32-wide tile.
+        _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
+                       residual_after_act, force_int64)
+        return out
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     interpreting = _interpreting(x)
     args = (

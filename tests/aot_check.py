@@ -76,7 +76,7 @@ def cases():
                 consts = dict(DWK=3, HAS_BIAS=True, ACT="relu", IDX64=False, UPCAST_DOT=False,
                               DOT_PRECISION="tf32" if dt == "fp32" else "ieee",
                               **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
-                yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdw", "swi", "soc"), cfg,
+                yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdc", "swi", "soc"), cfg,
                        cc)
             dw_conv_tiles = conv._depthwise_configs() + [conv._depthwise_heuristic(c) for c in (8, 32, 256)]
             for j, cfg in enumerate(dw_conv_tiles):

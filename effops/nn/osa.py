@@ -316,6 +316,7 @@ class FusedOSA(nn.Module):
         self._act = p.agg.fused.activation
         self._zero_bias = None
         self._ese_cache = None
+        self._dw_cache = {}
         self._checked = None
 
     @property
@@ -353,6 +354,24 @@ class FusedOSA(nn.Module):
                 self._ese_cache = (key, (w.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()))
         return self._ese_cache[1]
 
+    def _dw_weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """A depthwise weight in the run dtype, tap-major in memory ([kh, kw, C]: each tap's
+        per-channel weights one contiguous vector for the fused kernel), cached per version."""
+        def convert():
+            return w.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
+            return convert()
+        try:
+            key = (w.data_ptr(), w._version, dtype, w.device)
+        except RuntimeError:  # inference tensors carry no version counter: never cache them
+            return convert()
+        hit = self._dw_cache.get(id(w))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = self._dw_cache[id(w)] = (key, convert())
+        return hit[1]
+
     def fused_arguments(self, x: Tensor, dtype: torch.dtype) -> tuple:
         """The ``effops::osa_block`` arguments for input ``x`` (folded, cast, cached)."""
         p = self._parts
@@ -369,8 +388,7 @@ class FusedOSA(nn.Module):
             mid_ws.append(w)
             mid_bs.append(b)
             if u.dw is not None:
-                dw = u.dw._parameters["weight"]
-                dw_ws.append(dw if dw.dtype == dtype else dw.to(dtype))
+                dw_ws.append(self._dw_weight(u.dw._parameters["weight"], dtype))
         agg_w, agg_b = p.agg.fused.folded_parameters(dtype)
         ese_w, ese_b = self._ese_params()
         act, act_param = self._act

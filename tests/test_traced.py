@@ -358,3 +358,16 @@ def test_model_zoo_structure_is_preserved(name):
         ref64 = copy.deepcopy(model).double()(x.double())
         err = (copy.deepcopy(fast).double()(x.double()) - ref64).norm() / ref64.norm()
     assert err < 1e-6, f"{name}: optimized model differs from the original in fp64 ({err:.1e})"
+
+
+@needs_triton
+@pytest.mark.slow
+def test_timm_mobilenetv3_through_the_kernels():
+    """Depthwise kernel + traced residual blocks + hard-swish, in a whole real model, through Triton."""
+    timm = pytest.importorskip("timm")
+    model = randomize_bn(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)).eval()
+    fast = effops.optimize(model).to(KERNEL_DEVICE)
+    model = model.to(KERNEL_DEVICE)
+    x = torch.randn(1, 3, 32, 32, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), effops.use_backend("triton"):
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)

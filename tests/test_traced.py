@@ -371,3 +371,29 @@ def test_timm_mobilenetv3_through_the_kernels():
     x = torch.randn(1, 3, 32, 32, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), effops.use_backend("triton"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ese_vovnet19b_dw", "efficientnet_b0"])
+def test_timm_models_with_frozen_batchnorm_act(name):
+    """timm's freeze_batch_norm_2d swaps in FrozenBatchNormAct2d: fused like BatchNormAct2d, in train mode too."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import freeze_batch_norm_2d
+
+    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10))
+    model = freeze_batch_norm_2d(model).eval()
+    unfrozen = effops.optimize(randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval())
+    fast = effops.optimize(model)
+    assert len(fast.effops_report.swapped) == len(unfrozen.effops_report.swapped)  # nothing lost by freezing
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), effops.use_backend("reference"):
+        ref64 = copy.deepcopy(model).double()(x.double())
+        assert_matches(copy.deepcopy(fast).double()(x.double()), ref64, fp32_tol=1e-10)
+    model.train(), fast.train()
+    with effops.use_backend("reference"):
+        y, y_ref = fast(x), model(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        y.square().sum().backward(), y_ref.square().sum().backward()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    conv_fast = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
+    torch.testing.assert_close(conv_fast.weight.grad, conv.weight.grad, rtol=1e-3, atol=1e-3)

@@ -13,13 +13,17 @@ from ..ops.conv import _OP, check_inputs
 
 
 def _timm_bn_act(bn: nn.Module) -> bool:
-    return type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm.")
+    """timm's BN modules that apply their own activation (``bn.drop`` then ``bn.act``)."""
+    return type(bn).__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") and type(bn).__module__.startswith("timm.")
 
 
 def frozen_bn(bn: Optional[nn.Module]) -> bool:
-    """torchvision's ``FrozenBatchNorm2d`` (also what timm's ``freeze_batch_norm_2d`` swaps in):
-    affine and statistics are buffers, and it always normalises with the running statistics."""
-    return type(bn).__name__ == "FrozenBatchNorm2d" and type(bn).__module__.startswith("torchvision.")
+    """torchvision's ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` (what timm's
+    ``freeze_batch_norm_2d`` swaps in): affine and statistics are buffers, and they always
+    normalise with the running statistics."""
+    t = type(bn)
+    return (t.__name__ == "FrozenBatchNorm2d" and t.__module__.startswith("torchvision.")) or \
+        (t.__name__ == "FrozenBatchNormAct2d" and t.__module__.startswith("timm."))
 
 
 def is_batch_norm(bn: Optional[nn.Module]) -> bool:

@@ -2,8 +2,10 @@
 
 A stub backend registered in the ``cuda`` slot returns a preallocated tensor, so
 no kernel runs and what is timed is effops' own Python: the dispatcher, input
-checks, the torch.library op, and the module's forward (fold cache, validation).
-Usage: python benchmarks/tools/host_overhead.py
+checks, the torch.library op, and the module's forward (fold cache, validation),
+for FusedConvBNAct, FusedOSA (the whole block: one call, before its launches) and
+a ResNet bottleneck fused by tracing (its graph plus three fused steps).
+Usage: python benchmarks/tools/host_overhead.py   (the dev VM varies by up to 2x between runs)
 """
 import time
 
@@ -16,7 +18,18 @@ from effops.ops import conv as C
 x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
 w, b = torch.randn(8, 8, 1, 1), torch.randn(8)
 out = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-dispatch.register("conv_bn_act", "cuda")(lambda *a, **k: out)  # stub: no kernel, Python only
+_outs = {(2, 8, 4, 4): out}
+
+
+def _stub(x, weight, *rest):
+    # No kernel, Python only: a preallocated output of the right shape (stride-1 convs here).
+    key = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    if key not in _outs:
+        _outs[key] = torch.empty(key).contiguous(memory_format=torch.channels_last)
+    return _outs[key]
+
+
+dispatch.register("conv_bn_act", "cuda")(_stub)
 
 
 def bench(name, fn, n=5000):
@@ -36,3 +49,25 @@ with torch.inference_mode():
     bench("registered op (torch.ops.effops)", lambda: C._OP(*args))
     bench("module.folded_parameters (cached)", lambda: m.folded_parameters())
     bench("module call (eager inference)", lambda: m(x))
+
+
+# FusedOSA: one call per block (stub backend for the whole-block op).
+from effops.models.classic_vovnet import OSAModule  # noqa: E402
+
+xo = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+out_osa = torch.empty(2, 64, 4, 4)
+dispatch.register("osa_block", "cuda")(lambda *a, **k: out_osa)
+osa = effops.FusedOSA.from_module(OSAModule(64, 32, 64, 5, "OSA", identity=True, ese=True)).eval()
+# A torchvision-style bottleneck fused by tracing: graph + 3 FusedSteps (conv stub as above).
+try:
+    import torchvision
+
+    block = effops.optimize(torchvision.models.resnet50().layer1[1].eval())
+    xb = torch.randn(2, 256, 4, 4).contiguous(memory_format=torch.channels_last)
+except ImportError:
+    block = None
+with torch.inference_mode():
+    bench("FusedOSA call (L=5, eSE, identity)", lambda: osa(xo))
+    bench("FusedOSA.fused_arguments (cached)", lambda: osa.fused_arguments(xo, torch.float32))
+    if block is not None:
+        bench("traced ResNet bottleneck (3 steps)", lambda: block(xb))

@@ -74,6 +74,46 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _pixel_coords(offs, OH, OW):
+        """Output-pixel row index -> (image, row, column)."""
+        ohw = OH * OW
+        rem = offs % ohw
+        return offs // ohw, rem // OW, rem % OW
+
+    @triton.jit
+    def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """``acc + a @ b`` in fp32. Under the interpreter bf16 operands are upcast first:
+        Triton's interpreter computes bf16 dots wrongly, fp32 operands are exact."""
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _epilogue_store(y, co, c_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        srn, src, srh, srw, son, soc, soh, sow, act_param,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                        RES_AFTER_ACT: tl.constexpr, ACT: tl.constexpr):
+        """The conv epilogue on an fp32 [pixels, channels] tile: ``* scale + bias``,
+        residual before or after the activation, store through the output's strides."""
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + co, mask=c_ok, other=1.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + co, mask=c_ok, other=0.0)[None, :]
+        mask = m_ok[:, None] & c_ok[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if not RES_AFTER_ACT:
+                y = y + r
+        y = _activation(y, ACT, act_param)
+        if HAS_RES:
+            if RES_AFTER_ACT:
+                y = y + r
+        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _conv_bn_act_kernel(
         x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
         H, W, OH, OW, M, C_in_g, C_out_g,
@@ -104,11 +144,7 @@ if triton is not None:
         if IDX64:
             offs_m = offs_m.to(tl.int64)
         m_ok = offs_m < M
-        ohw = OH * OW
-        n_idx = offs_m // ohw
-        rem = offs_m % ohw
-        oh = rem // OW
-        ow = rem % OW
+        n_idx, oh, ow = _pixel_coords(offs_m, OH, OW)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
         x_row = x_ptr + n_idx * sxn
@@ -129,10 +165,7 @@ if triton is not None:
                 k_ok = ci < C_in_g
                 a = tl.load(a_row[:, None] + ((ci0 + ci) * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptr + (co * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
         else:
             num_kc = tl.cdiv(C_in_g, BLOCK_K)
             # One flat K loop (not nested kh/kw/c loops) so Triton software-pipelines it.
@@ -150,29 +183,11 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 b_ptrs = w_ptr + (co * swo)[None, :] + (ci * swi)[:, None] + kh * swh + kw * sww
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST_DOT:
-                    # Triton's interpreter computes bf16 dots wrongly; fp32 operands are exact.
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
 
-        y = acc
-        if HAS_SCALE:
-            y = y * tl.load(scale_ptr + co, mask=n_ok, other=1.0)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + co, mask=n_ok, other=0.0)[None, :]
-        mask = m_ok[:, None] & n_ok[None, :]
-        if HAS_RES:
-            r_ptrs = res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :]
-            r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-            if not RES_AFTER_ACT:
-                y = y + r
-        y = _activation(y, ACT, act_param)
-        if HAS_RES:
-            if RES_AFTER_ACT:
-                y = y + r
-        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _epilogue_store(acc, co, n_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        srn, src, srh, srw, son, soc, soh, sow, act_param,
+                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
 
     @triton.jit
     def _depthwise_kernel(
@@ -193,16 +208,12 @@ if triton is not None:
         # Depthwise conv (groups == C_in == C_out): out[p, c] = sum_taps x[p + tap, c] * w[c, tap].
         # Memory-bound, no GEMM: each program owns a [pixels, channels] tile (contiguous along
         # channels in NHWC) and accumulates the KH*KW shifted input tiles, each times one
-        # weight per channel. Same epilogue as the GEMM kernel.
+        # weight per channel. Same epilogue as the GEMM kernel (_epilogue_store).
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         if IDX64:
             offs_p = offs_p.to(tl.int64)
         p_ok = offs_p < M
-        ohw = OH * OW
-        n_idx = offs_p // ohw
-        rem = offs_p % ohw
-        oh = rem // OW
-        ow = rem % OW
+        n_idx, oh, ow = _pixel_coords(offs_p, OH, OW)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
         co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -217,23 +228,9 @@ if triton is not None:
                          mask=ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + co * swc + (t // KW) * swh + (t % KW) * sww, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        y = acc
-        if HAS_SCALE:
-            y = y * tl.load(scale_ptr + co, mask=c_ok, other=1.0)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + co, mask=c_ok, other=0.0)[None, :]
-        mask = p_ok[:, None] & c_ok[None, :]
-        if HAS_RES:
-            r = tl.load(res_ptr + (n_idx * srn + oh * srh + ow * srw)[:, None] + (co * src)[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            if not RES_AFTER_ACT:
-                y = y + r
-        y = _activation(y, ACT, act_param)
-        if HAS_RES:
-            if RES_AFTER_ACT:
-                y = y + r
-        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _epilogue_store(acc, co, c_ok, p_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        srn, src, srh, srw, son, soc, soh, sow, act_param,
+                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
 
 
     INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
@@ -352,6 +349,16 @@ def needs_int64(*tensors: Optional[Tensor]) -> bool:
     return any(_max_offset(t) > _INT32_MAX for t in tensors)
 
 
+def _dot_meta(x: Tensor, interpreting: bool) -> dict:
+    """``tl.dot`` settings shared by every GEMM launcher: bf16 operands upcast under the
+    interpreter (see ``_mma``); fp32 follows nn.Conv2d, TF32 exactly when cuDNN would use it."""
+    return dict(
+        UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
+        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting)
+        else "ieee",
+    )
+
+
 def _interpret_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, _next_pow2(max(n, 1))))
 
@@ -438,9 +445,7 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         POINTWISE=(KH == 1 and KW == 1 and stride[0] == 1 and stride[1] == 1 and padding[0] == 0 and padding[1] == 0
                    and x.stride(2) == W * x.stride(3) and x.stride(0) == H * x.stride(2)),
         IDX64=force_int64 or needs_int64(x, residual, out),
-        UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
-        # fp32 follows nn.Conv2d: TF32 exactly when cuDNN would use it.
-        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee",
+        **_dot_meta(x, interpreting),
     )
     if interpreting:
         bm = _interpret_block(M, 16, 64)

@@ -46,7 +46,7 @@ from .conv import _FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next
 
 if triton is not None:
     import triton.language as tl
-    from .conv import _activation
+    from .conv import _activation, _epilogue_store, _mma, _pixel_coords
 
     @triton.jit
     def _osa_agg_kernel(
@@ -101,10 +101,7 @@ if triton is not None:
             a = tl.load(a_row[:, None] + (ci * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
-            if UPCAST_DOT:  # Triton's interpreter computes bf16 dots wrongly; fp32 operands are exact.
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
         s_row = s_ptr + n_idx * ssn + oh * ssh + ow * ssw
         for k0 in range(0, C1, BLOCK_K):
             ci = k0 + offs_k
@@ -112,10 +109,7 @@ if triton is not None:
             a = tl.load(s_row[:, None] + (ci * ssc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptr + (offs_n * swo)[None, :] + ((C0 + ci) * swi)[:, None],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
 
         y = acc
         if HAS_BIAS:
@@ -209,11 +203,7 @@ if triton is not None:
         if IDX64:
             offs_m = offs_m.to(tl.int64)
         m_ok = offs_m < M
-        hw = H * W
-        n_idx = offs_m // hw
-        rem = offs_m % hw
-        oh = rem // W
-        ow = rem % W
+        n_idx, oh, ow = _pixel_coords(offs_m, H, W)
         x_row = x_ptr + n_idx * sxn
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C_out
@@ -235,16 +225,10 @@ if triton is not None:
             a = a.to(x_ptr.dtype.element_ty)
             b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        y = acc
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        y = _activation(y, ACT, act_param)
-        o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (offs_n * soc)[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
+        # No scale, no residual: their pointers and strides are unused placeholders.
+        _epilogue_store(acc, offs_n, n_ok, m_ok, n_idx, oh, ow, bias_ptr, bias_ptr, out_ptr, out_ptr,
+                        0, 0, 0, 0, son, soc, soh, sow, act_param, False, HAS_BIAS, False, False, ACT)
 
 
 def _dw_pw_configs():
@@ -279,9 +263,7 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
             *x.stride(), dw_w.stride(0), dw_w.stride(2), dw_w.stride(3), pw_w.stride(0), pw_w.stride(1),
             *out.stride(), float(act_param))
     meta = dict(DWK=dw_w.shape[-1], HAS_BIAS=pw_b is not None, ACT=act, IDX64=needs_int64(x, out),
-                UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
-                DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-                                         and not interpreting) else "ieee")
+                **_conv._dot_meta(x, interpreting))
 
     def launch(cfg):
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out, cfg["BLOCK_N"]),)
@@ -311,9 +293,7 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     psum = None
     meta = dict(
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, PER_IMAGE=want_psum,
-        IDX64=needs_int64(x, s, residual, out), UPCAST_DOT=interpreting and x.dtype == torch.bfloat16,
-        DOT_PRECISION="tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting)
-        else "ieee",
+        IDX64=needs_int64(x, s, residual, out), **_conv._dot_meta(x, interpreting),
     )
 
     def launch(cfg) -> int:

@@ -12,6 +12,23 @@ from .. import dispatch
 from ..ops.conv import _OP, check_inputs
 
 
+def version_cached(entry, tensors, extra, compute):
+    """``(entry, value)``: ``compute()``'s result, cached in ``entry`` (a ``(key, value)`` pair
+    or None, owned by the caller) until any of ``tensors`` is modified in place, moved or
+    replaced, or ``extra`` changes. Not cached while compiling, when autograd needs the
+    result, or for inference tensors (no version counter); ``entry`` is then returned as is."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return entry, compute()  # differentiable / traced
+    try:
+        key = (extra, tuple([(t.data_ptr(), t._version) for t in tensors]))
+    except RuntimeError:
+        return entry, compute()
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, compute())
+    return entry, entry[1]
+
+
 def _timm_bn_act(bn: nn.Module) -> bool:
     """timm's BN modules that apply their own activation (``bn.drop`` then ``bn.act``)."""
     return type(bn).__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") and type(bn).__module__.startswith("timm.")
@@ -232,19 +249,10 @@ class FusedConvBNAct(nn.Module):
         """The folded ``(weight, bias)`` the eval path runs with (cached when no grad is needed)."""
         dtype = dtype or self.conv.weight.dtype
         tensors = self._state_tensors()
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        ):
-            return self._fold(dtype)  # differentiable / traced: no cache
-        try:
-            key = (dtype, self.bn.eps if self.bn is not None else None,
-                   tuple([(t.data_ptr(), t._version) for t in tensors]), tensors[0].device)
-        except RuntimeError:  # inference tensors carry no version counter: never cache them
-            return self._fold(dtype)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self._fold(dtype))
-        return self._cache[1]
+        bn = self.bn
+        extra = (dtype, bn.eps if bn is not None else None, tensors[0].device)
+        self._cache, folded = version_cached(self._cache, tensors, extra, lambda: self._fold(dtype))
+        return folded
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
         conv = self.conv

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.osa import _OP, check_osa_inputs
-from .conv_bn_act import FusedConvBNAct, frozen_bn, resolve_padding, why_not_fusable
+from .conv_bn_act import FusedConvBNAct, frozen_bn, resolve_padding, version_cached, why_not_fusable
 
 
 class EffectiveSE(nn.Module):
@@ -346,31 +346,17 @@ class FusedOSA(nn.Module):
         if fc is None:
             return None, None
         w, b = fc._parameters["weight"], fc._parameters["bias"]
-        if torch.compiler.is_compiling():
-            return w.float(), b.float()
-        key = (w.data_ptr(), w._version, b.data_ptr(), b._version, w.device)
-        if self._ese_cache is None or self._ese_cache[0] != key:
-            with torch.no_grad():
-                self._ese_cache = (key, (w.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()))
-        return self._ese_cache[1]
+        self._ese_cache, wb = version_cached(
+            self._ese_cache, (w, b), w.device, lambda: (w.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()))
+        return wb
 
     def _dw_weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
         """A depthwise weight in the run dtype, tap-major in memory ([kh, kw, C]: each tap's
         per-channel weights one contiguous vector for the fused kernel), cached per version."""
-        def convert():
-            return w.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and w.requires_grad):
-            return convert()
-        try:
-            key = (w.data_ptr(), w._version, dtype, w.device)
-        except RuntimeError:  # inference tensors carry no version counter: never cache them
-            return convert()
-        hit = self._dw_cache.get(id(w))
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = self._dw_cache[id(w)] = (key, convert())
-        return hit[1]
+        self._dw_cache[id(w)], tap_major = version_cached(
+            self._dw_cache.get(id(w)), (w,), (dtype, w.device),
+            lambda: w.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1))
+        return tap_major
 
     def fused_arguments(self, x: Tensor, dtype: torch.dtype) -> tuple:
         """The ``effops::osa_block`` arguments for input ``x`` (folded, cast, cached)."""

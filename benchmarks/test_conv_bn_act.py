@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effops import FusedConvBNAct
-from effops.benchmark import compiled_providers, measure_providers, measured_peaks, roofline_ms
+from effops.benchmark import compiled_providers, measure_providers, measured_peaks, result_rows
 from effops.ops.reference import fold_bn
 
 CUDA = torch.cuda.is_available()
@@ -90,27 +90,10 @@ def test_conv_bn_relu(shape, batch, dtype, results):
         flops = 2 * batch * hw * hw * cout * cin * k * k
         esize = x.element_size()
         min_bytes = esize * (batch * hw * hw * (cin + cout) + cout * cin * k * k)
-        peaks = measured_peaks(DEV, dtype)
-        times, graph_times, peak_mb, errors = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
-    ratio = lambda a, b: a / b if (a is not None and b) else None
-    for prov, ms in times.items():
-        results.append({
-            "case": f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
-            "shape": f"{batch}x{cin}x{hw}x{hw} k{k} -> {cout}",
-            "dtype": str(dtype),
-            "provider": prov,
-            "ms": ms,
-            "speedup_vs_eager": ratio(times["eager"], ms),
-            "ms_cuda_graph": graph_times[prov],
-            "graph_speedup_vs_eager": ratio(graph_times["eager"], graph_times[prov]),
-            "tflops": ratio(flops / 1e9, ms),
-            "gbps": ratio(min_bytes / 1e6, ms),
-            "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes, peaks), ms) if peaks else None,
-            "peak_mem_mb": peak_mb[prov],
-            "peak_tflops_measured": peaks[0] if peaks else None,
-            "peak_gbps_measured": peaks[1] if peaks else None,
-            "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),
-            "max_rel_err_vs_eager": err,
-            "error": errors.get(prov, ""),
-        })
+        timed = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
+    results.extend(result_rows(timed, flops=flops, min_bytes=min_bytes, peaks=measured_peaks(DEV, dtype),
+                               host_graph=batch == 1, cuda=CUDA,
+                               case=f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
+                               shape=f"{batch}x{cin}x{hw}x{hw} k{k} -> {cout}", dtype=str(dtype),
+                               max_rel_err_vs_eager=err))
     results.flush()

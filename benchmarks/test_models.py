@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import effops
+from effops.benchmark import randomize_bn
 from effops.models.classic_vovnet import classic_vovnet
 
-from test_osa import BATCHES, DEV, DTYPES, _check, _providers, _randomize, _record
+from test_osa import BATCHES, DEV, DTYPES, _check, _providers, _record
 
 MODELS = os.environ.get("EFFOPS_BENCH_MODELS", "vovnet39,vovnet57,ese_vovnet39b,resnet50,mobilenet_v2").split(",")
 
@@ -40,7 +41,7 @@ def _model(name):
 def test_whole_model(name, batch, dtype, results):
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = _randomize(_model(name)).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+    model = randomize_bn(_model(name)).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
     fast = effops.optimize(model)
     x = torch.randn(batch, 3, 224, 224, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

@@ -19,10 +19,9 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import effops
-from effops.benchmark import compiled_providers, measure_providers, measured_peaks, roofline_ms
+from effops.benchmark import compiled_providers, measure_providers, measured_peaks, randomize_bn, result_rows
 from effops.models.classic_vovnet import OSAModule
 
 CUDA = torch.cuda.is_available()
@@ -45,19 +44,6 @@ else:
 L = 5
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
-
-
 def _providers(model, fast, x, batch):
     providers = {"eager": lambda: model(x)}
     providers.update(compiled_providers(model, x, batch))
@@ -66,30 +52,10 @@ def _providers(model, fast, x, batch):
 
 
 def _record(results, case, shape, dtype, batch, providers, flops, min_bytes, err):
-    times, graph_times, peak_mb, errors = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
-    peaks = measured_peaks(DEV, dtype)
-    ratio = lambda a, b: a / b if (a is not None and b) else None
-    for prov, ms in times.items():
-        results.append({
-            "case": case,
-            "shape": shape,
-            "dtype": str(dtype),
-            "provider": prov,
-            "ms": ms,
-            "speedup_vs_eager": ratio(times["eager"], ms),
-            "ms_cuda_graph": graph_times[prov],
-            "graph_speedup_vs_eager": ratio(graph_times["eager"], graph_times[prov]),
-            "tflops": ratio(flops / 1e9, ms),
-            "gbps": ratio(min_bytes / 1e6, ms) if min_bytes else None,
-            "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes or 0, peaks), ms) if peaks else None,
-            "peak_mem_mb": peak_mb[prov],
-            "peak_mem_vs_eager": ratio(peak_mb[prov], peak_mb["eager"]),
-            "peak_tflops_measured": peaks[0] if peaks else None,
-            "peak_gbps_measured": peaks[1] if peaks else None,
-            "timing": "cuda-graph median" if CUDA and batch == 1 else ("do_bench median" if CUDA else "cpu wall-clock median"),
-            "max_rel_err_vs_eager": err,
-            "error": errors.get(prov, ""),
-        })
+    timed = measure_providers(providers, DEV, host_graph=CUDA and batch == 1)
+    results.extend(result_rows(timed, flops=flops, min_bytes=min_bytes, peaks=measured_peaks(DEV, dtype),
+                               host_graph=batch == 1, cuda=CUDA, case=case, shape=shape, dtype=str(dtype),
+                               max_rel_err_vs_eager=err))
     results.flush()
 
 
@@ -106,7 +72,7 @@ def _check(fast, model, x):
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b[0])
 def test_osa_block(block, batch, dtype, results):
     name, cin, sc, cc, hw, identity, ese = block
-    model = _randomize(OSAModule(cin, sc, cc, L, "OSA", identity=identity, ese=ese)).eval()
+    model = randomize_bn(OSAModule(cin, sc, cc, L, "OSA", identity=identity, ese=ese)).eval()
     model = model.to(DEV, dtype).to(memory_format=torch.channels_last)
     fast = effops.FusedOSA.from_module(copy.deepcopy(model)).eval()
     x = torch.randn(batch, cin, hw, hw, device=DEV, dtype=dtype).contiguous(memory_format=torch.channels_last)

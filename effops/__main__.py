@@ -18,7 +18,7 @@ import sys
 import torch
 
 import effops
-from effops.benchmark import device_stamp, time_ms
+from effops.benchmark import device_stamp, randomize_bn, time_ms
 from effops.models import VOVNET_CONFIGS, classic_vovnet
 
 
@@ -32,20 +32,6 @@ def build_model(name: str, v2: bool = False) -> torch.nn.Module:
     except ImportError:
         raise SystemExit(f"{name!r} is not a built-in model ({', '.join(VOVNET_CONFIGS)}) and timm is not installed")
     return timm.create_model(name, pretrained=False)
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine parameters (fresh BN hides folding bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
 
 
 def main(argv=None) -> int:

@@ -221,3 +221,48 @@ def compiled_providers(module: torch.nn.Module, x: torch.Tensor, batch: int) -> 
                 ma(x)  # compile (and freeze) under the patched config
         providers["compile_max_autotune_freezing"] = lambda: ma(x)
     return providers
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters (fresh BN hides folding bugs); returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+def result_rows(providers_timed, *, flops: float, min_bytes: Optional[float], peaks: Optional[tuple],
+                host_graph: bool, cuda: bool, **fields) -> list:
+    """One CSV/JSON row per provider from :func:`measure_providers`' output, with speedups
+    against ``eager``, TFLOP/s, GB/s (when ``min_bytes`` is modelled), % of the roofline
+    floor and peak memory; ``fields`` (case, shape, dtype, error vs eager...) go first."""
+    times, graph_times, peak_mb, errors = providers_timed
+    ratio = lambda a, b: a / b if (a is not None and b) else None
+    rows = []
+    for prov, ms in times.items():
+        rows.append({
+            **{k: v for k, v in fields.items() if k != "max_rel_err_vs_eager"},
+            "provider": prov,
+            "ms": ms,
+            "speedup_vs_eager": ratio(times["eager"], ms),
+            "ms_cuda_graph": graph_times[prov],
+            "graph_speedup_vs_eager": ratio(graph_times["eager"], graph_times[prov]),
+            "tflops": ratio(flops / 1e9, ms),
+            "gbps": ratio(min_bytes / 1e6, ms) if min_bytes else None,
+            "pct_roofline": ratio(100 * roofline_ms(flops, min_bytes or 0, peaks), ms) if peaks else None,
+            "peak_mem_mb": peak_mb[prov],
+            "peak_mem_vs_eager": ratio(peak_mb[prov], peak_mb["eager"]),
+            "peak_tflops_measured": peaks[0] if peaks else None,
+            "peak_gbps_measured": peaks[1] if peaks else None,
+            "timing": "cuda-graph median" if cuda and host_graph else ("do_bench median" if cuda else "cpu wall-clock median"),
+            "max_rel_err_vs_eager": fields.get("max_rel_err_vs_eager"),
+            "error": errors.get(prov, ""),
+        })
+    return rows

@@ -7,7 +7,9 @@ labelled as such.
 """
 from __future__ import annotations
 
+import copy
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -184,8 +186,6 @@ def compile_modes(device: torch.device) -> list:
     """The torch.compile baselines to time: ``EFFOPS_BENCH_COMPILE_MODES`` (comma list of
     ``default``, ``max-autotune``); ``EFFOPS_BENCH_COMPILE=0`` means none. Default: both on
     CUDA, none on CPU (inductor's CPU code is not what this library competes with)."""
-    import os
-
     if os.environ.get("EFFOPS_BENCH_COMPILE", "") == "0":
         return []
     default = "default,max-autotune" if device.type == "cuda" else ""
@@ -200,9 +200,6 @@ def compiled_providers(module: torch.nn.Module, x: torch.Tensor, batch: int) -> 
     """``{"compile_default": fn, "compile_max_autotune_freezing": fn}`` per :func:`compile_modes`.
     max-autotune (with inductor's freezing) compiles for minutes, so it runs at batch 32
     only unless ``EFFOPS_BENCH_MAX_AUTOTUNE=all``. Each compiles a deep copy of ``module``."""
-    import copy
-    import os
-
     providers = {}
     modes = compile_modes(x.device)
     if not modes:

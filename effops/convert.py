@@ -159,9 +159,10 @@ def _submodule(owner: nn.Module, target: str) -> Optional[nn.Module]:
         return None
 
 
-def _node_act(node: torch.fx.Node, owner: nn.Module, prev: torch.fx.Node) -> Optional[Tuple[str, float, Optional[nn.Module]]]:
+def _node_act(node: Optional[torch.fx.Node], owner: nn.Module,
+              prev: torch.fx.Node) -> Optional[Tuple[str, float, Optional[nn.Module]]]:
     """``(name, param, module_or_None)`` if ``node`` applies a supported activation to ``prev`` alone."""
-    if node.args[:1] != (prev,) or len(node.args) != 1:
+    if node is None or node.args[:1] != (prev,) or len(node.args) != 1:
         return None
     extra = set(node.kwargs) - {"inplace"}
     if node.op == "call_module":
@@ -216,9 +217,9 @@ def _tail_of(m: Optional[nn.Module]):
     return None
 
 
-def _residual_of(node: torch.fx.Node, prev: torch.fx.Node) -> Optional[torch.fx.Node]:
+def _residual_of(node: Optional[torch.fx.Node], prev: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The other operand if ``node`` is ``prev + r`` (r a traced value), else None."""
-    if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+    if node is None or node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
     other = b if a is prev else (a if b is prev else None)
@@ -281,7 +282,7 @@ class _Converter:
 
     # -- hand-written forwards ---------------------------------------------------
     def _match_traced(self, head, owner):
-        """``(chain nodes, x, residual node, residual mode, conv, bn, act module)`` for a chain starting at
+        """``(chain nodes, x, residual node, residual mode, conv, bn, act module, container tail)`` for a chain starting at
         ``head``, or a skip reason string. ``head`` calls an ``nn.Conv2d`` (then a BatchNorm2d must follow)
         or a ``FusedConvBNAct`` without activation that an earlier rule swapped in (then it is extended
         with the residual add and activation that follow it, e.g. ``act3(conv3(x) + shortcut)``)."""
@@ -307,25 +308,23 @@ class _Converter:
         nxt = _only_user(last, owner, chain)
         if bn is not None and _timm_bn_act(bn) and type(bn.act) is not nn.Identity:
             # The activation is inside the BN module: an add right after it is "after act".
-            res = _residual_of(nxt, chain[-1]) if nxt is not None else None
+            res = _residual_of(nxt, chain[-1])
             if res is not None:
                 chain.append(nxt)
                 mode = "after_act"
-        elif nxt is not None and _node_act(nxt, owner, chain[-1]) is not None:
-            act = _node_act(nxt, owner, chain[-1])
+        elif (act := _node_act(nxt, owner, chain[-1])) is not None:
             chain.append(nxt)
             after = _only_user(nxt, owner, chain)
-            res = _residual_of(after, chain[-1]) if after is not None else None
+            res = _residual_of(after, chain[-1])
             if res is not None:
                 chain.append(after)
                 mode = "after_act"
-        elif nxt is not None and _residual_of(nxt, chain[-1]) is not None:
-            res = _residual_of(nxt, chain[-1])
+        elif (res := _residual_of(nxt, chain[-1])) is not None:
             chain.append(nxt)
             mode = "before_act"
             after = _only_user(nxt, owner, chain)
-            if after is not None and _node_act(after, owner, chain[-1]) is not None:
-                act = _node_act(after, owner, chain[-1])
+            act = _node_act(after, owner, chain[-1])
+            if act is not None:
                 chain.append(after)
         if tail is not None and mode is None and act is None:
             return None  # nothing to add to a module that is already fused
@@ -335,7 +334,7 @@ class _Converter:
         why = why_not_fusable(conv, bn, act_mod) or self._shared(conv, bn)
         if why is not None:
             return why
-        return chain, head.args[0], res, mode, conv, bn, act_mod
+        return chain, head.args[0], res, mode, conv, bn, act_mod, tail
 
     def _trace(self, module: nn.Module, prefix: str) -> None:
         """Fuse conv → BN chains inside ``module``'s hand-written forward (see effops.nn.traced)."""
@@ -385,11 +384,10 @@ class _Converter:
                 if not extendable:
                     self.skip_reason.setdefault(id(m), f"in {type(module).__name__}.forward: {match}")
                 continue
-            chain, x, res, mode, conv, bn, act_mod = match
+            chain, x, res, mode, conv, bn, act_mod, tail = match
             fused = FusedConvBNAct.from_modules(conv, bn, act_mod, names=("conv", "bn", None))
             name = f"_effops_step{len(steps)}"
             steps[name] = FusedStep(fused, mode)
-            tail = _tail_of(m)
             if tail is not None and tail[0]:
                 steps[name] = FusedTailStep(tail[0], steps[name])
             with graph.inserting_before(chain[-1]):
@@ -400,7 +398,8 @@ class _Converter:
             self.fused_convs.add(id(conv))
             where = f"{prefix}." if prefix else ""
             # Trailing nn.Identity calls are absorbed; the label names the last real op.
-            last = next(n for n in reversed(chain) if not (n.op == "call_module" and type(_resolve(module, n.target)) is nn.Identity))
+            last = next(n for n in reversed(chain)
+                        if not (n.op == "call_module" and type(_submodule(module, n.target)) is nn.Identity))
             if tail is not None:  # extended: this entry replaces the one recorded for that conv before
                 old = self.entry_of_conv.get(id(conv))
                 self.report.swapped = [e for e in self.report.swapped if e is not old]

@@ -2,13 +2,18 @@
 
 Run by ``tests/test_aot_compile.py`` in a fresh process (the test session itself
 imports the kernels under ``TRITON_INTERPRET=1``, which never compiles). Prints one
-JSON object: case name -> {"shared": bytes, "async_copies": n, "tma": n} or {"error": ...}.
+JSON object: case name -> {"shared": bytes, "async_copies": n, "tma": n, "ptx": {...}}
+or {"error": ...}; ``ptx`` counts the global-memory instructions by width
+(``cp.async`` 16-byte copies, vector and scalar loads) and ``wgmma``s.
 
-    TRITON_INTERPRET=0 python tests/aot_check.py
+    python tests/aot_check.py            # JSON
+    python tests/aot_check.py --table    # the same, one line per build
 """
 import json
 import os
+import re
 import sys
+from collections import Counter
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -34,6 +39,17 @@ def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """Global-memory instructions of a build by kind and width, plus wgmma count."""
+    c = Counter()
+    for width in re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x\w+|\d+)", ptx):
+        c[f"cp.async.{int(width, 0)}B"] += 1
+    for op in re.findall(r"\b(ld\.global(?:\.[a-z0-9:]+)*)", ptx):
+        c["ld.global.v4" if ".v4." in op + "." else ("ld.global.v2" if ".v2." in op + "." else "ld.global.scalar")] += 1
+    c["wgmma"] = ptx.count("wgmma.mma_async")
+    return dict(c)
 
 
 def ptrs(names, t):
@@ -113,12 +129,17 @@ def main() -> int:
     for name, fn, types, consts, ones, cfg, cc in cases():
         try:
             k = compile_kernel(fn, types, consts, ones, cfg.get("num_warps", 4), cfg.get("num_stages", 3), cc)
-            g = k.asm["ttgir"]
+            g, ptx = k.asm["ttgir"], k.asm["ptx"]
             out[name] = {"shared": k.metadata.shared, "async_copies": g.count("async_copy_global_to_local"),
-                         "tma": g.count("async_tma_copy")}
+                         "tma": g.count("async_tma_copy"), "ptx": ptx_memory_ops(ptx)}
         except Exception as e:  # noqa: BLE001 - reported per case
             out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-    json.dump(out, sys.stdout)
+    if "--table" in sys.argv:
+        for name, b in out.items():
+            print(f"{name:34s} " + (b["error"][:200] if "error" in b else
+                                    f"shared {b['shared']:7d} B  " + "  ".join(f"{k} {v}" for k, v in b["ptx"].items())))
+    else:
+        json.dump(out, sys.stdout)
     return 0
 
 

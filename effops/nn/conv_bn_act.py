@@ -251,7 +251,9 @@ class FusedConvBNAct(nn.Module):
         tensors = self._state_tensors()
         bn = self.bn
         extra = (dtype, bn.eps if bn is not None else None, tensors[0].device)
-        self._cache, folded = version_cached(self._cache, tensors, extra, lambda: self._fold(dtype))
+        entry, folded = version_cached(self._cache, tensors, extra, lambda: self._fold(dtype))
+        if entry is not self._cache:  # nn.Module.__setattr__ costs ~1 us: only on a miss
+            self._cache = entry
         return folded
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:

@@ -288,3 +288,67 @@ def test_depthwise_module_eval(dtype):
         y = fused.to(dtype)(x)
         same = copy.deepcopy(ref).to(dtype)(x) if dtype != torch.float32 else None
     assert_matches(y, copy.deepcopy(ref).double()(x.double()), same)
+
+
+def _counting_dispatch(monkeypatch):
+    """Count the fused path's calls into the dispatcher."""
+    from effops import dispatch
+    calls, run = [], dispatch.run
+    monkeypatch.setattr(dispatch, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("hook_on", ["conv", "bn", "act", "pre_conv", "global"])
+def test_hooks_on_children_fire_and_see_the_original_values(monkeypatch, hook_on, mode):
+    ref, fused = _pair(nn.SiLU, conv_bias=True)
+    getattr(ref, mode)(), getattr(fused, mode)()
+    calls = _counting_dispatch(monkeypatch)
+    seen, seen_ref = [], []
+    if hook_on == "global":
+        handles = [torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: (seen if m in set(fused.modules()) else seen_ref).append((type(m), o.detach().clone())))]
+    else:
+        name = hook_on.replace("pre_", "")
+        idx = {"conv": 0, "bn": 1, "act": 2}[name]
+        if hook_on.startswith("pre_"):
+            hook = lambda out: lambda m, i: out.append((type(m), i[0].detach().clone()))  # noqa: E731
+            reg = "register_forward_pre_hook"
+        else:
+            hook = lambda out: lambda m, i, o: out.append((type(m), o.detach().clone()))  # noqa: E731
+            reg = "register_forward_hook"
+        handles = [getattr(getattr(fused, name), reg)(hook(seen)), getattr(ref[idx], reg)(hook(seen_ref))]
+    x = _x().detach()
+    try:
+        y, y_ref = fused(x), ref(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if hook_on == "global":
+        seen_ref = [s for s in seen_ref if s[0] is not nn.Sequential]  # the reference's own container
+        seen = [s for s in seen if s[0] is not FusedConvBNAct]
+    assert [t for t, _ in seen] == [t for t, _ in seen_ref] and seen
+    for (_, a), (_, b) in zip(seen, seen_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    if mode == "train":
+        torch.testing.assert_close(fused.bn.running_mean, ref[1].running_mean)
+    assert calls == []  # the hooked call ran the modules, not the fused op
+    # Hooks removed: back on the fused path in eval.
+    fused.eval()
+    fused(x)
+    assert calls == ["conv_bn_act"]
+
+
+def test_hooked_module_with_residual_before_and_after_the_activation():
+    conv, bn = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+    randomize_bn(nn.Sequential(bn))
+    fused = FusedConvBNAct.from_modules(conv, bn, nn.ReLU()).to(DEV).eval()
+    x, r = _x(c=6).detach(), torch.randn(3, 6, 7, 9, device=DEV)
+    want = {after: fused(x, r, residual_after_act=after) for after in (False, True)}
+    seen = []
+    h = fused.bn.register_forward_hook(lambda m, i, o: seen.append(o))
+    for after in (False, True):
+        torch.testing.assert_close(fused(x, r, residual_after_act=after), want[after], rtol=1e-5, atol=1e-5)
+    h.remove()
+    assert len(seen) == 2

@@ -388,3 +388,31 @@ def test_device_launch_path_under_the_interpreter(device_launch_path, variant, d
     L = fused.layer_per_block
     expected = (["_dw_pw_heuristic"] * L if fused.depthwise else ["_heuristic_meta"] * L) + ["_heuristic_meta"]
     assert sorted(calls) == sorted(expected + (["_heuristic_meta"] if variant == "dw_reduced" else []))
+
+
+@pytest.mark.parametrize("copy_first", [False, True])
+def test_hooks_on_children_make_the_block_call_them(monkeypatch, copy_first):
+    from effops import dispatch
+    ref = _classic("v2")
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    if copy_first:  # the hook registry tuple must follow the copy (an EMA twin, say)
+        fused = copy.deepcopy(fused)
+    ref.eval()
+    calls, run = [], dispatch.run
+    monkeypatch.setattr(dispatch, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
+    seen, seen_ref = [], []
+    handles = [fused.layers[1][0].register_forward_hook(lambda m, i, o: seen.append(o)),
+               ref.layers[1][0].register_forward_hook(lambda m, i, o: seen_ref.append(o)),
+               fused.ese.register_forward_pre_hook(lambda m, i: seen.append(i[0])),
+               ref.ese.register_forward_pre_hook(lambda m, i: seen_ref.append(i[0]))]
+    x = _x(fused.in_ch)
+    with torch.no_grad():
+        y, y_ref = fused(x), ref(x)
+        assert calls == [] and len(seen) == 2
+        for a, b in zip(seen, seen_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for h in handles:
+            h.remove()
+        fused(x)
+    assert calls == ["osa_block"]

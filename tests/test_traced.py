@@ -397,3 +397,31 @@ def test_timm_models_with_frozen_batchnorm_act(name):
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     conv_fast = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
     torch.testing.assert_close(conv_fast.weight.grad, conv.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_hooks_on_a_traced_blocks_children_fire_as_before():
+    """A hook on a conv or on the block's shared ReLU (called three times per forward) sees the
+    same calls and values as in the original model; without hooks the block runs fused again."""
+    model, fast = _fast(Bottleneck())
+    model.eval(), fast.eval()
+    x = torch.randn(2, 8, 5, 5)
+    for name in ("conv2", "relu"):
+        seen, seen_ref = [], []
+        h1 = getattr(fast, name).register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        h2 = getattr(model, name).register_forward_hook(lambda m, i, o: seen_ref.append(o.clone()))
+        with torch.no_grad(), effops.use_backend("reference"):
+            y, y_ref = fast(x), model(x)
+        h1.remove(), h2.remove()
+        assert len(seen) == len(seen_ref) == (3 if name == "relu" else 1)
+        for a, b in zip(seen, seen_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    from effops import dispatch
+    calls, run = [], dispatch.run
+    dispatch.run = lambda op, *a, **k: calls.append(op) or run(op, *a, **k)
+    try:
+        with torch.no_grad(), effops.use_backend("reference"):
+            fast(x)
+    finally:
+        dispatch.run = run
+    assert calls == ["conv_bn_act"] * 3  # hooks removed: all three steps fused again

@@ -11,6 +11,29 @@ from ..ops import reference
 from .. import dispatch
 from ..ops.conv import _OP, check_inputs
 
+_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{a}", {}) for a in _HOOK_ATTRS)
+
+
+def hook_dicts(modules) -> tuple:
+    """The hook registries of ``modules`` and everything below them. Registering a hook
+    adds to these dicts in place, so ``hooked()`` of the tuple stays current without
+    walking the module tree on every forward (~1 us for a whole FusedOSA)."""
+    seen, out = set(), []
+    for top in modules:
+        for m in top.modules():
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.extend(getattr(m, a) for a in _HOOK_ATTRS)
+    return tuple(out)
+
+
+def hooked(dicts: tuple) -> bool:
+    """Whether a hook would observe one of the modules behind ``dicts`` (a ``hook_dicts``
+    tuple) being called: one registered on them, or a global module hook. Fused paths
+    never call those modules, so their owners then run the modules themselves."""
+    return any(dicts) or any(_GLOBAL_HOOKS)
+
 
 def version_cached(entry, tensors, extra, compute):
     """``(entry, value)``: ``compute()``'s result, cached in ``entry`` (a ``(key, value)`` pair
@@ -106,6 +129,10 @@ class FusedConvBNAct(nn.Module):
       op supports autograd, so gradients reach the conv and BN parameters
       (frozen-BN fine-tuning); in that case the fold is recomputed each call.
 
+    * While a hook is registered on the conv, the BN or the activation (or a
+      global module hook exists), those modules are called one after the other,
+      so the hooks fire as they did before fusion.
+
     ``forward(x, residual=None, residual_after_act=True)`` optionally adds a
     residual tensor of the output's shape, after (or before) the activation.
     """
@@ -182,6 +209,10 @@ class FusedConvBNAct(nn.Module):
         # Set after add_module: until then the conv/bn properties must not resolve
         # (add_module refuses names that hasattr() already finds).
         self._names = names
+        # Called on the hooked path (see forward); kept out of _modules when the caller
+        # didn't register it (a traced forward's own activation child).
+        self.__dict__["_act_module"] = act
+        self._hooks = hook_dicts([m for m in (conv, bn, act) if m is not None])
         self._act = activation_of(act_src)
         self._padding = list(resolve_padding(conv))
         self._stride, self._dilation = list(conv.stride), list(conv.dilation)
@@ -257,6 +288,8 @@ class FusedConvBNAct(nn.Module):
         return folded
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
+        if hooked(self._hooks) and self._modules_compute_it(residual, residual_after_act):
+            return self._forward_modules(x, residual, residual_after_act)
         conv = self.conv
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
@@ -286,6 +319,35 @@ class FusedConvBNAct(nn.Module):
         # Eager inference: run the op's implementation without the torch.library
         # layers (they cost more host time than a small conv takes on the GPU).
         return dispatch.run("conv_bn_act", x, weight, None, bias, residual, None, *args[5:])
+
+    def _modules_compute_it(self, residual, residual_after_act) -> bool:
+        # A timm BatchNormAct2d applies its own activation, so calling it can't put a
+        # residual before that activation (a combination only direct callers can ask for).
+        bn = self.bn
+        return residual is None or residual_after_act or bn is None or not _timm_bn_act(bn) \
+            or type(bn.act) is nn.Identity
+
+    def _forward_modules(self, x, residual, residual_after_act):
+        """The path taken while a hook is registered on the conv, the BN or the activation
+        (or globally): the original modules are called, so their hooks see exactly what
+        they saw before ``optimize()``. Same math as the other paths, without fusion."""
+        conv, bn, act = self.conv, self.bn, self._act_module
+        if bn is not None and bn.training and not frozen_bn(bn):
+            self._cache = None  # running statistics change: see _forward_unfused
+        y = conv(x)
+        if bn is not None:
+            if y.shape[0] == 0:
+                return y  # as _forward_unfused: an empty batch leaves the running stats alone
+            y = bn(y)  # a timm BatchNormAct2d applies its own activation here
+        if residual is not None and not residual_after_act:
+            y = y + residual
+        if act is not None:
+            y = act(y)
+        elif bn is None or not _timm_bn_act(bn):
+            y = apply_activation(y, *self._act)
+        if residual is not None and residual_after_act:
+            y = y + residual
+        return y
 
     def _weight_as(self, dtype: torch.dtype) -> Tensor:
         # Only validation and the unfused path need the raw weight in the run dtype

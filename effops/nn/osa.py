@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.osa import _OP, check_osa_inputs
-from .conv_bn_act import FusedConvBNAct, frozen_bn, resolve_padding, version_cached, why_not_fusable
+from .conv_bn_act import FusedConvBNAct, frozen_bn, hook_dicts, hooked, resolve_padding, version_cached, why_not_fusable
 
 
 class EffectiveSE(nn.Module):
@@ -318,6 +318,8 @@ class FusedOSA(nn.Module):
         self._ese_cache = None
         self._dw_cache = {}
         self._checked = None
+        # Hooks on any child make forward() call the original modules (forward_unfused).
+        self._hooks = hook_dicts(list(self.children()))
 
     @property
     def activation(self) -> Tuple[str, float]:
@@ -390,7 +392,7 @@ class FusedOSA(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedOSA expected a 4-D input (N, C, H, W), got {got}")
-        if not self._fusable() or self._needs_grad(x):
+        if not self._fusable() or self._needs_grad(x) or hooked(self._hooks):
             return self.forward_unfused(x)
         dev = x.device.type
         if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):

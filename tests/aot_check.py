@@ -4,7 +4,8 @@ Run by ``tests/test_aot_compile.py`` in a fresh process (the test session itself
 imports the kernels under ``TRITON_INTERPRET=1``, which never compiles). Prints one
 JSON object: case name -> {"shared": bytes, "async_copies": n, "tma": n, "ptx": {...}}
 or {"error": ...}; ``ptx`` counts the global-memory instructions by width
-(``cp.async`` 16-byte copies, vector and scalar loads) and ``wgmma``s.
+(``cp.async`` 16-byte copies, TMA bulk-tensor copies, vector and scalar loads)
+and ``wgmma``s.
 
     python tests/aot_check.py            # JSON
     python tests/aot_check.py --table    # the same, one line per build
@@ -35,7 +36,8 @@ def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc
             sig[name], cx[(i,)] = "constexpr", 1
         else:
             sig[name] = arg_types.get(name, "i32")
-            if sig[name] != "fp32":  # pointers and ints: what the JIT marks for multiples of 16
+            if sig[name] != "fp32" and not sig[name].startswith("tensordesc"):
+                # pointers and ints: what the JIT marks for multiples of 16
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -48,6 +50,7 @@ def ptx_memory_ops(ptx: str) -> dict:
         c[f"cp.async.{int(width, 0)}B"] += 1
     for op in re.findall(r"\b(ld\.global(?:\.[a-z0-9:]+)*)", ptx):
         c["ld.global.v4" if ".v4." in op + "." else ("ld.global.v2" if ".v2." in op + "." else "ld.global.scalar")] += 1
+    c["tma.load"] = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx))
     c["wgmma"] = ptx.count("wgmma.mma_async")
     return dict(c)
 
@@ -86,6 +89,23 @@ def cases():
                                   UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
                     yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_sm{cc}", osa._osa_agg_kernel,
                            types, consts, ("sxc", "ssc", "swi", "soc", "src"), cfg, cc)
+            # The TMA conv kernel (sm_90+ only): every tile the tuner may offer it.
+            if cc == 90:
+                es = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]
+                for cfg in conv._candidates(1024, 1024, es):
+                    if not cfg.get("TMA") or (dt == "bf16" and cfg["BLOCK_M"] * cfg["BLOCK_N"] < 32768):
+                        continue  # every tile in fp16 and fp32 (BLOCK_K 32 only); bf16 the largest
+                    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                    types = {"x_desc": f"tensordesc<{dt}[{bm}, {bk}]>", "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
+                             **ptrs(["res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                             "act_param": "fp32"}
+                    for pw in (True, False):
+                        consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=False, HAS_BIAS=True,
+                                      HAS_RES=True, RES_AFTER_ACT=False, ACT="relu", UPCAST_DOT=False,
+                                      DOT_PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                        yield (f"conv_tma_{'1x1' if pw else '3x3'}_{dt}_{bm}x{bn}x{bk}_w{cfg['num_warps']}"
+                               f"s{cfg['num_stages']}_sm{cc}", conv._conv_bn_act_tma_kernel, types, consts,
+                               ("soc", "src"), cfg, cc)
             # Every candidate tile of the fused depthwise kernel (and its heuristic tile): they
             # differ most in shared memory, which is what can fail at launch.
             # fp32 needs the most; half types get the heuristic tiles only.

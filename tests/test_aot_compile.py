@@ -62,3 +62,14 @@ def test_gemm_loops_are_pipelined(builds):
         elif name.startswith("osa_agg_"):
             # Two K segments (block input, stage buffer), each with an A and a B operand.
             assert b["async_copies"] >= 4 or b["tma"] > 0, f"{name}: aggregation K loops not pipelined ({b})"
+
+
+def test_tma_kernel_loads_operands_with_tma_and_multiplies_with_wgmma(builds):
+    """The TMA conv kernel's operands arrive by bulk-tensor copies (no per-thread cp.async
+    gathers), pipelined (several copies in flight), into Hopper's warpgroup MMA."""
+    tma = {k: v for k, v in builds.items() if k.startswith("conv_tma_")}
+    assert {k.split("_")[3] for k in tma} == {"fp16", "bf16", "fp32"} and len(tma) >= 16
+    for name, b in tma.items():
+        assert b["ptx"].get("cp.async.16B", 0) == 0, f"{name}: per-thread async copies ({b['ptx']})"
+        assert b["ptx"]["tma.load"] >= 2 and b["tma"] >= 4, f"{name}: operands not loaded by pipelined TMA ({b})"
+        assert b["ptx"]["wgmma"] > 0, f"{name}: no wgmma ({b['ptx']})"

@@ -240,3 +240,126 @@ def test_depthwise_uses_its_own_kernel_and_int64_path(monkeypatch):
     with use_backend("triton"):
         assert_matches(conv_bn_act(x2, w2, s2, b2, act="relu", **kw2), _ref64(x2, w2, s2, b2, kw2, "relu"))
     assert len(calls) == 2
+
+
+# The TMA kernel (stride-1 "same" convs; Hopper on GPUs, emulated by the interpreter):
+# (N, C_in, H, W, C_out, kernel, padding, dilation)
+TMA_CASES = [
+    (2, 16, 5, 7, 24, 3, 1, 1),           # shifted rows cross row and image borders
+    (1, 24, 6, 5, 8, 3, 1, 1),            # C_in 24, BLOCK_K 16: a K chunk runs into the next tap's weights
+    (2, 8, 7, 6, 16, 1, 0, 1),            # 1x1
+    (1, 8, 9, 9, 8, 3, 2, 2),             # dilation 2
+    (1, 16, 5, 6, 8, (1, 5), (0, 2), 1),  # non-square
+]
+TMA_TILE = dict(TMA=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+
+
+def _ohwi(w):
+    return w.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "x".join(map(str, c)).replace(" ", ""))
+def test_tma_kernel(case, dtype):
+    from effops.ops.conv import tma_eligible
+
+    n, cin, h, w, cout, k, p, d = case
+    x, wt, scale, bias, kw = _make((n, cin, h, w, cout, k, 1, p, d, 1), dtype, "nhwc")
+    wt = _ohwi(wt)
+    res = torch.randn(n, cout, h, w, device=x.device).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.full((n, cout, h, w), float("nan"), device=x.device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    assert tma_eligible(x, wt, out, [1, 1], pair(d), 1)
+    _run_triton(x, wt, scale, bias, res, out, [1, 1], pair(p), pair(d), 1, "silu", 0.0, True, config=TMA_TILE)
+    assert_matches(out, _ref64(x, wt, scale, bias, kw, "silu", res, True),
+                   _torch_same_dtype(x, wt, scale, bias, kw, "silu", res, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_tma_kernel_reads_and_writes_channel_views(dtype):
+    """Input channels 8..24 of a 32-channel NHWC buffer; output into channels 16..32 of
+    another (NaN-poisoned: nothing else may be written)."""
+    n, h, w = 2, 5, 6
+    src = torch.randn(n, 32, h, w, device=KERNEL_DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = src[:, 8:24]
+    wt = _ohwi(torch.randn(16, 16, 3, 3, device=KERNEL_DEVICE, dtype=dtype) / 12)
+    bias = torch.randn(16, device=KERNEL_DEVICE)
+    buf = torch.full((n, 40, h, w), float("nan"), device=KERNEL_DEVICE, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    out = buf[:, 16:32]
+    _run_triton(x, wt, None, bias, None, out, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False, config=TMA_TILE)
+    kw = dict(stride=1, padding=1, dilation=1, groups=1)
+    ones = torch.ones(16, device=KERNEL_DEVICE)
+    assert_matches(out, _ref64(x, wt, ones, bias, kw, "relu"), _torch_same_dtype(x, wt, ones, bias, kw, "relu"))
+    assert torch.isnan(buf[:, :16]).all() and torch.isnan(buf[:, 32:]).all()
+
+
+def test_tma_eligibility():
+    from effops.ops.conv import tma_eligible
+
+    dev = KERNEL_DEVICE
+    if dev == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("this GPU has no TMA (sm_90+)")
+    x = torch.randn(1, 16, 6, 6, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = _ohwi(torch.randn(8, 16, 3, 3, device=dev, dtype=torch.float16))
+    out = torch.empty(1, 8, 6, 6, device=dev, dtype=torch.float16)
+    ok = lambda *a, **k: tma_eligible(*a, **k)  # noqa: E731
+    assert ok(x, w, out, [1, 1], [1, 1], 1)
+    assert not ok(x, w, out[:, :, 1:-1, 1:-1], [1, 1], [1, 1], 1)                      # output smaller than input
+    assert not ok(x, w, out[:, :, ::2, ::2], [2, 2], [1, 1], 1)                        # stride 2
+    assert not ok(x, w[:, :8].contiguous(memory_format=torch.channels_last), out, [1, 1], [1, 1], 2)  # groups
+    assert not ok(x.contiguous(), w, out, [1, 1], [1, 1], 1)                           # NCHW input
+    assert not ok(x, w.contiguous(), out, [1, 1], [1, 1], 1)                           # OIHW weight
+    big = torch.randn(1, 24, 6, 6, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert ok(big[:, 8:], w, out, [1, 1], [1, 1], 1)                                   # channel view, 16 B aligned
+    assert not ok(big[:, 3:19], w, out, [1, 1], [1, 1], 1)                             # 6-byte offset
+    odd = torch.randn(1, 12, 6, 6, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert not ok(odd, _ohwi(torch.randn(8, 12, 3, 3, device=dev, dtype=torch.float16)), out, [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="TMA kernel"):
+        _run_triton(x.contiguous(), w, None, None, None, out, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False,
+                    config=TMA_TILE)
+
+
+def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it(monkeypatch):
+    """The device path's tuner times pointer and TMA tiles; a TMA winner keeps the best pointer
+    tile for calls with the same shapes but strides or alignment TMA can't take."""
+    import contextlib
+
+    import triton.testing
+
+    from effops.ops import conv
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("drives the device branch under the interpreter; on a GPU the real tuner runs")
+    pointer = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
+    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
+    monkeypatch.setattr(conv, "_capturing", lambda: False)
+    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(conv, "_TUNED", {})
+    offered = []
+    monkeypatch.setattr(conv, "_candidates", lambda ci, co, tma=0: offered.append(tma) or (
+        [pointer, TMA_TILE] if tma else [pointer]))
+    times = iter([2.0, 1.0])  # pointer, then TMA: the TMA tile wins
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), next(times))[1])
+    launched = []
+    real_tma = conv._launch_tma
+    monkeypatch.setattr(conv, "_launch_tma", lambda *a: launched.append("tma") or real_tma(*a))
+
+    kw = dict(stride=1, padding=1, dilation=1, groups=1)
+    x, w, scale, bias, _ = _make((2, 16, 5, 7, 8, 3, 1, 1, 1, 1), torch.float32, "nhwc")
+    w = _ohwi(w)
+    with use_backend("triton"):
+        y = conv_bn_act(x, w, scale, bias, act="relu", **kw)
+    assert offered == [4] and launched == ["tma", "tma"]  # timed once, then the real launch
+    (cfg,) = conv._TUNED.values()
+    assert cfg["TMA"] and cfg["FALLBACK"] == pointer
+    assert_matches(y, _ref64(x, w, scale, bias, kw, "relu"))
+    # Same shapes, but a 4-byte channel offset: the tuned TMA tile can't run it.
+    buf = torch.randn(2, 17, 5, 7).contiguous(memory_format=torch.channels_last)
+    x2 = buf[:, 1:]
+    with use_backend("triton"):
+        y2 = conv_bn_act(x2, w, scale, bias, act="relu", **kw)
+    assert launched == ["tma", "tma"] and len(conv._TUNED) == 1
+    assert_matches(y2, _ref64(x2, w, scale, bias, kw, "relu"))

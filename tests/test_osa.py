@@ -416,3 +416,41 @@ def test_hooks_on_children_make_the_block_call_them(monkeypatch, copy_first):
             h.remove()
         fused(x)
     assert calls == ["osa_block"]
+
+
+@needs_triton
+def test_stage_convs_take_the_tma_kernel_when_the_tuner_picks_it(monkeypatch):
+    """The stage convs read and write channel views of the NHWC stage buffer: with 8-aligned
+    channel counts they qualify for the TMA kernel, and the block still matches PyTorch."""
+    import contextlib
+
+    import triton.testing
+
+    from effops.ops import conv
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("drives the device branch under the interpreter; on a GPU the real tuner runs")
+    small = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
+    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
+    monkeypatch.setattr(conv, "_capturing", lambda: False)
+    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(conv, "_TUNED", {})
+    # Pointer tile first, then (when offered) the TMA tile, timed faster.
+    monkeypatch.setattr(conv, "_candidates", lambda ci, co, tma=0: [small, dict(small, TMA=True)] if tma else [small])
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, _t=iter(range(1000, 0, -1)): (fn(), next(_t))[1])
+    for name in ("_dw_pw_configs", "_dw_pw_heuristic"):  # keep the other launchers' tiles small too
+        monkeypatch.setattr(osa_ops, name, lambda *a: [small] if name.endswith("configs") else small)
+    launched = []
+    real = conv._launch_tma
+    monkeypatch.setattr(conv, "_launch_tma", lambda x, w, *a: launched.append(tuple(w.shape)) or real(x, w, *a))
+    ref = OSAModule(16, 8, 16, 3, "OSA2_1", identity=True, ese=False)
+    randomize_bn(ref).eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = _x(16, n=2, h=5, w=6)
+    with torch.no_grad(), effops.use_backend("triton"):
+        y = fused(x)
+    assert set(launched) == {(8, 16, 3, 3), (8, 8, 3, 3)}  # the first stage conv reads x, the others the buffer
+    with torch.no_grad():
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()), fp32_tol=1e-5)

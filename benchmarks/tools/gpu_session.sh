@@ -11,6 +11,8 @@
 #   models-compile    whole VoVNet-39 at batch 32 with compile default and max-autotune + freezing
 #   conv              conv+BN+act shapes, fp16, with the compile columns stop 4 could not measure
 #   main              python -m effops --model vovnet39 --batch 32 (and --v2)
+#   sweep             every tile of the pointer and the TMA conv kernel on VoVNet shapes, vs cuDNN
+#                     (tools/sweep_conv_configs.py: says which kernel wins where; stop 6 added TMA unmeasured)
 #
 # Logs and result files go to $OUT (the device tool returns that folder), or to
 # benchmarks/results when OUT is unset. Results are stamped with device and versions.
@@ -21,7 +23,7 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export EFFOPS_BENCH_OUT="$OUT"
 PYTEST=(python -m pytest -q -p no:logging -p no:cacheprovider -W ignore)
-stage="${1:?usage: gpu_session.sh <tests|osa|osa-max-autotune|models|models-compile|conv|main>}"
+stage="${1:?usage: gpu_session.sh <tests|osa|osa-max-autotune|models|models-compile|conv|main|sweep>}"
 log="$OUT/gpu_${stage}_$(date -u +%Y-%m-%d).log"
 
 k="${2:-}"   # optional pytest -k expression narrowing a benchmark stage
@@ -48,6 +50,8 @@ case "$stage" in
   main)
     { python -m effops --model vovnet39 --batch 32; python -m effops --model vovnet39 --batch 32 --v2; } 2>&1 \
       | grep -v "^W[0-9]" | tee "$log" ;;
+  sweep)
+    python benchmarks/tools/sweep_conv_configs.py float16 2>&1 | grep -v "^W[0-9]" | tee "$log" ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -35,24 +35,28 @@ for n, cin, cout, k, hw in SHAPES:
     p = k // 2
     flops = 2 * n * hw * hw * cout * cin * k * k
     res = []
-    for bm, bn, bk, wp, st in CONFIGS:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=wp, num_stages=st)
+    # Each tile in the pointer kernel and, where the conv qualifies (C.tma_eligible: sm_90+,
+    # stride-1 "same" convs, aligned NHWC), in the TMA kernel: rows marked "tma".
+    tma_ok = C.tma_eligible(x, w, out, [1, 1], [1, 1], 1)
+    variants = [(c, False) for c in CONFIGS] + [(c, True) for c in CONFIGS if tma_ok and c[2] * x.element_size() <= 128]
+    for (bm, bn, bk, wp, st), tma in variants:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=wp, num_stages=st, TMA=tma)
         fn = lambda: C._run_triton(x, w, None, b, None, out, [1, 1], [p, p], [1, 1], 1, "relu", 0.0, False, config=cfg)
         try:
             fn()
             torch.cuda.synchronize()
             ms = triton.testing.do_bench_cudagraph(fn, rep=50)
-        except Exception as e:  # out of shared memory etc.
+        except Exception:  # out of shared memory etc.
             ms = float("inf")
-        res.append((ms, (bm, bn, bk, wp, st)))
+        res.append((ms, (bm, bn, bk, wp, st) + (("tma",) if tma else ())))
     res.sort()
     cud = lambda: torch.cudnn_convolution_relu(x, w, b.to(dtype), (1, 1), (p, p), (1, 1), 1)
     cudnn_ms = triton.testing.do_bench_cudagraph(cud, rep=50)
     print(f"\n{n}x{cin}x{hw}x{hw} k{k} -> {cout}: cudnn folded+relu {cudnn_ms*1e3:.1f} us ({flops/cudnn_ms/1e9:.0f} TFLOP/s)")
-    for ms, c in res[:6]:
+    for ms, c in res[:8]:
         print(f"  {c}: {ms*1e3:.1f} us ({flops/ms/1e9:.0f} TFLOP/s)")
     print(f"  worst {res[-1][1]}: {res[-1][0]*1e3:.1f} us")
-    best = dict(zip(["BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], res[0][1]))
+    best = dict(zip(["BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], res[0][1]), TMA=len(res[0][1]) > 5)
     seq = nn.Sequential(nn.Conv2d(cin, cout, k, padding=p, bias=False), nn.BatchNorm2d(cout), nn.ReLU()).eval().cuda().to(dtype)
     mod = FusedConvBNAct.from_modules(*copy.deepcopy(list(seq))).eval()
     with torch.inference_mode():

@@ -38,6 +38,10 @@ try:  # Triton is optional: without it (macOS, Windows, CPU wheels) the referenc
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
+    TensorDescriptor = None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -233,6 +237,59 @@ if triton is not None:
                         HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
 
 
+    @triton.jit
+    def _conv_bn_act_tma_kernel(
+        x_desc, w_desc, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        H, W, M, C_in, C_out,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        pad_h, pad_w, dil_h, dil_w,
+        act_param,
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
+        ACT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # The same implicit GEMM, with both operands fetched by tensor-memory-accelerator
+        # (TMA) descriptors instead of per-thread gathers, for stride-1 "same" convs
+        # (output size == input size; every VoVNet/ResNet 3x3 and 1x1 stride-1 conv):
+        #   x_desc: the NHWC input as a [N*H*W, C_in] matrix (row stride = pixel stride);
+        #   w_desc: the OHWI weight as a [C_out, KH*KW*C_in] matrix.
+        # Output pixel m reads input pixel m + dh*W + dw at tap (dh, dw), so each tap's A
+        # tile is a contiguous block of rows, shifted. Rows shifted outside the image (which
+        # would wrap into the neighbouring row or image) are zeroed in registers; rows and
+        # channels outside the matrices come back as zeros from the TMA unit itself. A
+        # K chunk that runs past C_in reads the next tap's weights, times those zero channels.
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(C_out, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        n_idx, oh, ow = _pixel_coords(offs_m, H, W)
+        n0 = pid_n * BLOCK_N
+        num_kc = tl.cdiv(C_in, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, KH * KW * num_kc):
+            kc = kk % num_kc
+            khw = kk // num_kc
+            dh = (khw // KW) * dil_h - pad_h
+            dw = (khw % KW) * dil_w - pad_w
+            a = x_desc.load([m0 + dh * W + dw, kc * BLOCK_K])
+            if KH * KW > 1:
+                ih = oh + dh
+                iw = ow + dw
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.where(inside[:, None], a, tl.zeros_like(a))
+            b = w_desc.load([n0, khw * C_in + kc * BLOCK_K])
+            acc = _mma(a, b.T, acc, UPCAST_DOT, DOT_PRECISION)
+        co = n0 + tl.arange(0, BLOCK_N)
+        _epilogue_store(acc, co, co < C_out, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        srn, src, srh, srw, son, soc, soh, sow, act_param,
+                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
+
     INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
 else:
     INTERPRETED = False
@@ -278,13 +335,19 @@ def _cuda_configs():
     return cfg
 
 
-def _candidates(C_in_g: int, C_out_g: int):
-    # Tiles much wider than the problem only waste work: drop them before
-    # benchmarking, but always keep the smallest so something remains.
+def _candidates(C_in_g: int, C_out_g: int, tma_elem_size: int = 0):
+    """Tiles to time for one problem. Tiles much wider than the problem only waste work:
+    drop them before benchmarking, but always keep the smallest so something remains.
+    ``tma_elem_size`` (the dtype's size when the TMA kernel can run the problem, else 0)
+    adds the TMA kernel's variants of the large tiles: the timing decides between them."""
     n_cap = max(32, _next_pow2(C_out_g))
     k_cap = max(32, _next_pow2(C_in_g))
-    kept = [c for c in _cuda_configs() if c["BLOCK_N"] <= n_cap and c["BLOCK_K"] <= k_cap]
-    return kept or _cuda_configs()[-1:]
+    kept = [c for c in _cuda_configs() if c["BLOCK_N"] <= n_cap and c["BLOCK_K"] <= k_cap] or _cuda_configs()[-1:]
+    if tma_elem_size:
+        # A TMA box row of at most 128 bytes: the widest shared-memory swizzle.
+        kept += [dict(c, TMA=True) for c in kept
+                 if c["BLOCK_M"] >= 64 and c["BLOCK_N"] >= 64 and c["BLOCK_K"] * tma_elem_size <= 128]
+    return kept
 
 
 # (problem key) -> best config. Filled on first use of each key by timing the
@@ -298,27 +361,38 @@ def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates: Optional[l
     if cfg is None:
         import triton.testing
 
-        best_ms, cfg = float("inf"), None
-        for cand in candidates if candidates is not None else _candidates(C_in_g, C_out_g):
+        if candidates is None:
+            candidates = _candidates(C_in_g, C_out_g)
+        elif callable(candidates):
+            candidates = candidates()
+        timed = []
+        for cand in candidates:
             try:
-                ms = triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20)
+                timed.append((triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20), len(timed), cand))
             except Exception:  # e.g. out of shared memory for this tile on this GPU
                 continue
-            if ms < best_ms:
-                best_ms, cfg = ms, cand
-        if cfg is None:
+        if not timed:
             raise RuntimeError(f"no conv kernel config could run for problem {key}")
+        timed.sort(key=lambda t: t[:2])
+        cfg = timed[0][2]
+        if cfg.get("TMA"):
+            # Same shapes can come with other strides or alignment: keep the best tile of
+            # the pointer kernel for calls the TMA kernel can't take.
+            fallback = next((c for _, _, c in timed if not c.get("TMA")), None)
+            cfg = dict(cfg, FALLBACK=fallback or _candidates(C_in_g, C_out_g)[-1])
         _TUNED[key] = cfg
     return cfg
 
 
-def _pick_config(key, launch, heuristic, C_in_g: int, C_out_g: int, candidates: Optional[list] = None) -> dict:
+def _pick_config(key, launch, heuristic, C_in_g: int, C_out_g: int, candidates=None) -> dict:
     """The tile for one launch on a GPU.
 
     * ``EFFOPS_AUTOTUNE=0``: ``heuristic()`` (no benchmarking; tests, reproducible start-up);
     * during CUDA-graph capture nothing may be benchmarked: the tile tuned earlier for
       this problem if there is one (warm up before capturing to get it), else the heuristic;
     * otherwise the tuned tile (timed once per problem key, then cached).
+
+    ``candidates``: a list, or a function returning one (called only when tuning).
     """
     if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
         return heuristic()
@@ -326,6 +400,69 @@ def _pick_config(key, launch, heuristic, C_in_g: int, C_out_g: int, candidates: 
         cfg = _TUNED.get(key)
         return cfg if cfg is not None else heuristic()
     return _tuned_config(key, launch, C_in_g, C_out_g, candidates)
+
+
+_TMA_DEVICES: dict = {}
+
+
+def _tma_device(device: torch.device) -> bool:
+    """TMA exists from Hopper (sm_90) on; the interpreter emulates it on the CPU."""
+    if device.type == "cpu":
+        return True
+    ok = _TMA_DEVICES.get(device.index)
+    if ok is None:
+        ok = _TMA_DEVICES[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
+    return ok
+
+
+def tma_eligible(x: Tensor, weight: Tensor, out: Tensor, stride, dilation, groups: int) -> bool:
+    """Whether ``_conv_bn_act_tma_kernel`` can run this conv: Triton with TMA descriptors
+    on an sm_90+ GPU; a stride-1 conv whose output is the input's size; an NHWC,
+    pixel-dense input (channel views included) and an OHWI-contiguous weight, with the
+    16-byte alignment of addresses and row strides TMA requires; int32 coordinates."""
+    if TensorDescriptor is None or groups != 1 or stride[0] != 1 or stride[1] != 1:
+        return False
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    if out.shape[2] != H or out.shape[3] != W:
+        return False
+    es = x.element_size()
+    ps = _pixel_stride(x)
+    if ps is None or (ps * es) % 16 or (C_in * es) % 16 or x.data_ptr() % 16:
+        return False
+    if not _strides_match(weight, (KH * KW * C_in, 1, KW * C_in, C_in)) or weight.data_ptr() % 16:
+        return False
+    if (N * H * W + H * W) * ps > _INT32_MAX or weight.numel() > _INT32_MAX:
+        return False
+    return _tma_device(x.device)
+
+
+def _strides_match(t: Tensor, want) -> bool:
+    # The stride of a size-1 dimension is meaningless (PyTorch leaves it arbitrary).
+    return all(n == 1 or s == w for n, s, w in zip(t.shape, t.stride(), want))
+
+
+def _pixel_stride(x: Tensor) -> Optional[int]:
+    """P when ``x`` (N, C, H, W) is channel-contiguous and its pixels are rows of a
+    matrix with row stride P (NHWC tensors and channel views of them), else None."""
+    N, C, H, W = x.shape
+    sn, sc, sh, sw = x.stride()
+    ps = sw if W > 1 else (sh if H > 1 else (sn if N > 1 else C))
+    if ps < C or (C > 1 and sc != 1) or not _strides_match(x, (H * W * ps, 1, W * ps, ps)):
+        return None
+    return ps
+
+
+def _launch_tma(x, weight, args_tail, meta, cfg):
+    """``_conv_bn_act_tma_kernel`` with ``cfg``'s tile (see tma_eligible for when it applies)."""
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    x_desc = TensorDescriptor(x, [N * H * W, C_in], [_pixel_stride(x), 1], [bm, bk])
+    w_desc = TensorDescriptor(weight, [C_out, KH * KW * C_in], [KH * KW * C_in, 1], [bn, bk])
+    grid = (_cdiv(N * H * W, bm) * _cdiv(C_out, bn),)
+    _conv_bn_act_tma_kernel[grid](x_desc, w_desc, *args_tail, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
 
 def _heuristic_meta(M: int, C_in_g: int, C_out_g: int) -> dict:
@@ -447,22 +584,37 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         IDX64=force_int64 or needs_int64(x, residual, out),
         **_dot_meta(x, interpreting),
     )
-    if interpreting:
+    def launch(cfg):
+        if cfg.get("TMA"):
+            tma_meta = {k: v for k, v in meta.items() if k not in ("POINTWISE", "IDX64")}
+            _launch_tma(x, weight, (*args[2:6], H, W, M, C_in, C_out, *rs, *out.stride(), padding[0], padding[1],
+                                    dilation[0], dilation[1], float(act_param)), tma_meta, cfg)
+            return
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
+        _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
+                                  num_stages=cfg.get("num_stages", 3))
+
+    if config is not None and config.get("TMA") and not tma_eligible(x, weight, out, stride, dilation, groups):
+        raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
+    if interpreting and config is None:
         bm = _interpret_block(M, 16, 64)
         bn = _interpret_block(C_out_g, 16, 64)
         bk = _interpret_block(C_in_g, 16, 64)
-        grid = (_cdiv(M, bm) * _cdiv(C_out_g, bn), groups)
-        _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        launch(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+    elif interpreting:
+        launch(config)
     else:
-        def launch(cfg):
-            grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
-            _conv_bn_act_kernel[grid](*args, **meta, **cfg)
-
         with _on_device(x.device):
             if config is None:
                 # Tuned once per problem; inside a CUDA-graph capture the tile tuned earlier (or the heuristic).
                 key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)
-                config = _pick_config(key, launch, lambda: _heuristic_meta(M, C_in_g, C_out_g), C_in_g, C_out_g)
+                config = _pick_config(
+                    key, launch, lambda: _heuristic_meta(M, C_in_g, C_out_g), C_in_g, C_out_g,
+                    lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_eligible(
+                        x, weight, out, stride, dilation, groups) else 0))
+                if config.get("TMA") and not tma_eligible(x, weight, out, stride, dilation, groups):
+                    config = config["FALLBACK"]
             launch(config)
     return out
 

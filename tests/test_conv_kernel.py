@@ -319,6 +319,9 @@ def test_tma_eligibility():
     with pytest.raises(ValueError, match="TMA kernel"):
         _run_triton(x.contiguous(), w, None, None, None, out, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False,
                     config=TMA_TILE)
+    with pytest.raises(ValueError, match="TMA kernel"):  # int64 addressing (some tensor > 2**31 elements)
+        _run_triton(x, w, None, None, None, out, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, False,
+                    config=TMA_TILE, force_int64=True)
 
 
 def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it(monkeypatch):

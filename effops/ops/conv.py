@@ -595,7 +595,10 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
                                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                                   num_stages=cfg.get("num_stages", 3))
 
-    if config is not None and config.get("TMA") and not tma_eligible(x, weight, out, stride, dilation, groups):
+    def tma_ok() -> bool:  # the TMA kernel's addressing is int32 throughout
+        return not meta["IDX64"] and tma_eligible(x, weight, out, stride, dilation, groups)
+
+    if config is not None and config.get("TMA") and not tma_ok():
         raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
     if interpreting and config is None:
         bm = _interpret_block(M, 16, 64)
@@ -611,9 +614,8 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
                 key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)
                 config = _pick_config(
                     key, launch, lambda: _heuristic_meta(M, C_in_g, C_out_g), C_in_g, C_out_g,
-                    lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_eligible(
-                        x, weight, out, stride, dilation, groups) else 0))
-                if config.get("TMA") and not tma_eligible(x, weight, out, stride, dilation, groups):
+                    lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_ok() else 0))
+                if config.get("TMA") and not tma_ok():
                     config = config["FALLBACK"]
             launch(config)
     return out

@@ -60,3 +60,30 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: tor
         err, base = rel_err(out, ref64), rel_err(torch_same_dtype, ref64)
         eps = 1e-3 if out.dtype == torch.float16 else 8e-3
         assert err <= 2 * base + eps, f"{out.dtype}: relative error {err:.2e} vs PyTorch's own {base:.2e}"
+
+
+def count_dispatch(monkeypatch) -> list:
+    """Record the op name of every call into ``effops.dispatch.run`` (the fused eager path)."""
+    from effops import dispatch
+
+    calls, run = [], dispatch.run
+    monkeypatch.setattr(dispatch, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
+    return calls
+
+
+def device_branch(monkeypatch, autotune: bool) -> None:
+    """Make the launchers take their *device* branch for CPU tensors under the interpreter
+    (heuristic tiles with ``autotune=False``; the tile tuner, with an empty cache, otherwise).
+    Without a GPU this code would otherwise never run before reaching one."""
+    import contextlib
+
+    from effops.ops import conv
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("drives the device branch under the interpreter; on a GPU it runs in every kernel test")
+    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1" if autotune else "0")
+    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
+    monkeypatch.setattr(conv, "_capturing", lambda: False)
+    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    if autotune:
+        monkeypatch.setattr(conv, "_TUNED", {})

@@ -8,7 +8,7 @@ from effops.activations import ACTIVATIONS, apply_activation
 from effops.ops import conv_bn_act, reference
 from effops.ops.conv import _run_triton, needs_int64
 
-from helpers import DTYPES, KERNEL_DEVICE, assert_matches, needs_triton
+from helpers import DTYPES, KERNEL_DEVICE, assert_matches, device_branch, needs_triton
 
 pytestmark = needs_triton
 
@@ -327,20 +327,12 @@ def test_tma_eligibility():
 def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it(monkeypatch):
     """The device path's tuner times pointer and TMA tiles; a TMA winner keeps the best pointer
     tile for calls with the same shapes but strides or alignment TMA can't take."""
-    import contextlib
-
     import triton.testing
 
     from effops.ops import conv
 
-    if KERNEL_DEVICE != "cpu":
-        pytest.skip("drives the device branch under the interpreter; on a GPU the real tuner runs")
+    device_branch(monkeypatch, autotune=True)
     pointer = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
-    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
-    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
-    monkeypatch.setattr(conv, "_capturing", lambda: False)
-    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(conv, "_TUNED", {})
     offered = []
     monkeypatch.setattr(conv, "_candidates", lambda ci, co, tma=0: offered.append(tma) or (
         [pointer, TMA_TILE] if tma else [pointer]))

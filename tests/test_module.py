@@ -8,7 +8,7 @@ from torch import nn
 import effops
 from effops import FusedConvBNAct
 
-from helpers import DTYPES, KERNEL_DEVICE, assert_matches, needs_triton, randomize_bn, rel_err
+from helpers import DTYPES, KERNEL_DEVICE, assert_matches, count_dispatch, needs_triton, randomize_bn, rel_err
 
 DEV = KERNEL_DEVICE
 
@@ -290,20 +290,12 @@ def test_depthwise_module_eval(dtype):
     assert_matches(y, copy.deepcopy(ref).double()(x.double()), same)
 
 
-def _counting_dispatch(monkeypatch):
-    """Count the fused path's calls into the dispatcher."""
-    from effops import dispatch
-    calls, run = [], dispatch.run
-    monkeypatch.setattr(dispatch, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
-    return calls
-
-
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("hook_on", ["conv", "bn", "act", "pre_conv", "global"])
 def test_hooks_on_children_fire_and_see_the_original_values(monkeypatch, hook_on, mode):
     ref, fused = _pair(nn.SiLU, conv_bias=True)
     getattr(ref, mode)(), getattr(fused, mode)()
-    calls = _counting_dispatch(monkeypatch)
+    calls = count_dispatch(monkeypatch)
     seen, seen_ref = [], []
     if hook_on == "global":
         handles = [torch.nn.modules.module.register_module_forward_hook(

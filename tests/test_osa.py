@@ -12,7 +12,8 @@ from effops.models import classic_vovnet, vovnet27_slim
 from effops.models.classic_vovnet import OSAModule
 from effops.ops import osa as osa_ops
 
-from helpers import DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, needs_triton, randomize_bn, rel_err
+from helpers import (DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, count_dispatch, device_branch, needs_triton,
+                     randomize_bn, rel_err)
 
 DEV = KERNEL_DEVICE
 
@@ -352,16 +353,9 @@ def device_launch_path(monkeypatch):
     """Run the launchers' *device* branch (heuristic tiles, as with EFFOPS_AUTOTUNE=0 or
     during CUDA-graph capture) on CPU tensors under the interpreter. Without a GPU
     this code would otherwise never execute before reaching one."""
-    import contextlib
-
     from effops.ops import conv
 
-    if KERNEL_DEVICE != "cpu":
-        pytest.skip("on a GPU the device branch runs in every kernel test")
-    monkeypatch.setenv("EFFOPS_AUTOTUNE", "0")
-    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
-    monkeypatch.setattr(conv, "_capturing", lambda: False)
-    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    device_branch(monkeypatch, autotune=False)
     calls = []
     for mod, name in ((conv, "_heuristic_meta"), (osa_ops, "_heuristic_meta"), (osa_ops, "_dw_pw_heuristic")):
         real = getattr(mod, name)
@@ -392,14 +386,12 @@ def test_device_launch_path_under_the_interpreter(device_launch_path, variant, d
 
 @pytest.mark.parametrize("copy_first", [False, True])
 def test_hooks_on_children_make_the_block_call_them(monkeypatch, copy_first):
-    from effops import dispatch
     ref = _classic("v2")
     fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
     if copy_first:  # the hook registry tuple must follow the copy (an EMA twin, say)
         fused = copy.deepcopy(fused)
     ref.eval()
-    calls, run = [], dispatch.run
-    monkeypatch.setattr(dispatch, "run", lambda op, *a, **k: calls.append(op) or run(op, *a, **k))
+    calls = count_dispatch(monkeypatch)
     seen, seen_ref = [], []
     handles = [fused.layers[1][0].register_forward_hook(lambda m, i, o: seen.append(o)),
                ref.layers[1][0].register_forward_hook(lambda m, i, o: seen_ref.append(o)),
@@ -422,20 +414,12 @@ def test_hooks_on_children_make_the_block_call_them(monkeypatch, copy_first):
 def test_stage_convs_take_the_tma_kernel_when_the_tuner_picks_it(monkeypatch):
     """The stage convs read and write channel views of the NHWC stage buffer: with 8-aligned
     channel counts they qualify for the TMA kernel, and the block still matches PyTorch."""
-    import contextlib
-
     import triton.testing
 
     from effops.ops import conv
 
-    if KERNEL_DEVICE != "cpu":
-        pytest.skip("drives the device branch under the interpreter; on a GPU the real tuner runs")
+    device_branch(monkeypatch, autotune=True)
     small = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=3)
-    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
-    monkeypatch.setattr(conv, "_interpreting", lambda t: False)
-    monkeypatch.setattr(conv, "_capturing", lambda: False)
-    monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(conv, "_TUNED", {})
     # Pointer tile first, then (when offered) the TMA tile, timed faster.
     monkeypatch.setattr(conv, "_candidates", lambda ci, co, tma=0: [small, dict(small, TMA=True)] if tma else [small])
     monkeypatch.setattr(triton.testing, "do_bench",

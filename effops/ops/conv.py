@@ -356,7 +356,7 @@ def _candidates(C_in_g: int, C_out_g: int, tma_elem_size: int = 0):
 _TUNED: dict = {}
 
 
-def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates: Optional[list] = None) -> dict:
+def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates=None) -> dict:
     cfg = _TUNED.get(key)
     if cfg is None:
         import triton.testing
@@ -586,7 +586,8 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
     )
     def launch(cfg):
         if cfg.get("TMA"):
-            tma_meta = {k: v for k, v in meta.items() if k not in ("POINTWISE", "IDX64")}
+            tma_meta = dict(meta)
+            del tma_meta["POINTWISE"], tma_meta["IDX64"]  # the TMA kernel has neither
             _launch_tma(x, weight, (*args[2:6], H, W, M, C_in, C_out, *rs, *out.stride(), padding[0], padding[1],
                                     dilation[0], dilation[1], float(act_param)), tma_meta, cfg)
             return

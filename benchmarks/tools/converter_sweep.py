@@ -22,7 +22,7 @@ import effops
 
 try:
     from effops.benchmark import randomize_bn
-except ImportError:  # older checkouts (to rerun this sweep before a fix): it lived in the main job
+except ImportError:  # checkouts where randomize_bn lives in the main job
     from effops.__main__ import randomize_bn
 
 MODELS = ("resnet50d,resnext50_32x4d,seresnet50,regnetx_002,mobilenetv3_large_100,mixnet_s,ghostnet_100,repvgg_a2,"

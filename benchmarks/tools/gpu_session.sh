@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# The GPU work of a session, in stages that each fit one device call (<= 10 minutes).
+# The GPU measurements, in stages that each fit one 10-minute device call.
 #
 #   bash benchmarks/tools/gpu_session.sh <stage> [pytest -k expression]
 #
-# Stages, in the order worth running them (30 device-minutes buy roughly all of them):
+# Stages, most informative first:
 #   tests             the whole test suite on CUDA (EFFOPS_AUTOTUNE=0 there: heuristic tiles)
 #   osa               OSA blocks of VoVNet-39, fp16, eager + effops + compile default (no max-autotune)
 #   osa-max-autotune  the same blocks at batch 32 with torch.compile max-autotune + freezing
 #   models            whole models, fp16, eager + effops (no torch.compile)
 #   models-compile    whole VoVNet-39 at batch 32 with compile default and max-autotune + freezing
-#   conv              conv+BN+act shapes, fp16, with the compile columns stop 4 could not measure
+#   conv              conv+BN+act shapes, fp16, with the torch.compile columns
 #   main              python -m effops --model vovnet39 --batch 32 (and --v2)
 #   sweep             every tile of the pointer and the TMA conv kernel on VoVNet shapes, vs cuDNN
-#                     (tools/sweep_conv_configs.py: says which kernel wins where; stop 6 added TMA unmeasured)
+#                     (tools/sweep_conv_configs.py: which kernel and tile wins where)
 #
-# Logs and result files go to $OUT (the device tool returns that folder), or to
+# Logs and result files go to $OUT (the folder the device tool returns), or to
 # benchmarks/results when OUT is unset. Results are stamped with device and versions.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -2,10 +2,11 @@
 
 A stub backend registered in the ``cuda`` slot returns a preallocated tensor, so
 no kernel runs and what is timed is effops' own Python: the dispatcher, input
-checks, the torch.library op, and the module's forward (fold cache, validation),
+checks, the torch.library op, and the module's forward (BN scale/bias, validation),
 for FusedConvBNAct, FusedOSA (the whole block: one call, before its launches) and
 a ResNet bottleneck fused by tracing (its graph plus three fused steps).
-Usage: python benchmarks/tools/host_overhead.py   (the dev VM varies by up to 2x between runs)
+Usage: python benchmarks/tools/host_overhead.py   (on a small shared VM single runs vary by up to 2x:
+compare the minima of alternating runs)
 """
 import time
 

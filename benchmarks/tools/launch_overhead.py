@@ -1,7 +1,7 @@
 """effops' own Python per whole-model forward, down to the kernel launch, on any machine.
 
 Every Triton kernel object is replaced by a stub that accepts the launch and does
-nothing, so what is timed is the module forwards, fold caches, dispatch and the
+nothing, so what is timed is the module forwards, BN scale/bias, dispatch and the
 launchers (grid, tile choice, argument packing): everything but Triton's own
 launcher and the GPU. Without a GPU the launchers take their interpreter branch
 (TRITON_INTERPRET=1 is set here), which differs from the device branch only in the

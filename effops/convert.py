@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation_of, make_activation
-from .nn.conv_bn_act import FusedConvBNAct, _timm_bn_act, frozen_bn, why_not_fusable
+from .nn.common import is_plain_sequential, looks_like_batch_norm, sequential_children, timm_bn_act
+from .nn.conv_bn_act import FusedConvBNAct, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
 from .nn.traced import FusedStep, FusedTailStep, TracedForward
@@ -68,40 +69,6 @@ class OptimizeReport:
         lines += [f"  swapped  {e.path:<{width}}  {e.what}" for e in self.swapped]
         lines += [f"  skipped  {e.path:<{width}}  {e.what}" for e in self.skipped]
         return "\n".join(lines)
-
-
-def _is_plain_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
-# timm containers whose forward applies these children in this order and nothing
-# else (absent ones are None), checked against timm's source: they convert like an
-# nn.Sequential of those children, keeping the child names.
-_TIMM_SEQUENTIAL = {
-    "ConvNormAct": ("conv", "bn", "aa"),
-    "ConvBnAct": ("conv", "bn", "aa"),
-    "SeparableConvNormAct": ("conv_dw", "conv_pw", "bn"),
-}
-
-
-def _sequential_children(m: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
-    """``m``'s children in execution order when its forward is known to apply them
-    one after another; ``None`` for anything else."""
-    if _is_plain_sequential(m):
-        return list(m.named_children())
-    t = type(m)
-    order = _TIMM_SEQUENTIAL.get(t.__name__) if t.__module__.startswith("timm.") else None
-    if order is None:
-        return None
-    children = [(n, getattr(m, n, None)) for n in order]
-    children = [(n, c) for n, c in children if c is not None]
-    if {n for n, _ in children} != {n for n, _ in m.named_children()}:
-        return None  # a child we don't know the place of
-    return children
-
-
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.BatchNorm2d) or frozen_bn(m)
 
 
 def _describe(conv: nn.Conv2d, bn, act_name: str) -> str:
@@ -207,7 +174,7 @@ def _tail_of(m: Optional[nn.Module]):
         steps = [m]
     elif isinstance(m, FusedSequential):
         steps = list(m._plan)
-    elif m is not None and _is_plain_sequential(m):
+    elif m is not None and is_plain_sequential(m):
         steps = list(m.children())
     else:
         return None
@@ -252,9 +219,9 @@ class _Converter:
                 i += 1
                 continue
             j, bn, act = i + 1, None, None
-            if j < n and _is_bn(children[j][1]):
+            if j < n and looks_like_batch_norm(children[j][1]):
                 bn, j = children[j][1], j + 1
-            if j < n and not (bn is not None and _timm_bn_act(bn)) and activation_of(children[j][1]) is not None \
+            if j < n and not (bn is not None and timm_bn_act(bn)) and activation_of(children[j][1]) is not None \
                     and type(children[j][1]) is not nn.Identity:
                 act, j = children[j][1], j + 1
             if bn is None and act is None:
@@ -275,7 +242,7 @@ class _Converter:
 
     def _record(self, path: str, conv, bn, act) -> None:
         self.fused_convs.add(id(conv))
-        act_src = bn.act if bn is not None and _timm_bn_act(bn) else act
+        act_src = bn.act if bn is not None and timm_bn_act(bn) else act
         entry = ReportEntry(path, _describe(conv, bn, activation_of(act_src)[0]))
         self.report.swapped.append(entry)
         self.entry_of_conv[id(conv)] = entry
@@ -300,13 +267,13 @@ class _Converter:
             if bn_node is None:
                 return "its output is used more than once"
             bn = _submodule(owner, bn_node.target) if bn_node.op == "call_module" else None
-            if not (_is_bn(bn) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
+            if not (looks_like_batch_norm(bn) and bn_node.args == (chain[-1],) and not bn_node.kwargs):
                 return "not followed by a BatchNorm2d: nothing to fuse"
             chain.append(bn_node)
             last = bn_node
         act, mode, res = None, None, None
         nxt = _only_user(last, owner, chain)
-        if bn is not None and _timm_bn_act(bn) and type(bn.act) is not nn.Identity:
+        if bn is not None and timm_bn_act(bn) and type(bn.act) is not nn.Identity:
             # The activation is inside the BN module: an add right after it is "after act".
             res = _residual_of(nxt, chain[-1])
             if res is not None:
@@ -424,7 +391,7 @@ class _Converter:
             self.report.skipped.append(ReportEntry(path, f"OSA block not fused: {e}"))
             return None
         for m in module.modules():
-            if (isinstance(m, nn.Conv2d) or _is_bn(m)) and self.uses[id(m)] > 1:
+            if (isinstance(m, nn.Conv2d) or looks_like_batch_norm(m)) and self.uses[id(m)] > 1:
                 self.report.skipped.append(ReportEntry(
                     path, f"OSA block not fused: its {type(m).__name__} is shared (registered {self.uses[id(m)]} "
                           "times); folding would change its other use"))
@@ -444,7 +411,7 @@ class _Converter:
             fused = self._convert_osa(module, prefix or "<model>")
             if fused is not None:
                 return fused
-        children = _sequential_children(module)
+        children = sequential_children(module)
         # Runs hold only conv/BN/act modules, which the recursion below never
         # replaces (it swaps containers in place), so matching once is enough.
         runs = list(self._runs(children)) if children is not None else []
@@ -468,7 +435,7 @@ class _Converter:
         if isinstance(module, nn.Sequential):
             seq = module
         else:  # a timm container: the same children (re-read: containers among them may have been swapped)
-            seq = nn.Sequential(OrderedDict(_sequential_children(module)))
+            seq = nn.Sequential(OrderedDict(sequential_children(module)))
         return FusedSequential(seq, fused_runs)
 
     def report_leftovers(self, model: nn.Module) -> None:

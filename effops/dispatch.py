@@ -2,7 +2,7 @@
 
 Each op registers one implementation per backend together with a ``supports``
 function that returns the *reasons* it cannot take a given input (an empty list
-means it can). Selection walks ``BACKEND_ORDER`` (cuda > triton > reference)
+means it can). Selection walks ``BACKEND_ORDER`` (triton > reference)
 and takes the first backend with no reasons; ``reference`` is registered for
 every op and takes everything, so automatic selection never fails.
 
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
-BACKEND_ORDER = ("cuda", "triton", "reference")
+BACKEND_ORDER = ("triton", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -65,7 +65,7 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force every effops op inside the block onto backend ``name``
-    (``"cuda"``, ``"triton"`` or ``"reference"``; ``None`` restores automatic choice)."""
+    (``"triton"`` or ``"reference"``; ``None`` restores automatic choice)."""
     token = _FORCED.set(None if name is None else _check_name(name))
     try:
         yield

@@ -83,9 +83,9 @@ def cases():
                     yield (f"conv_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel, types, consts,
                            ("sxc", "swi", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
                 for per_image in (False, True):
-                    types = {**ptrs(["x_ptr", "s_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "bias_ptr": "*fp32",
-                             "psum_ptr": "*fp32", "act_param": "fp32"}
-                    consts = dict(HAS_BIAS=True, HAS_RES=not per_image, ACT="relu", PER_IMAGE=per_image, IDX64=False,
+                    types = {**ptrs(["x_ptr", "s_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
+                             "bias_ptr": "*fp32", "psum_ptr": "*fp32", "act_param": "fp32"}
+                    consts = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=not per_image, ACT="relu", PER_IMAGE=per_image, IDX64=False,
                                   UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
                     yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_sm{cc}", osa._osa_agg_kernel,
                            types, consts, ("sxc", "ssc", "swi", "soc", "src"), cfg, cc)
@@ -100,7 +100,7 @@ def cases():
                              **ptrs(["res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                              "act_param": "fp32"}
                     for pw in (True, False):
-                        consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=False, HAS_BIAS=True,
+                        consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=True, HAS_BIAS=True,
                                       HAS_RES=True, RES_AFTER_ACT=False, ACT="relu", UPCAST_DOT=False,
                                       DOT_PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                         yield (f"conv_tma_{'1x1' if pw else '3x3'}_{dt}_{bm}x{bn}x{bk}_w{cfg['num_warps']}"
@@ -113,11 +113,12 @@ def cases():
             if dt == "fp32":
                 dw_tiles += osa._dw_pw_configs()
             for j, cfg in enumerate(dw_tiles):
-                types = {**ptrs(["x_ptr", "dw_ptr", "w_ptr", "out_ptr"], dt), "bias_ptr": "*fp32", "act_param": "fp32"}
-                consts = dict(DWK=3, HAS_BIAS=True, ACT="relu", IDX64=False, UPCAST_DOT=False,
+                types = {**ptrs(["x_ptr", "dw_ptr", "w_ptr", "out_ptr"], dt), "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                         "act_param": "fp32"}
+                consts = dict(DWK=3, HAS_SCALE=True, HAS_BIAS=True, ACT="relu", IDX64=False, UPCAST_DOT=False,
                               DOT_PRECISION="tf32" if dt == "fp32" else "ieee",
                               **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
-                yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdc", "swi", "soc"), cfg,
+                yield (f"dw_pw_{dt}_tile{j}_sm{cc}", osa._dw_pw_kernel, types, consts, ("sxc", "sdw", "swi", "soc"), cfg,
                        cc)
             # Depthwise tiles use almost no shared memory: every tile once (fp16, sm_90), elsewhere
             # the heuristic tiles only.
@@ -127,10 +128,10 @@ def cases():
             for j, cfg in enumerate(dw_conv_tiles):
                 types = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
                          "bias_ptr": "*fp32", "act_param": "fp32"}
-                consts = dict(KH=3, KW=3, HAS_SCALE=False, HAS_BIAS=True, HAS_RES=True, RES_AFTER_ACT=True,
+                consts = dict(KH=3, KW=3, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, RES_AFTER_ACT=True,
                               ACT="relu6", IDX64=False, BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
                 yield (f"depthwise_{dt}_tile{j}_sm{cc}", conv._depthwise_kernel, types, consts,
-                       ("sxc", "swc", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)  # module layout: tap-major
+                       ("sxc", "sww", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)  # [C, 1, kh, kw] weight
             yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
                    {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
                    dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)

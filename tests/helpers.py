@@ -75,15 +75,17 @@ def device_branch(monkeypatch, autotune: bool) -> None:
     """Make the launchers take their *device* branch for CPU tensors under the interpreter
     (heuristic tiles with ``autotune=False``; the tile tuner, with an empty cache, otherwise).
     Without a GPU this code would otherwise never run before reaching one."""
+    import collections
     import contextlib
 
+    from effops import tuning
     from effops.ops import conv
 
     if KERNEL_DEVICE != "cpu":
         pytest.skip("drives the device branch under the interpreter; on a GPU it runs in every kernel test")
     monkeypatch.setenv("EFFOPS_AUTOTUNE", "1" if autotune else "0")
     monkeypatch.setattr(conv, "_interpreting", lambda t: False)
-    monkeypatch.setattr(conv, "_capturing", lambda: False)
     monkeypatch.setattr(conv, "_on_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
     if autotune:
-        monkeypatch.setattr(conv, "_TUNED", {})
+        monkeypatch.setattr(tuning, "_CACHE", collections.OrderedDict())

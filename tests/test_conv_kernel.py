@@ -156,34 +156,7 @@ def test_non_contiguous_input(k, stride):
     assert_matches(out, ref)
 
 
-def test_tile_choice_tuned_heuristic_and_during_graph_capture(monkeypatch):
-    """Inside a CUDA-graph capture nothing may be benchmarked: reuse the tile tuned for that
-    problem when there is one (so graphs run tuned tiles), else the heuristic tile."""
-    from effops.ops import conv
-
-    tuned, heuristic = dict(BLOCK_M=32, tag="tuned"), dict(BLOCK_M=64, tag="heuristic")
-    timed = []
-
-    def fake_tune(key, launch, c_in, c_out, candidates=None):
-        timed.append(key)
-        conv._TUNED[key] = tuned
-        return tuned
-
-    monkeypatch.setattr(conv, "_tuned_config", fake_tune)
-    monkeypatch.setattr(conv, "_TUNED", {})
-    monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
-    capturing = [False]
-    monkeypatch.setattr(conv, "_capturing", lambda: capturing[0])
-    pick = lambda key: conv._pick_config(key, None, lambda: heuristic, 8, 8)
-
-    capturing[0] = True
-    assert pick("a") is heuristic and not timed and "a" not in conv._TUNED  # not tuned yet: heuristic, no timing
-    capturing[0] = False
-    assert pick("a") is tuned and timed == ["a"]                            # eager warm-up tunes it
-    capturing[0] = True
-    assert pick("a") is tuned and timed == ["a"]                            # the capture reuses it, no timing
-    monkeypatch.setenv("EFFOPS_AUTOTUNE", "0")
-    assert pick("a") is heuristic                                           # tuning off: always the heuristic
+# The tile tuner's rules (autotune off, graph capture, caching, buckets, threads): tests/test_tuning.py.
 
 
 # Depthwise (groups == C_in == C_out) runs its own kernel: (N, C, H, W, kernel, stride, padding, dilation)
@@ -329,6 +302,7 @@ def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it
     tile for calls with the same shapes but strides or alignment TMA can't take."""
     import triton.testing
 
+    from effops import tuning
     from effops.ops import conv
 
     device_branch(monkeypatch, autotune=True)
@@ -348,7 +322,7 @@ def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it
     with use_backend("triton"):
         y = conv_bn_act(x, w, scale, bias, act="relu", **kw)
     assert offered == [4] and launched == ["tma", "tma"]  # timed once, then the real launch
-    (cfg,) = conv._TUNED.values()
+    (cfg,) = tuning._CACHE.values()
     assert cfg["TMA"] and cfg["FALLBACK"] == pointer
     assert_matches(y, _ref64(x, w, scale, bias, kw, "relu"))
     # Same shapes, but a 4-byte channel offset: the tuned TMA tile can't run it.
@@ -356,5 +330,5 @@ def test_tuning_can_pick_the_tma_kernel_and_falls_back_when_a_call_cannot_use_it
     x2 = buf[:, 1:]
     with use_backend("triton"):
         y2 = conv_bn_act(x2, w, scale, bias, act="relu", **kw)
-    assert launched == ["tma", "tma"] and len(conv._TUNED) == 1
+    assert launched == ["tma", "tma"] and len(tuning._CACHE) == 1
     assert_matches(y2, _ref64(x2, w, scale, bias, kw, "relu"))

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import effops
@@ -38,7 +39,8 @@ def test_eval_matches_and_grads(act, conv_bias, norm, groups):
     x1, x2 = _x(), None
     x2 = x1.detach().clone().requires_grad_()
     y_ref, y = ref(x1), fused(x2)
-    assert_matches(y, y_ref, fp32_tol=1e-5)
+    with torch.no_grad():
+        assert_matches(y, copy.deepcopy(ref).double()(x1.double()), fp32_tol=1e-5)
     g = torch.randn_like(y_ref)
     y_ref.backward(g)
     y.backward(g)
@@ -70,13 +72,12 @@ def test_train_matches_exactly_and_updates_running_stats(act):
 
 
 @needs_triton
-def test_eval_cache_follows_parameter_changes():
+def test_eval_follows_parameter_changes():
     ref, fused = _pair()
     ref.eval(), fused.eval()
     x = _x().detach()
     with torch.no_grad():
         y0 = fused(x)
-        assert fused._cache is not None
         for m in (ref[1], fused.bn):
             m.running_mean.add_(0.5)  # in-place update: version counter changes
         assert_matches(fused(x), ref(x))
@@ -101,7 +102,7 @@ def test_mode_flip_rederives_fold():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)  # running stats updated here
     fused.eval(), ref.eval()
     with torch.no_grad():
-        assert_matches(fused(x), ref(x))
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
 
 
 @needs_triton
@@ -118,21 +119,39 @@ def test_eval_half_precision(dtype):
 
 
 def test_state_dict_round_trip():
-    seq = randomize_bn(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
-    fused = FusedConvBNAct(4, 8, 3)
+    seq = randomize_bn(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    fused = FusedConvBNAct(4, 8, 3).eval()
     assert set(fused.state_dict()) == {"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
     fused.load_state_dict({k.replace("0.", "conv.").replace("1.", "bn."): v for k, v in seq.state_dict().items()})
-    named = FusedConvBNAct.from_modules(*copy.deepcopy(list(seq)), names=("0", "1", "2"))
+    named = FusedConvBNAct.from_modules(*copy.deepcopy(list(seq)), names=("0", "1", "2")).eval()
     assert list(named.state_dict()) == list(seq.state_dict())
-    seq.load_state_dict(named.state_dict())  # and back
+    # The loaded values are the ones computed with: both modules give the Sequential's output.
+    x = torch.randn(2, 4, 5, 6)
+    with torch.no_grad(), effops.use_backend("reference"):
+        ref64 = copy.deepcopy(seq).double()(x.double())
+        assert_matches(fused(x), ref64)
+        assert_matches(named(x), ref64)
+    back = randomize_bn(copy.deepcopy(seq))  # different statistics until loaded
+    back.load_state_dict(named.state_dict())  # and back
+    for k, v in seq.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_constructor_matches_timm_style_defaults():
     m = FusedConvBNAct(8, 16, 3, stride=2, act="hardswish")
     assert m.conv.padding == (1, 1) and m.conv.stride == (2, 2) and m.activation == ("hardswish", 0.0)
     assert m.bn.num_features == 16
+    # ...and it computes what the PyTorch modules it stands for compute, with the same weights.
+    ref = randomize_bn(nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish()))
+    m.load_state_dict({k.replace("0.", "conv.").replace("1.", "bn."): v for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert_matches(m.eval()(x), ref.eval().double()(x.double()))
     m = FusedConvBNAct(8, 16, 1, norm=False, bias=True, act="leaky_relu", act_param=0.2)
     assert m.bn is None and m.conv.bias is not None and m.activation == ("leaky_relu", 0.2)
+    with torch.no_grad(), effops.use_backend("reference"):
+        w, b = m.conv.weight.double(), m.conv.bias.double()
+        assert_matches(m.eval()(x), F.leaky_relu(F.conv2d(x.double(), w, b), 0.2))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +196,7 @@ def test_reference_backend_in_eval_matches():
     ref.eval(), fused.eval()
     x = _x().detach()
     with torch.no_grad(), effops.use_backend("reference"):
-        assert_matches(fused(x), ref(x))
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
 
 
 @pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="torch.get_autocast_dtype needs torch >= 2.4")
@@ -199,9 +218,13 @@ def test_bias_only_training_gets_gradients():
     m.conv.weight.requires_grad_(False)
     x = torch.randn(2, 6, 5, 5, device=DEV)
     g = torch.randn(2, 4, 5, 5, device=DEV)
-    m(x).backward(g)
+    y = m(x)
+    y.backward(g)
     b = m.conv.bias.detach().clone().requires_grad_()
-    torch.relu(torch.nn.functional.conv2d(x, m.conv.weight, b, padding=1)).backward(g)
+    y_ref = torch.relu(F.conv2d(x, m.conv.weight, b, padding=1))
+    y_ref.backward(g)
+    with torch.no_grad():
+        assert_matches(y, F.relu(F.conv2d(x.double(), m.conv.weight.double(), b.double(), padding=1)))
     assert rel_err(m.conv.bias.grad, b.grad) < 1e-5
 
 
@@ -261,7 +284,7 @@ def test_frozen_batchnorm_always_folds_with_gradients_in_train():
         bn.bias.normal_(0, 0.5)
     ref = nn.Sequential(conv, bn, nn.ReLU())
     fused = FusedConvBNAct.from_modules(*copy.deepcopy(list(ref)))
-    assert fused._folds()
+    assert fused._folds(fused.bn)
     for mode in ("train", "eval"):
         getattr(ref, mode)(), getattr(fused, mode)()
         x1 = torch.randn(2, 6, 5, 7).requires_grad_()
@@ -278,11 +301,9 @@ def test_frozen_batchnorm_always_folds_with_gradients_in_train():
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_depthwise_module_eval(dtype):
-    """MobileNet-style depthwise conv → BN → ReLU6: the depthwise kernel, with the folded weight tap-major."""
+    """MobileNet-style depthwise conv → BN → ReLU6: the depthwise kernel."""
     ref, fused = _pair(nn.ReLU6, k=3, groups=12, cin=12, cout=12)
     ref.eval(), fused.eval()
-    w, _ = fused.folded_parameters(dtype)
-    assert w.shape == (12, 1, 3, 3) and w.stride(0) == 1  # each tap's 12 channel weights contiguous
     x = _x(c=12).detach().to(dtype)
     with torch.no_grad(), effops.use_backend("triton"):
         y = fused.to(dtype)(x)
@@ -333,14 +354,29 @@ def test_hooks_on_children_fire_and_see_the_original_values(monkeypatch, hook_on
 
 
 def test_hooked_module_with_residual_before_and_after_the_activation():
+    """The residual lands before or after the activation as PyTorch's ``relu(bn(conv(x)) + r)``
+    and ``relu(bn(conv(x))) + r``, on the fused path and on the hooked (modules) path alike."""
     conv, bn = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
     randomize_bn(nn.Sequential(bn))
     fused = FusedConvBNAct.from_modules(conv, bn, nn.ReLU()).to(DEV).eval()
     x, r = _x(c=6).detach(), torch.randn(3, 6, 7, 9, device=DEV)
-    want = {after: fused(x, r, residual_after_act=after) for after in (False, True)}
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()  # the original modules, in fp64
+    with torch.no_grad():
+        pre64 = bn64(conv64(x.double()))
+        want64 = {False: F.relu(pre64 + r.double()), True: F.relu(pre64) + r.double()}
+        pre = bn(conv(x))
+        want = {False: F.relu(pre + r), True: F.relu(pre) + r}  # PyTorch in fp32
+        for after in (False, True):  # fused path (no hooks)
+            assert_matches(fused(x, r, residual_after_act=after), want64[after])
     seen = []
-    h = fused.bn.register_forward_hook(lambda m, i, o: seen.append(o))
-    for after in (False, True):
-        torch.testing.assert_close(fused(x, r, residual_after_act=after), want[after], rtol=1e-5, atol=1e-5)
-    h.remove()
+    h = fused.bn.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        for after in (False, True):  # hooked path: the original modules, called one after the other
+            y = fused(x, r, residual_after_act=after)
+            torch.testing.assert_close(y, want[after], rtol=1e-5, atol=1e-5)
+            assert_matches(y, want64[after])
+    finally:
+        h.remove()
     assert len(seen) == 2
+    for o in seen:  # the BN's hook saw BN's own output, before residual and activation
+        torch.testing.assert_close(o, pre, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Host-side (Python) cost of each layer above the kernel launch, on any machine.
 
-A stub backend registered in the ``cuda`` slot returns a preallocated tensor, so
+A stub registered as the ``triton`` backend (in this process only) returns a preallocated tensor, so
 no kernel runs and what is timed is effops' own Python: the dispatcher, input
 checks, the torch.library op, and the module's forward (BN scale/bias, validation),
 for FusedConvBNAct, FusedOSA (the whole block: one call, before its launches) and
@@ -30,7 +30,7 @@ def _stub(x, weight, *rest):
     return _outs[key]
 
 
-dispatch.register("conv_bn_act", "cuda")(_stub)
+dispatch.register("conv_bn_act", "triton")(_stub)
 
 
 def bench(name, fn, n=5000):
@@ -48,7 +48,7 @@ with torch.inference_mode():
     bench("dispatch.run", lambda: dispatch.run("conv_bn_act", x, w, None, b, None, None, *args[5:]))
     bench("check_inputs", lambda: C.check_inputs(x, w, None, b, None, [1, 1], [0, 0], [1, 1], 1, "relu"))
     bench("registered op (torch.ops.effops)", lambda: C._OP(*args))
-    bench("module.folded_parameters (cached)", lambda: m.folded_parameters())
+    bench("module.scale_bias (per call)", lambda: m.scale_bias())
     bench("module call (eager inference)", lambda: m(x))
 
 
@@ -57,7 +57,7 @@ from effops.models.classic_vovnet import OSAModule  # noqa: E402
 
 xo = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
 out_osa = torch.empty(2, 64, 4, 4)
-dispatch.register("osa_block", "cuda")(lambda *a, **k: out_osa)
+dispatch.register("osa_block", "triton")(lambda *a, **k: out_osa)
 osa = effops.FusedOSA.from_module(OSAModule(64, 32, 64, 5, "OSA", identity=True, ese=True)).eval()
 # A torchvision-style bottleneck fused by tracing: graph + 3 FusedSteps (conv stub as above).
 try:
@@ -69,6 +69,6 @@ except ImportError:
     block = None
 with torch.inference_mode():
     bench("FusedOSA call (L=5, eSE, identity)", lambda: osa(xo))
-    bench("FusedOSA.fused_arguments (cached)", lambda: osa.fused_arguments(xo, torch.float32))
+    bench("FusedOSA.fused_arguments", lambda: osa.fused_arguments(xo, torch.float32))
     if block is not None:
         bench("traced ResNet bottleneck (3 steps)", lambda: block(xb))

@@ -1,74 +1,17 @@
 """``FusedConvBNAct``: drop-in for Conv2d → BatchNorm2d → activation."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
-from .. import dispatch
 from ..ops.conv import _OP, check_inputs
-
-_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{a}", {}) for a in _HOOK_ATTRS)
-
-
-def hook_dicts(modules) -> tuple:
-    """The hook registries of ``modules`` and everything below them. Registering a hook
-    adds to these dicts in place, so ``hooked()`` of the tuple stays current without
-    walking the module tree on every forward (~1 us for a whole FusedOSA)."""
-    seen, out = set(), []
-    for top in modules:
-        for m in top.modules():
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.extend(getattr(m, a) for a in _HOOK_ATTRS)
-    return tuple(out)
-
-
-def hooked(dicts: tuple) -> bool:
-    """Whether a hook would observe one of the modules behind ``dicts`` (a ``hook_dicts``
-    tuple) being called: one registered on them, or a global module hook. Fused paths
-    never call those modules, so their owners then run the modules themselves."""
-    return any(dicts) or any(_GLOBAL_HOOKS)
-
-
-def version_cached(entry, tensors, extra, compute):
-    """``(entry, value)``: ``compute()``'s result, cached in ``entry`` (a ``(key, value)`` pair
-    or None, owned by the caller) until any of ``tensors`` is modified in place, moved or
-    replaced, or ``extra`` changes. Not cached while compiling, when autograd needs the
-    result, or for inference tensors (no version counter); ``entry`` is then returned as is."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return entry, compute()  # differentiable / traced
-    try:
-        key = (extra, tuple([(t.data_ptr(), t._version) for t in tensors]))
-    except RuntimeError:
-        return entry, compute()
-    if entry is None or entry[0] != key:
-        with torch.no_grad():
-            entry = (key, compute())
-    return entry, entry[1]
-
-
-def _timm_bn_act(bn: nn.Module) -> bool:
-    """timm's BN modules that apply their own activation (``bn.drop`` then ``bn.act``)."""
-    return type(bn).__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") and type(bn).__module__.startswith("timm.")
-
-
-def frozen_bn(bn: Optional[nn.Module]) -> bool:
-    """torchvision's ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` (what timm's
-    ``freeze_batch_norm_2d`` swaps in): affine and statistics are buffers, and they always
-    normalise with the running statistics."""
-    t = type(bn)
-    return (t.__name__ == "FrozenBatchNorm2d" and t.__module__.startswith("torchvision.")) or \
-        (t.__name__ == "FrozenBatchNormAct2d" and t.__module__.startswith("timm."))
-
-
-def is_batch_norm(bn: Optional[nn.Module]) -> bool:
-    """A BatchNorm this library folds: ``nn.BatchNorm2d``, timm ``BatchNormAct2d``, torchvision ``FrozenBatchNorm2d``."""
-    return type(bn) is nn.BatchNorm2d or _timm_bn_act(bn) or frozen_bn(bn)
+from .common import ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
@@ -97,12 +40,14 @@ def why_not_fusable(conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.M
         features = bn.running_mean.shape[0] if frozen_bn(bn) else bn.num_features
         if features != conv.out_channels:
             return f"{type(bn).__name__} has {features} features but the conv has {conv.out_channels} outputs"
-        if _timm_bn_act(bn) and type(bn.drop) is not nn.Identity:
+        if timm_bn_act(bn) and type(bn.drop) is not nn.Identity:
             return "BatchNormAct2d with dropout"
     if act is not None and activation_of(act) is None:
         return f"activation {type(act).__name__} is not supported"
-    if bn is not None and _timm_bn_act(bn) and activation_of(bn.act) is None:
+    if bn is not None and timm_bn_act(bn) and activation_of(bn.act) is None:
         return f"activation {type(bn.act).__name__} inside BatchNormAct2d is not supported"
+    if _fused_activation(bn, act) is None:
+        return f"{type(bn).__name__} applies {type(bn.act).__name__} and {type(act).__name__} follows it: two activations"
     return None
 
 
@@ -123,11 +68,18 @@ class FusedConvBNAct(nn.Module):
 
     * While the BatchNorm is in training mode: conv → BN (batch statistics,
       running-stat updates) → activation, exactly as PyTorch does.
-    * Otherwise BN is folded into the conv in float32, cast once to the input
-      dtype and cached; the cache is re-derived when any parameter or buffer
-      changes (in-place updates included), moves or changes dtype. The fused
-      op supports autograd, so gradients reach the conv and BN parameters
-      (frozen-BN fine-tuning); in that case the fold is recomputed each call.
+    * Otherwise (eval, or a frozen BN) the BatchNorm becomes a per-channel scale and
+      bias, computed on every call from the live BN parameters and buffers (float32,
+      float64 for float64 models) and applied in the kernel's epilogue; the conv weight
+      is used as it is. Nothing derived from the parameters is cached, so any change to
+      them (in place, through ``.data``, numpy or DLPack, a new tensor) is seen by the
+      next call, and a CUDA graph that captured the call replays it with the current
+      values. The fused op supports autograd, so gradients reach the conv and BN
+      parameters (frozen-BN fine-tuning).
+    * Settings are read live too: replacing a child (``fused.act = nn.SiLU()``) or
+      changing a conv setting (``fused.conv.padding = (2, 2)``) takes effect on the next
+      call; a combination the kernels can't express then runs the modules one after the
+      other (exact PyTorch, with a one-time warning saying why).
 
     * While a hook is registered on the conv, the BN or the activation (or a
       global module hook exists), those modules are called one after the other,
@@ -187,6 +139,11 @@ class FusedConvBNAct(nn.Module):
         return self
 
     def _setup(self, conv, bn, act, names):
+        if bn is not None and timm_bn_act(bn) and act is not None and type(bn.act) is not nn.Identity:
+            # BatchNormAct2d applies its own activation; an extra one is only meaningful
+            # (and accepted) when the BN's is Identity, e.g. act(bn(conv(x)) + residual).
+            raise ValueError(f"{type(bn).__name__} already applies {type(bn.act).__name__}; "
+                             f"can't add {type(act).__name__} after it")
         why = why_not_fusable(conv, bn, act)
         if why is not None:
             raise ValueError(f"cannot fuse {type(conv).__name__} → {type(bn).__name__} → {type(act).__name__}: {why}")
@@ -195,29 +152,30 @@ class FusedConvBNAct(nn.Module):
         self.add_module(names[0], conv)
         if bn is not None:
             self.add_module(names[1], bn)
-        act_src = act
-        if bn is not None and _timm_bn_act(bn):
-            # BatchNormAct2d applies its own activation; an extra one is only meaningful
-            # (and accepted) when the BN's is Identity, e.g. act(bn(conv(x)) + residual).
-            if act is None:
-                act_src = bn.act
-            elif type(bn.act) is not nn.Identity:
-                raise ValueError(f"{type(bn).__name__} already applies {type(bn.act).__name__}; "
-                                 f"can't add {type(act).__name__} after it")
         if act is not None and names[2] is not None:
             self.add_module(names[2], act)
         # Set after add_module: until then the conv/bn properties must not resolve
         # (add_module refuses names that hasattr() already finds).
         self._names = names
-        # Called on the hooked path (see forward); kept out of _modules when the caller
-        # didn't register it (a traced forward's own activation child).
+        # A traced forward's activation is the owner's child: kept out of _modules
+        # (names[2] is None) and read from here.
         self.__dict__["_act_module"] = act
-        self._hooks = hook_dicts([m for m in (conv, bn, act) if m is not None])
-        self._act = activation_of(act_src)
-        self._padding = list(resolve_padding(conv))
-        self._stride, self._dilation = list(conv.stride), list(conv.dilation)
-        self._cache = None
+        self._watch()
+
+    def _watch(self) -> None:
+        """(Re)collect what forward() watches: the hook registries of the children and a
+        snapshot of which module sits in each child slot."""
+        mods = [m for m in self._live_modules() if m is not None]
+        self._hooks = hook_dicts(mods)
+        self._snapshot = ChildrenSnapshot([self] + mods)
         self._checked = None
+        self._why_unfused = None
+
+    def _live_modules(self):
+        """``(conv, bn, act)`` as registered now (``act`` may be None: identity)."""
+        mods, (nc, nb, na) = self._modules, self._names
+        act = mods.get(na) if na is not None else self.__dict__["_act_module"]
+        return mods[nc], (mods.get(nb) if nb is not None else None), act
 
     # Children are looked up by their (possibly original) names.
     @property
@@ -230,16 +188,14 @@ class FusedConvBNAct(nn.Module):
 
     @property
     def activation(self) -> Tuple[str, float]:
-        """``(name, param)`` of the fused activation."""
-        return self._act
+        """``(name, param)`` of the activation applied after the BN, as the modules say now."""
+        _, bn, act = self._live_modules()
+        return _fused_activation(bn, act) or ("unsupported", 0.0)
 
     def extra_repr(self) -> str:
-        return f"act={self._act[0]}"
+        return f"act={self.activation[0]}"
 
-    def _folds(self) -> bool:
-        # Runs on every forward: dict lookups instead of nn.Module.__getattr__ (~1 us each).
-        name = self._names[1]
-        bn = self._modules.get(name) if name is not None else None
+    def _folds(self, bn) -> bool:
         if bn is None:
             return True
         if bn.training:
@@ -247,50 +203,40 @@ class FusedConvBNAct(nn.Module):
         buffers = bn._buffers
         return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
 
-    def _fold(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-        conv, bn = self.conv, self.bn
+    def scale_bias(self, compute_dtype: torch.dtype = torch.float32) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The per-channel ``(scale, bias)`` the eval path applies after the conv, from the
+        live BN state (``(None, conv.bias)`` without a BN). Computed on every call (a few
+        small ops); differentiable."""
+        conv, bn, _ = self._live_modules()
+        cb = conv._parameters.get("bias")
         if bn is None:
-            w, b = conv.weight, conv.bias
-            b = None if b is None else b.float()
-        else:
-            w, b = reference.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-        w = w.to(dtype)
-        if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
-            # Depthwise: tap-major memory ([kh, kw, C]) so each tap's per-channel weights are
-            # one contiguous vector for the depthwise kernel. Same logical [C, 1, kh, kw] tensor.
-            return w.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1), b
-        # channels_last weights make the GEMM kernel's K (input channel) loads contiguous.
-        return w.contiguous(memory_format=torch.channels_last), b
-
-    def _state_tensors(self):
-        # Straight from the parameter/buffer dicts: nn.Module.__getattr__ costs
-        # about a microsecond per lookup, and this runs on every forward.
-        mods = self._modules
-        p = mods[self._names[0]]._parameters
-        ts = [p["weight"], p.get("bias")]
-        if self._names[1] is not None and self._names[1] in mods:
-            bn = mods[self._names[1]]
-            bp, bb = bn._parameters, bn._buffers
-            # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
-            ts += [bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb.get("running_mean"),
-                   bb.get("running_var"), bb.get("num_batches_tracked")]
-        return [t for t in ts if t is not None]
+            return None, (None if cb is None else cb.to(compute_dtype))
+        # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
+        bp, bb = bn._parameters, bn._buffers
+        return reference.bn_scale_bias(cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")),
+                                       bb["running_mean"], bb["running_var"], bn.eps, compute_dtype)
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """The folded ``(weight, bias)`` the eval path runs with (cached when no grad is needed)."""
-        dtype = dtype or self.conv.weight.dtype
-        tensors = self._state_tensors()
-        bn = self.bn
-        extra = (dtype, bn.eps if bn is not None else None, tensors[0].device)
-        entry, folded = version_cached(self._cache, tensors, extra, lambda: self._fold(dtype))
-        if entry is not self._cache:  # nn.Module.__setattr__ costs ~1 us: only on a miss
-            self._cache = entry
-        return folded
+        """The conv with its eval-mode BN folded in: ``(weight * scale, bias)``, weight in
+        ``dtype`` (default: the conv's), bias in float32 (float64 for float64 weights).
+        For export and inspection; the fused path itself applies the scale in the kernel."""
+        w = self.conv.weight
+        dtype = dtype or w.dtype
+        scale, bias = self.scale_bias(_compute_dtype(w.dtype))
+        if scale is not None:
+            w = w.to(scale.dtype) * scale.view(-1, 1, 1, 1)
+        return w.to(dtype), bias
+
+    def _settings(self, conv, bn, act):
+        """The live settings the kernels run with, compared on every call (a few hundred ns)."""
+        return (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, _fused_activation(bn, act))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
-        if hooked(self._hooks) and self._modules_compute_it(residual, residual_after_act):
+        if self._snapshot.changed():  # a child was replaced since the last call
+            self._watch()
+        conv, bn, act_mod = self._live_modules()
+        if hooked(self._hooks) and self._modules_compute_it(bn, residual, residual_after_act):
             return self._forward_modules(x, residual, residual_after_act)
-        conv = self.conv
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
@@ -298,79 +244,88 @@ class FusedConvBNAct(nn.Module):
             dtype = x.dtype
         else:
             dtype = conv.weight.dtype
-        compiling = torch.compiler.is_compiling()
+        settings = self._settings(conv, bn, act_mod)
         w = conv._parameters["weight"]
+        compiling = torch.compiler.is_compiling()
         sig = None if compiling or not isinstance(x, Tensor) else (
-            x.shape, x.dtype, x.device, w.device, w.dtype,
+            settings, x.shape, x.dtype, x.device, w.shape, w.device, w.dtype,
             None if residual is None else (residual.shape, residual.dtype, residual.device))
-        if sig is None or sig != self._checked:  # eager: validate each new (input, weight) signature once
-            check_inputs(x, self._weight_as(dtype), None, None, residual, self._stride, self._padding, self._dilation,
-                         conv.groups, self._act[0])
+        if sig is None or sig != self._checked:  # eager: validate each new signature once
+            self._why_unfused = why_not_fusable(conv, bn, act_mod)
+            if self._why_unfused is not None:
+                warnings.warn(f"effops.FusedConvBNAct runs unfused: {self._why_unfused}", stacklevel=2)
+            else:
+                check_inputs(x, _cast(w, dtype), None, None, residual, conv.stride, resolve_padding(conv),
+                             conv.dilation, conv.groups, settings[-1][0])
             if sig is not None:
                 self._checked = sig
-        if not self._folds():
-            return self._forward_unfused(x, self._weight_as(dtype), residual, residual_after_act)
-        weight, bias = self.folded_parameters(dtype)
-        act, act_param = self._act
-        args = (x, weight, None, bias, residual, self._stride, self._padding, self._dilation, conv.groups,
-                act, act_param, residual_after_act)
-        if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))):
+        if self._why_unfused is not None:
+            if not self._modules_compute_it(bn, residual, residual_after_act):
+                raise ValueError(f"effops.FusedConvBNAct can't add a residual before the activation here: "
+                                 f"{self._why_unfused}")
+            return self._forward_modules(x, residual, residual_after_act)
+        if not self._folds(bn):
+            return self._forward_unfused(x, _cast(w, dtype), residual, residual_after_act)
+        scale, bias = self.scale_bias(_compute_dtype(dtype))
+        act, act_param = settings[-1]
+        args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
+                conv.groups, act, act_param, residual_after_act)
+        if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])):
             return _OP(*args)  # the registered op: traceable, differentiable
         # Eager inference: run the op's implementation without the torch.library
         # layers (they cost more host time than a small conv takes on the GPU).
-        return dispatch.run("conv_bn_act", x, weight, None, bias, residual, None, *args[5:])
+        return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, None, *args[5:])
 
-    def _modules_compute_it(self, residual, residual_after_act) -> bool:
+    def _modules_compute_it(self, bn, residual, residual_after_act) -> bool:
         # A timm BatchNormAct2d applies its own activation, so calling it can't put a
         # residual before that activation (a combination only direct callers can ask for).
-        bn = self.bn
-        return residual is None or residual_after_act or bn is None or not _timm_bn_act(bn) \
+        return residual is None or residual_after_act or bn is None or not timm_bn_act(bn) \
             or type(bn.act) is nn.Identity
 
     def _forward_modules(self, x, residual, residual_after_act):
-        """The path taken while a hook is registered on the conv, the BN or the activation
-        (or globally): the original modules are called, so their hooks see exactly what
-        they saw before ``optimize()``. Same math as the other paths, without fusion."""
-        conv, bn, act = self.conv, self.bn, self._act_module
-        if bn is not None and bn.training and not frozen_bn(bn):
-            self._cache = None  # running statistics change: see _forward_unfused
+        """The original modules, called one after the other: the path taken while a hook
+        watches one of them (so it sees exactly what it saw before ``optimize()``) or when
+        the live settings can't be fused. Same math as the other paths, without fusion."""
+        conv, bn, act = self._live_modules()
         y = conv(x)
         if bn is not None:
             if y.shape[0] == 0:
                 return y  # as _forward_unfused: an empty batch leaves the running stats alone
             y = bn(y)  # a timm BatchNormAct2d applies its own activation here
-        if residual is not None and not residual_after_act:
-            y = y + residual
-        if act is not None:
-            y = act(y)
-        elif bn is None or not _timm_bn_act(bn):
-            y = apply_activation(y, *self._act)
-        if residual is not None and residual_after_act:
-            y = y + residual
-        return y
-
-    def _weight_as(self, dtype: torch.dtype) -> Tensor:
-        # Only validation and the unfused path need the raw weight in the run dtype
-        # (autocast); the folded path casts once into its cache instead.
-        w = self.conv.weight
-        return w if w.dtype == dtype else w.to(dtype)
+        return reference.add_residual_around(y, act, residual, residual_after_act)
 
     def _forward_unfused(self, x, w, residual, residual_after_act):
         # BatchNorm in training mode: batch statistics, so nothing can be folded.
         # Exactly PyTorch's own modules (nn.BatchNorm2d.forward also for timm's
         # BatchNormAct2d, whose activation is applied below like any other).
-        conv, bn = self.conv, self.bn
-        # batch_norm updates running stats in its kernel without bumping their
-        # version counters, so the cached fold can't notice: drop it here.
-        self._cache = None
+        conv, bn, act = self._live_modules()
         b = conv.bias if conv.bias is None or conv.bias.dtype == w.dtype else conv.bias.to(w.dtype)
-        y = torch.nn.functional.conv2d(x, w, b, self._stride, self._padding, self._dilation, conv.groups)
+        y = torch.nn.functional.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         if y.shape[0] == 0:
             return y  # batch statistics of an empty batch are undefined; leave running stats alone
         y = nn.BatchNorm2d.forward(bn, y)
-        if residual is not None and not residual_after_act:
-            y = y + residual
-        y = apply_activation(y, *self._act)
-        if residual is not None and residual_after_act:
-            y = y + residual
-        return y
+        name, param = _fused_activation(bn, act)
+        return reference.add_residual_around(y, lambda t: apply_activation(t, name, param), residual, residual_after_act)
+
+
+def _fused_activation(bn, act) -> Optional[Tuple[str, float]]:
+    """The one activation applied after the BN (a timm BatchNormAct2d's own, or the
+    ``act`` module's); None when there are two or one effops can't fuse."""
+    outer = activation_of(act)
+    if bn is None or not timm_bn_act(bn):
+        return outer
+    inner = activation_of(bn._modules.get("act"))
+    if outer is None or inner is None:
+        return None
+    if inner[0] == "identity":
+        return outer
+    return inner if outer[0] == "identity" else None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(w: Tensor, dtype: torch.dtype) -> Tensor:
+    # Only autocast runs a weight in another dtype: one cast per call, as eager autocast does.
+    return w if w.dtype == dtype else w.to(dtype)

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.osa import _OP, check_osa_inputs
-from .conv_bn_act import FusedConvBNAct, frozen_bn, hook_dicts, hooked, resolve_padding, version_cached, why_not_fusable
+from .common import ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, sequential_children
+from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
 
 
 class EffectiveSE(nn.Module):
@@ -80,9 +81,7 @@ class _Parts:
 
 def _unit(container: nn.Module, what: str) -> _Unit:
     """Parse ``[depthwise conv →] conv → BN [→ act]`` from a container whose forward applies its children in order."""
-    from ..convert import _sequential_children  # convert imports this module
-
-    children = _sequential_children(container)
+    children = sequential_children(container)
     if children is None:
         raise ValueError(f"{what} is a {type(container).__name__}, not a Sequential-like conv → BN → act container")
     mods = [m for _, m in children if type(m) is not nn.Identity]
@@ -97,7 +96,7 @@ def _unit(container: nn.Module, what: str) -> _Unit:
     if not mods or not isinstance(mods[0], nn.Conv2d):
         raise ValueError(f"{what} does not start with a conv")
     conv = mods[0]
-    bn = mods[1] if len(mods) > 1 and (isinstance(mods[1], nn.BatchNorm2d) or frozen_bn(mods[1])) else None
+    bn = mods[1] if len(mods) > 1 and looks_like_batch_norm(mods[1]) else None
     rest = mods[2:] if bn is not None else mods[1:]
     act = rest[0] if rest else None
     if len(rest) > 1 or bn is None:
@@ -129,6 +128,7 @@ def _classic_parts(m: nn.Module) -> _Parts:
 
 
 def _timm_parts(m: nn.Module) -> _Parts:
+    """timm's ``OsaBlock`` (or a holder with its children and ``residual`` flag)."""
     p = _Parts(children=list(m.named_children()), identity=bool(m.residual))
     if m.conv_reduction is not None:
         p.reduction = _unit(m.conv_reduction, "conv_reduction")
@@ -255,7 +255,7 @@ class FusedOSA(nn.Module):
         for n, m in children:
             holder.add_module(n, m)
         holder.identity = identity
-        self._setup(_classic_parts(holder))
+        self._setup(_classic_parts(holder), "classic")
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "FusedOSA":
@@ -264,10 +264,11 @@ class FusedOSA(nn.Module):
         not copied; a structure that can't be fused raises ``ValueError`` saying why."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(_parts_of(module))
+        t = type(module)
+        self._setup(_parts_of(module), "timm" if t.__name__ == "OsaBlock" and t.__module__.startswith("timm.") else "classic")
         return self
 
-    def _setup(self, p: _Parts) -> None:
+    def _setup(self, p: _Parts, kind: str) -> None:
         units = ([p.reduction] if p.reduction is not None else []) + p.mid + [p.agg]
         acts = {u.fused.activation for u in units}
         if len(acts) != 1:
@@ -310,16 +311,45 @@ class FusedOSA(nn.Module):
         self._parts = p
         self._units = units
         self.in_ch, self.stage_ch, self.concat_ch, self.layer_per_block = in_ch, sc, agg.out_channels, L
+        self._kind = kind
         self.identity = p.identity
         self.depthwise = p.mid[0].dw is not None
         self.has_ese = p.ese is not None
         self._act = p.agg.fused.activation
-        self._zero_bias = None
-        self._ese_cache = None
-        self._dw_cache = {}
         self._checked = None
         # Hooks on any child make forward() call the original modules (forward_unfused).
         self._hooks = hook_dicts(list(self.children()))
+        # What forward() compares on every call to notice a child replaced or a conv
+        # setting changed after construction (then the block is parsed again).
+        self._snapshot = ChildrenSnapshot(list(self.children()))
+        self._fingerprint = self._live_settings()
+
+    def _live_settings(self) -> tuple:
+        return tuple(u.fused._settings(*u.fused._live_modules()) + (u.fused.conv._parameters["weight"].shape,)
+                     for u in self._units) + tuple((u.dw.stride, u.dw.padding, u.dw.dilation, u.dw.groups,
+                                                    u.dw.padding_mode) for u in self._parts.mid if u.dw is not None)
+
+    def _reparse(self) -> None:
+        """Build the plan again from the children as they are now (one was replaced or a
+        conv setting changed since the last call); raise if they no longer form a block
+        this module can run."""
+        holder = nn.Module()
+        for n, m in self.named_children():
+            holder.add_module(n, m)
+        try:
+            if self._kind == "timm":
+                for n in ("conv_reduction", "attn", "drop_path"):
+                    if n not in holder._modules:
+                        setattr(holder, n, None)
+                holder.residual = self.identity
+                parts = _timm_parts(holder)
+            else:
+                holder.identity = self.identity
+                parts = _classic_parts(holder)
+            self._setup(parts, self._kind)
+        except ValueError as e:
+            raise ValueError(f"FusedOSA: its modules changed after construction and no longer form an OSA block "
+                             f"it can run: {e}") from e
 
     @property
     def activation(self) -> Tuple[str, float]:
@@ -334,7 +364,7 @@ class FusedOSA(nn.Module):
     # -- helpers -----------------------------------------------------------------
     def _fusable(self) -> bool:
         p = self._parts
-        if any(not u.fused._folds() for u in self._units):
+        if any(not u.fused._folds(u.fused.bn) for u in self._units):
             return False
         return p.drop_path is None or not p.drop_path.training
 
@@ -343,47 +373,28 @@ class FusedOSA(nn.Module):
             return False
         return x.requires_grad or any(t.requires_grad for t in self.parameters())
 
-    def _ese_params(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        fc = self._parts.ese_fc
-        if fc is None:
-            return None, None
-        w, b = fc._parameters["weight"], fc._parameters["bias"]
-        entry, wb = version_cached(
-            self._ese_cache, (w, b), w.device, lambda: (w.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()))
-        if entry is not self._ese_cache:  # nn.Module.__setattr__ costs ~1 us: only on a miss
-            self._ese_cache = entry
-        return wb
-
-    def _dw_weight(self, w: Tensor, dtype: torch.dtype) -> Tensor:
-        """A depthwise weight in the run dtype, tap-major in memory ([kh, kw, C]: each tap's
-        per-channel weights one contiguous vector for the fused kernel), cached per version."""
-        self._dw_cache[id(w)], tap_major = version_cached(
-            self._dw_cache.get(id(w)), (w,), (dtype, w.device),
-            lambda: w.to(dtype).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1))
-        return tap_major
-
     def fused_arguments(self, x: Tensor, dtype: torch.dtype) -> tuple:
-        """The ``effops::osa_block`` arguments for input ``x`` (folded, cast, cached)."""
+        """The ``effops::osa_block`` arguments for input ``x``: each conv's weight (cast to
+        ``dtype`` only under autocast) with its BatchNorm as a per-channel scale and bias
+        computed from the live BN state. Nothing is cached (see FusedConvBNAct)."""
         p = self._parts
-        red_w = red_b = None
+        cd = _compute_dtype(dtype)
+
+        def conv_args(u: _Unit):
+            return (_cast(u.fused.conv._parameters["weight"], dtype),) + u.fused.scale_bias(cd)
+
+        red_w = red_s = red_b = None
         if p.reduction is not None:
-            red_w, red_b = p.reduction.fused.folded_parameters(dtype)
-        mid_ws, mid_bs, dw_ws = [], [], []
-        for u in p.mid:
-            w, b = u.fused.folded_parameters(dtype)
-            if b is None:
-                if self._zero_bias is None or self._zero_bias.device != w.device:
-                    self._zero_bias = torch.zeros(self.stage_ch, dtype=torch.float32, device=w.device)
-                b = self._zero_bias
-            mid_ws.append(w)
-            mid_bs.append(b)
-            if u.dw is not None:
-                dw_ws.append(self._dw_weight(u.dw._parameters["weight"], dtype))
-        agg_w, agg_b = p.agg.fused.folded_parameters(dtype)
-        ese_w, ese_b = self._ese_params()
+            red_w, red_s, red_b = conv_args(p.reduction)
+        mid_ws, mid_ss, mid_bs = zip(*[conv_args(u) for u in p.mid])
+        dw_ws = [_cast(u.dw._parameters["weight"], dtype) for u in p.mid if u.dw is not None]
+        agg_w, agg_s, agg_b = conv_args(p.agg)
+        ese_w = ese_b = None
+        if p.ese_fc is not None:
+            ese_w, ese_b = p.ese_fc._parameters["weight"].to(cd), p.ese_fc._parameters["bias"].to(cd)
         act, act_param = self._act
-        return (x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, self.identity, act,
-                float(act_param))
+        return (x, red_w, red_s, red_b, dw_ws, list(mid_ws), list(mid_ss), list(mid_bs), agg_w, agg_s, agg_b, ese_w,
+                ese_b, self.identity, act, float(act_param))
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -392,6 +403,8 @@ class FusedOSA(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedOSA expected a 4-D input (N, C, H, W), got {got}")
+        if self._snapshot.changed() or self._live_settings() != self._fingerprint:
+            self._reparse()
         if not self._fusable() or self._needs_grad(x) or hooked(self._hooks):
             return self.forward_unfused(x)
         dev = x.device.type
@@ -403,21 +416,19 @@ class FusedOSA(nn.Module):
         args = self.fused_arguments(x, dtype)
         if torch.compiler.is_compiling():
             return _OP(*args)
-        w = args[6]
-        sig = (x.shape, x.dtype, x.device, w.dtype, w.device)
+        w = args[8]
+        sig = (x.shape, x.dtype, x.device, w.dtype, w.device, self.identity)
         if sig != self._checked:  # validate each new (input, weight) signature once
-            check_osa_inputs(*args[:12])
+            check_osa_inputs(*args[:15])
             self._checked = sig
         # Eager inference: the op's implementation without the torch.library layers.
         return dispatch.run("osa_block", *args)
 
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""
+        if self._snapshot.changed() or self._live_settings() != self._fingerprint:
+            self._reparse()
         p = self._parts
-        # Training-mode batch_norm updates running stats without bumping their version
-        # counters: drop the folded caches, as FusedConvBNAct does on its unfused path.
-        for u in self._units:
-            u.fused._cache = None
         feats = [x]
         y = x if p.reduction is None else p.reduction.container(x)
         for u in p.mid:
@@ -428,4 +439,4 @@ class FusedOSA(nn.Module):
             y = p.ese(y)
         if p.drop_path is not None:
             y = p.drop_path(y)
-        return y + x if p.identity else y
+        return y + x if self.identity else y

@@ -1,6 +1,7 @@
 """``FusedSequential``: an ``nn.Sequential`` whose conv → bn → act runs execute fused."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import List, Tuple
 
@@ -18,7 +19,9 @@ class FusedSequential(nn.Sequential):
     ``OrderedDict`` of ``stem_1/conv``, ``stem_1/norm``, ``stem_1/relu``, ...).
 
     Equivalent PyTorch: the original ``nn.Sequential``. The execution plan is
-    fixed at construction: replacing a child afterwards means optimizing again.
+    built at construction; if a child is replaced afterwards, forward runs the
+    children one by one (exactly ``nn.Sequential``, with a one-time warning) until
+    the model is optimized again.
     """
 
     def __init__(self, seq: nn.Sequential, runs: List[Tuple[int, int, FusedConvBNAct]]):
@@ -34,8 +37,15 @@ class FusedSequential(nn.Sequential):
         # this Sequential and must not appear twice in state_dict / modules().
         self._plan = plan
         self._runs = [(start, length) for start, length, _ in runs]
+        self._children_at_plan = dict(self._modules)
 
     def forward(self, x):
+        if self._modules != self._children_at_plan:  # dict equality: modules compare by identity
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                warnings.warn("effops.FusedSequential: a child was replaced after optimize(); running the children "
+                              "unfused (call effops.optimize again to fuse them)", stacklevel=2)
+            return nn.Sequential.forward(self, x)
         for step in self._plan:
             x = step(x)
         return x

@@ -17,13 +17,14 @@ silently fix every branch that tests them (``if shortcut is None``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..activations import apply_activation
-from .conv_bn_act import FusedConvBNAct
+from .conv_bn_act import FusedConvBNAct, resolve_padding
 
 
 class FusedStep(nn.Module):
@@ -71,7 +72,7 @@ class FusedStep(nn.Module):
         if r.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
         k, s, d = conv.kernel_size, conv.stride, conv.dilation
-        p = self.fused._padding
+        p = resolve_padding(conv)
         oh = (x.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         ow = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
         return tuple(r.shape) == (x.shape[0], conv.out_channels, oh, ow)
@@ -106,10 +107,21 @@ class TracedForward:
     def __init__(self, owner: nn.Module, graph_module: torch.fx.GraphModule):
         self.owner = owner
         self.graph_module = graph_module
+        # The graph calls the owner's children as they were when it was traced: if one is
+        # replaced later, the class's own forward runs instead (exact, unfused).
+        self.children_at_trace = dict(owner._modules)
+        self.warned = False
 
     def __call__(self, *args, **kwargs):
-        if self.owner.training:
-            return type(self.owner).forward(self.owner, *args, **kwargs)
+        owner = self.owner
+        if owner.training:
+            return type(owner).forward(owner, *args, **kwargs)
+        if owner._modules != self.children_at_trace:  # dict equality: modules compare by identity
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"effops: a child of {type(owner).__name__} was replaced after optimize(); its forward "
+                              "runs unfused (call effops.optimize again to fuse it)", stacklevel=2)
+            return type(owner).forward(owner, *args, **kwargs)
         return self.graph_module(*args, **kwargs)
 
     def __repr__(self) -> str:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ..activations import activation_grad, check_activation
-from ..views import ChannelView
+from ..views import ChannelView, first_overlap
 from . import reference
 
 try:  # Triton is optional: without it (macOS, Windows, CPU wheels) the reference backend runs.
@@ -80,9 +79,20 @@ if triton is not None:
     @triton.jit
     def _pixel_coords(offs, OH, OW):
         """Output-pixel row index -> (image, row, column)."""
-        ohw = OH * OW
-        rem = offs % ohw
-        return offs // ohw, rem // OW, rem % OW
+        if offs.dtype == tl.int64:
+            # 64-bit addressing (IDX64): the int32 scalar product OH * OW could wrap (one
+            # image of >= 2**31 pixels), so divide by OW and OH in turn instead.
+            row = offs // OW
+            n = row // OH
+            oh = row % OH
+            ow = offs % OW
+        else:
+            ohw = OH * OW
+            rem = offs % ohw
+            n = offs // ohw
+            oh = rem // OW
+            ow = rem % OW
+        return n, oh, ow
 
     @triton.jit
     def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -99,7 +109,9 @@ if triton is not None:
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                         RES_AFTER_ACT: tl.constexpr, ACT: tl.constexpr):
         """The conv epilogue on an fp32 [pixels, channels] tile: ``* scale + bias``,
-        residual before or after the activation, store through the output's strides."""
+        residual before or after the activation, store through the output's strides.
+        Callers pass ``co``, ``n_idx``, ``oh``, ``ow`` as int64 when the launch needs
+        64-bit addressing (IDX64): every product with a stride here then is int64."""
         if HAS_SCALE:
             y = y * tl.load(scale_ptr + co, mask=c_ok, other=1.0)[None, :]
         if HAS_BIAS:
@@ -143,20 +155,27 @@ if triton is not None:
         # N-blocks of one M-block run back to back so the input tile stays in L2.
         pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        if IDX64:
+            # Every index that multiplies a stride becomes int64 *before* the product:
+            # pixel rows (pid_m * BLOCK_M included) and channel indices, whose products
+            # with a channel stride (NCHW images of >= 2**31 elements, channel views
+            # with huge channel strides) wrap in int32 as much as pixel offsets do.
+            pid_m = pid_m.to(tl.int64)
+            g = g.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if IDX64:
-            offs_m = offs_m.to(tl.int64)
         m_ok = offs_m < M
         n_idx, oh, ow = _pixel_coords(offs_m, OH, OW)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
         x_row = x_ptr + n_idx * sxn
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C_out_g
         co = g * C_out_g + offs_n
-        offs_k = tl.arange(0, BLOCK_K)
         ci0 = g * C_in_g
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -213,14 +232,17 @@ if triton is not None:
         # Memory-bound, no GEMM: each program owns a [pixels, channels] tile (contiguous along
         # channels in NHWC) and accumulates the KH*KW shifted input tiles, each times one
         # weight per channel. Same epilogue as the GEMM kernel (_epilogue_store).
-        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        if IDX64:
-            offs_p = offs_p.to(tl.int64)
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        if IDX64:  # pixel and channel indices int64 before any product (see _conv_bn_act_kernel)
+            pid_p = pid_p.to(tl.int64)
+            pid_c = pid_c.to(tl.int64)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < M
         n_idx, oh, ow = _pixel_coords(offs_p, OH, OW)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
-        co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        co = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = co < C
         x_row = x_ptr + n_idx * sxn
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -307,13 +329,9 @@ def _next_pow2(n: int) -> int:
 def _interpreting(t: Tensor) -> bool:
     """Whether launches for ``t`` take the interpreter path (CPU tensors under
     TRITON_INTERPRET=1) rather than the device path (tuned or heuristic tiles).
-    Tests patch it (with ``_capturing`` and ``_on_device``) to run the device path
-    under the interpreter, which no CPU-only run would otherwise execute."""
+    Tests patch it (with ``_on_device``) to run the device path under the interpreter,
+    which no CPU-only run would otherwise execute."""
     return t.device.type == "cpu"
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_current_stream_capturing()
 
 
 def _cuda_configs():
@@ -350,56 +368,17 @@ def _candidates(C_in_g: int, C_out_g: int, tma_elem_size: int = 0):
     return kept
 
 
-# (problem key) -> best config. Filled on first use of each key by timing the
-# candidates; later calls launch directly (triton.autotune's per-call Python
-# work costs more than a small conv here).
-_TUNED: dict = {}
-
-
-def _tuned_config(key, launch, C_in_g: int, C_out_g: int, candidates=None) -> dict:
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        import triton.testing
-
-        if candidates is None:
-            candidates = _candidates(C_in_g, C_out_g)
-        elif callable(candidates):
-            candidates = candidates()
-        timed = []
-        for cand in candidates:
-            try:
-                timed.append((triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20), len(timed), cand))
-            except Exception:  # e.g. out of shared memory for this tile on this GPU
-                continue
-        if not timed:
-            raise RuntimeError(f"no conv kernel config could run for problem {key}")
-        timed.sort(key=lambda t: t[:2])
-        cfg = timed[0][2]
+def _with_tma_fallback(C_in_g: int, C_out_g: int):
+    """``choose`` for :func:`effops.tuning.pick`: the fastest tile, and when that is a TMA
+    tile, the fastest pointer tile with it as ``FALLBACK``: the same shapes can come with
+    other strides or alignment, which the TMA kernel can't take."""
+    def choose(ranked):
+        cfg = ranked[0]
         if cfg.get("TMA"):
-            # Same shapes can come with other strides or alignment: keep the best tile of
-            # the pointer kernel for calls the TMA kernel can't take.
-            fallback = next((c for _, _, c in timed if not c.get("TMA")), None)
+            fallback = next((c for c in ranked if not c.get("TMA")), None)
             cfg = dict(cfg, FALLBACK=fallback or _candidates(C_in_g, C_out_g)[-1])
-        _TUNED[key] = cfg
-    return cfg
-
-
-def _pick_config(key, launch, heuristic, C_in_g: int, C_out_g: int, candidates=None) -> dict:
-    """The tile for one launch on a GPU.
-
-    * ``EFFOPS_AUTOTUNE=0``: ``heuristic()`` (no benchmarking; tests, reproducible start-up);
-    * during CUDA-graph capture nothing may be benchmarked: the tile tuned earlier for
-      this problem if there is one (warm up before capturing to get it), else the heuristic;
-    * otherwise the tuned tile (timed once per problem key, then cached).
-
-    ``candidates``: a list, or a function returning one (called only when tuning).
-    """
-    if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
-        return heuristic()
-    if _capturing():
-        cfg = _TUNED.get(key)
-        return cfg if cfg is not None else heuristic()
-    return _tuned_config(key, launch, C_in_g, C_out_g, candidates)
+        return cfg
+    return choose
 
 
 _TMA_DEVICES: dict = {}
@@ -534,12 +513,20 @@ def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilat
     def launch(cfg):
         _depthwise_kernel[(_cdiv(M, cfg["BLOCK_P"]), _cdiv(C, cfg["BLOCK_C"]))](*args, **meta, **cfg)
 
+    launch_tuned(x, launch, lambda: dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)),
+                 ("depthwise", tuning.bucket(M), C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None,
+                  act), lambda: _depthwise_heuristic(C), _depthwise_configs)
+
+
+def launch_tuned(x: Tensor, launch, interpret_cfg, key, heuristic, candidates, choose=None):
+    """What every launcher does with its ``launch(cfg)``: under the interpreter (CPU tensors)
+    one small fixed tile, ``interpret_cfg()``; on a GPU the tile :func:`effops.tuning.pick`
+    gives for ``key`` (timed once per problem bucket and device kind, then cached), launched
+    on the tensors' device. Returns what ``launch`` returns."""
     if _interpreting(x):
-        launch(dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)))
-        return
+        return launch(interpret_cfg())
     with _on_device(x.device):
-        key = ("depthwise", M, C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None, act)
-        launch(_pick_config(key, launch, lambda: _depthwise_heuristic(C), C, C, _depthwise_configs()))
+        return launch(tuning.pick(key, launch, heuristic, candidates, x.device, choose=choose))
 
 
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
@@ -566,6 +553,11 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         return out
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     interpreting = _interpreting(x)
+    if not interpreting and not weight.is_contiguous(memory_format=torch.channels_last):
+        # The GEMM kernels read K (kh, kw, input channel) contiguously from an OHWI weight
+        # (and the TMA kernel requires it). Modules run with the weight they hold, so an
+        # OIHW weight is laid out per call: keep conv weights channels_last on a GPU.
+        weight = weight.contiguous(memory_format=torch.channels_last)
     args = (
         x, weight, scale if scale is not None else out, bias if bias is not None else out,
         residual if residual is not None else out, out,
@@ -584,7 +576,13 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         IDX64=force_int64 or needs_int64(x, residual, out),
         **_dot_meta(x, interpreting),
     )
+    def tma_ok() -> bool:  # the TMA kernel's addressing is int32 throughout
+        return not meta["IDX64"] and tma_eligible(x, weight, out, stride, dilation, groups)
+
     def launch(cfg):
+        if cfg.get("TMA") and "FALLBACK" in cfg and not tma_ok():
+            # A TMA tile tuned on this problem's shapes, for a call it can't take (other strides or alignment).
+            cfg = cfg["FALLBACK"]
         if cfg.get("TMA"):
             tma_meta = dict(meta)
             del tma_meta["POINTWISE"], tma_meta["IDX64"]  # the TMA kernel has neither
@@ -596,29 +594,20 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
                                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                                   num_stages=cfg.get("num_stages", 3))
 
-    def tma_ok() -> bool:  # the TMA kernel's addressing is int32 throughout
-        return not meta["IDX64"] and tma_eligible(x, weight, out, stride, dilation, groups)
-
-    if config is not None and config.get("TMA") and not tma_ok():
-        raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
-    if interpreting and config is None:
-        bm = _interpret_block(M, 16, 64)
-        bn = _interpret_block(C_out_g, 16, 64)
-        bk = _interpret_block(C_in_g, 16, 64)
-        launch(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-    elif interpreting:
-        launch(config)
-    else:
-        with _on_device(x.device):
-            if config is None:
-                # Tuned once per problem; inside a CUDA-graph capture the tile tuned earlier (or the heuristic).
-                key = (M, C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"], meta["HAS_RES"], act)
-                config = _pick_config(
-                    key, launch, lambda: _heuristic_meta(M, C_in_g, C_out_g), C_in_g, C_out_g,
-                    lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_ok() else 0))
-                if config.get("TMA") and not tma_ok():
-                    config = config["FALLBACK"]
+    if config is not None:
+        if config.get("TMA") and not tma_ok():
+            raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
+        with _NULL_CTX if interpreting else _on_device(x.device):
             launch(config)
+        return out
+    # Tuned once per problem and pixel-count bucket (effops.tuning); the launch uses the real M.
+    launch_tuned(x, launch, lambda: dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out_g, 16, 64),
+                                         BLOCK_K=_interpret_block(C_in_g, 16, 64)),
+                 ("conv", tuning.bucket(M), C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"],
+                  meta["HAS_SCALE"], meta["HAS_RES"], act),
+                 lambda: _heuristic_meta(M, C_in_g, C_out_g),
+                 lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_ok() else 0),
+                 choose=_with_tma_fallback(C_in_g, C_out_g))
     return out
 
 
@@ -663,23 +652,28 @@ _INPLACE_ACT = {
 
 def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
                    residual_after_act):
-    if scale is None and x.dtype in (torch.float32, torch.float64) and act in _INPLACE_ACT:
-        # Same math as reference.conv_scale_bias_act with fewer passes: the
-        # folded bias rides in the conv and the activation runs in place.
-        y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
-        if residual is not None and not residual_after_act:
-            y.add_(residual)
-        y = _INPLACE_ACT[act](y)
-        if residual is not None and residual_after_act:
-            y.add_(residual)
+    if x.dtype in (torch.float32, torch.float64) and act in _INPLACE_ACT:
+        # Same math as reference.conv_scale_bias_act in fewer passes: the bias rides in the conv,
+        # the BN scale is folded into the weight when that is the smaller tensor (else applied
+        # in place to the output), the activation and residual run in place.
+        b = None if bias is None else bias.to(x.dtype)
+        s = None if scale is None else scale.to(x.dtype).view(-1, 1, 1, 1)
+        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        if s is not None and weight.numel() <= x.shape[0] * weight.shape[0] * oh * ow:
+            weight, s = weight * s, None
+        y = F.conv2d(x, weight, b if s is None else None, stride, padding, dilation, groups)
+        if s is not None:
+            y.mul_(s.view(1, -1, 1, 1))
+            if b is not None:
+                y.add_(b.view(1, -1, 1, 1))
+        y = reference.add_residual_around(y, _INPLACE_ACT[act], residual, residual_after_act, inplace=True)
     else:
         y = reference.conv_scale_bias_act(
             x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act
         )
     if out is None:
         # Return y itself when it already has the layout the fake impl promises.
-        fmt = torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
-        if y.is_contiguous(memory_format=fmt):
+        if y.is_contiguous(memory_format=output_format(x)):
             return y
         out = _new_output(x, weight, stride, padding, dilation)
     out.copy_(y)
@@ -699,6 +693,12 @@ def _out_hw(H: int, W: int, k: Tuple[int, int], stride, padding, dilation) -> Tu
     return oh, ow
 
 
+def output_format(x: Tensor) -> torch.memory_format:
+    """The memory format of every effops op's output for input ``x``: NHWC when ``x`` is
+    (or is a channel view of) an NHWC tensor, as cuDNN would choose, else NCHW."""
+    return torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
+
+
 def prefers_channels_last(x: Tensor) -> bool:
     """Whether a conv of ``x`` should produce NHWC memory (as cuDNN would)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -709,8 +709,8 @@ def prefers_channels_last(x: Tensor) -> bool:
 
 def _new_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    fmt = torch.channels_last if prefers_channels_last(x) else torch.contiguous_format
-    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=output_format(x))
 
 
 @torch.library.custom_op("effops::conv_bn_act", mutates_args=())
@@ -841,6 +841,21 @@ def check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, gr
     return oh, ow
 
 
+def _check_out_overlap(dst: Tensor, x, residual, weight, scale, bias) -> None:
+    """ValueError when ``out`` shares a memory element with an input the op reads: tiles
+    would read values other tiles already overwrote, and the tile tuner re-launches the
+    kernel on the same arguments. Disjoint views of one buffer pass (see views.overlaps).
+    ~1 us per input in another allocation, a few us for one in ``out``'s buffer."""
+    name = first_overlap(dst, (("x", x), ("residual", residual), ("weight", weight), ("scale", scale),
+                               ("bias", bias)))
+    if name is not None:
+        t = dict(x=x, residual=residual, weight=weight, scale=scale, bias=bias)[name]
+        raise ValueError(
+            f"out overlaps {name}: conv_bn_act(out=...) writes out while reading {name}, so they must not "
+            f"share memory (out shape {tuple(dst.shape)} strides {dst.stride()}, {name} shape "
+            f"{tuple(t.shape)} strides {t.stride()}); disjoint channel ranges of one buffer are fine")
+
+
 def conv_bn_act(
     x: Tensor,
     weight: Tensor,
@@ -871,8 +886,9 @@ def conv_bn_act(
     tensor of the output's shape) the result is written into it in place,
     e.g. into a channel range of a larger concat buffer; that form is
     inference-only. ``out`` may live in the same buffer as ``x`` (disjoint channel
-    ranges, as OSA stage convs use it) but must not overlap the elements the op
-    reads. An empty batch returns an empty result.
+    ranges, as OSA stage convs use it, steps included) but must not overlap the
+    elements the op reads (``x``, ``residual``, ``weight``, ``scale``, ``bias``):
+    ValueError names the argument that does. An empty batch returns an empty result.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     oh, ow = check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act)
@@ -887,6 +903,8 @@ def conv_bn_act(
         raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {x.dtype} on {x.device}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, scale, bias, residual)):
         raise RuntimeError("conv_bn_act(out=...) is inference-only; call it without out= to get gradients")
+    if not torch.compiler.is_compiling():  # traced (fake) tensors have no addresses to compare
+        _check_out_overlap(dst, x, residual, weight, scale, bias)
     _conv_bn_act_out_op(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
                         float(act_param), bool(residual_after_act), dst)
     return dst

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ..activations import check_activation
 from . import conv as _conv
 from . import reference
@@ -50,7 +50,7 @@ if triton is not None:
 
     @triton.jit
     def _osa_agg_kernel(
-        x_ptr, s_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, psum_ptr,
+        x_ptr, s_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, psum_ptr,
         M, HW, W, C0, C1, C_out, num_hb,
         sxn, sxc, sxh, sxw,
         ssn, ssc, ssh, ssw,
@@ -58,7 +58,8 @@ if triton is not None:
         srn, src, srh, srw,
         son, soc, soh, sow,
         act_param,
-        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, PER_IMAGE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+        PER_IMAGE: tl.constexpr,
         IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -69,29 +70,31 @@ if triton is not None:
         num_pid_n = tl.cdiv(C_out, BLOCK_N)
         pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        if IDX64:
+            # Row-tile and channel indices int64 before any product with a stride (channel
+            # x channel-stride wraps in int32 like pixel offsets), and pid_m * BLOCK_M /
+            # pid_m * C_out (the partial-sum row) too.
+            pid_m = pid_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
         if PER_IMAGE:
             # eSE needs per-image channel sums: tile rows within one image so each
             # program writes one deterministic partial sum (no atomics).
             n0 = pid_m // num_hb
             offs_p = (pid_m % num_hb) * BLOCK_M + tl.arange(0, BLOCK_M)
-            if IDX64:
-                offs_p = offs_p.to(tl.int64)
-                n0 = n0.to(tl.int64)
             m_ok = offs_p < HW
             n_idx = offs_p * 0 + n0
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            if IDX64:
-                offs_m = offs_m.to(tl.int64)
             m_ok = offs_m < M
             n_idx = offs_m // HW
             offs_p = offs_m % HW
         oh = offs_p // W
         ow = offs_p % W
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C_out
-        offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
         a_row = x_ptr + n_idx * sxn + oh * sxh + ow * sxw
@@ -112,6 +115,8 @@ if triton is not None:
             acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
 
         y = acc
+        if HAS_SCALE:  # the BatchNorm's per-channel scale, applied to the fp32 accumulator
+            y = y * tl.load(scale_ptr + offs_n, mask=n_ok, other=1.0)[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         y = _activation(y, ACT, act_param)
@@ -132,9 +137,15 @@ if triton is not None:
                          HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
         # gate[n, c] = hardsigmoid(b[c] + sum_k w[c, k] * mean[n, k]), where
         # mean[n, k] = sum of the partial sums of image n's row tiles / (H * W).
-        n = tl.program_id(0)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # psum has N * num_hb * C elements and w C * C: row offsets can pass 2**31 (they
+        # are <= the output's element count), so rows are addressed by int64 *scalar* base
+        # pointers (free: one scalar op per row) plus int32 offsets within a row block.
+        n = tl.program_id(0).to(tl.int64)
+        c0 = tl.program_id(1) * BLOCK_C
+        offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
+        w_blk = w_ptr + c0.to(tl.int64) * C  # row c0 of w
+        offs_r = tl.arange(0, BLOCK_C)
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -142,7 +153,7 @@ if triton is not None:
             mean = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for hb in range(0, num_hb):
                 mean += tl.load(psum_ptr + (n * num_hb + hb) * C + offs_k, mask=k_ok, other=0.0)
-            w = tl.load(w_ptr + offs_c[:, None] * C + offs_k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_blk + offs_r[:, None] * C + offs_k[None, :], mask=c_ok[:, None] & k_ok[None, :], other=0.0)
             acc += tl.sum(w * (mean * inv_hw)[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0)
@@ -156,12 +167,15 @@ if triton is not None:
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # y[n, c, p] = y[n, c, p] * gate[n, c] (+ res[n, c, p]), in place. Pixel blocks
         # on grid axis 0: axes 1 and 2 are limited to 65535 programs on CUDA.
-        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pid_p = tl.program_id(0)
         n = tl.program_id(1)
-        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        if IDX64:
+        pid_c = tl.program_id(2)
+        if IDX64:  # every index int64 before its product with a stride (channels included)
+            pid_p = pid_p.to(tl.int64)
             n = n.to(tl.int64)
-            offs_p = offs_p.to(tl.int64)
+            pid_c = pid_c.to(tl.int64)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         p_ok = offs_p < HW
         c_ok = offs_c < C
         mask = p_ok[:, None] & c_ok[None, :]
@@ -180,14 +194,15 @@ if triton is not None:
 
     @triton.jit
     def _dw_pw_kernel(
-        x_ptr, dw_ptr, w_ptr, bias_ptr, out_ptr,
+        x_ptr, dw_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
         H, W, M, C_in, C_out,
         sxn, sxc, sxh, sxw,
         sdc, sdh, sdw,
         swo, swi,
         son, soc, soh, sow,
         act_param,
-        DWK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr,
+        DWK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+        IDX64: tl.constexpr,
         UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -199,15 +214,17 @@ if triton is not None:
         num_pid_n = tl.cdiv(C_out, BLOCK_N)
         pid_m = pid // num_pid_n
         pid_n = pid % num_pid_n
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        if IDX64:  # pixel rows and channel indices int64 before any product with a stride
+            pid_m = pid_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if IDX64:
-            offs_m = offs_m.to(tl.int64)
         m_ok = offs_m < M
         n_idx, oh, ow = _pixel_coords(offs_m, H, W)
         x_row = x_ptr + n_idx * sxn
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C_out
-        offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, C_in, BLOCK_K):
             ci = k0 + offs_k
@@ -226,9 +243,9 @@ if triton is not None:
             b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
-        # No scale, no residual: their pointers and strides are unused placeholders.
-        _epilogue_store(acc, offs_n, n_ok, m_ok, n_idx, oh, ow, bias_ptr, bias_ptr, out_ptr, out_ptr,
-                        0, 0, 0, 0, son, soc, soh, sow, act_param, False, HAS_BIAS, False, False, ACT)
+        # No residual: its pointer and strides are unused placeholders.
+        _epilogue_store(acc, offs_n, n_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, out_ptr, out_ptr,
+                        0, 0, 0, 0, son, soc, soh, sow, act_param, HAS_SCALE, HAS_BIAS, False, False, ACT)
 
 
 def _dw_pw_configs():
@@ -253,36 +270,36 @@ def _dw_pw_heuristic(M: int, C_out: int) -> dict:
     return dict(BLOCK_M=128 if M >= 4096 else 64, BLOCK_N=bn, BLOCK_K=32, num_warps=4, num_stages=1)
 
 
-def _launch_dw_pw(x, dw_w, pw_w, pw_b, out, act, act_param) -> None:
-    """``out = act(conv1x1(depthwise_conv(x, dw_w, padding=k // 2), pw_w) + pw_b)`` in one kernel."""
+def _launch_dw_pw(x, dw_w, pw_w, pw_s, pw_b, out, act, act_param) -> None:
+    """``out = act(conv1x1(depthwise_conv(x, dw_w, padding=k // 2), pw_w) * pw_s + pw_b)`` in one kernel."""
     N, C_in, H, W = x.shape
     C_out = pw_w.shape[0]
     M = N * H * W
     interpreting = _conv._interpreting(x)
-    args = (x, dw_w, pw_w, pw_b if pw_b is not None else out, out, H, W, M, C_in, C_out,
+    args = (x, dw_w, pw_w, pw_s if pw_s is not None else out, pw_b if pw_b is not None else out, out,
+            H, W, M, C_in, C_out,
             *x.stride(), dw_w.stride(0), dw_w.stride(2), dw_w.stride(3), pw_w.stride(0), pw_w.stride(1),
             *out.stride(), float(act_param))
-    meta = dict(DWK=dw_w.shape[-1], HAS_BIAS=pw_b is not None, ACT=act, IDX64=needs_int64(x, out),
+    meta = dict(DWK=dw_w.shape[-1], HAS_SCALE=pw_s is not None, HAS_BIAS=pw_b is not None, ACT=act, IDX64=needs_int64(x, out),
                 **_conv._dot_meta(x, interpreting))
 
     def launch(cfg):
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out, cfg["BLOCK_N"]),)
         _dw_pw_kernel[grid](*args, **meta, **cfg)
 
-    if interpreting:
-        launch(dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out, 16, 64),
-                    BLOCK_K=_interpret_block(C_in, 16, 64)))
-        return
-    with _conv._on_device(x.device):
-        key = ("dw_pw", M, C_in, C_out, meta["DWK"], x.dtype, act)
+    def candidates():
         n_cap = max(32, _next_pow2(C_out))
-        cands = [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
-        cfg = _conv._pick_config(key, launch, lambda: _dw_pw_heuristic(M, C_out), C_in, C_out, cands)
-        launch(cfg)
+        return [c for c in _dw_pw_configs() if c["BLOCK_N"] <= n_cap] or _dw_pw_configs()[-1:]
+
+    _conv.launch_tuned(x, launch, lambda: dict(BLOCK_M=_interpret_block(M, 16, 64),
+                                               BLOCK_N=_interpret_block(C_out, 16, 64),
+                                               BLOCK_K=_interpret_block(C_in, 16, 64)),
+                       ("dw_pw", tuning.bucket(M), C_in, C_out, meta["DWK"], x.dtype, pw_s is not None, act),
+                       lambda: _dw_pw_heuristic(M, C_out), candidates)
 
 
-def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_psum: bool) -> Optional[Tensor]:
-    """``out = act(conv1x1(cat([x, s]), weight) + bias) (+ residual)``; with
+def _launch_aggregate(x, s, weight, scale, bias, residual, out, act, act_param, want_psum: bool) -> Optional[Tensor]:
+    """``out = act(conv1x1(cat([x, s]), weight) * scale + bias) (+ residual)``; with
     ``want_psum`` also returns per-(row tile, channel) fp32 sums of the activated
     output, ``[N * num_hb, C_out]``, for the eSE gate."""
     N, C0, H, W = x.shape
@@ -292,7 +309,8 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
     interpreting = _conv._interpreting(x)
     psum = None
     meta = dict(
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, PER_IMAGE=want_psum,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act,
+        PER_IMAGE=want_psum,
         IDX64=needs_int64(x, s, residual, out), **_conv._dot_meta(x, interpreting),
     )
 
@@ -304,7 +322,8 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
             psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
         rows = N * num_hb if want_psum else _cdiv(M, cfg["BLOCK_M"])
         _osa_agg_kernel[(rows * _cdiv(C_out, cfg["BLOCK_N"]),)](
-            x, s, weight, bias if bias is not None else out, residual if residual is not None else out, out,
+            x, s, weight, scale if scale is not None else out, bias if bias is not None else out,
+            residual if residual is not None else out, out,
             psum if psum is not None else out,
             M, HW, W, C0, C1, C_out, num_hb,
             *x.stride(), *s.stride(), weight.stride(0), weight.stride(1),
@@ -312,17 +331,16 @@ def _launch_aggregate(x, s, weight, bias, residual, out, act, act_param, want_ps
             float(act_param), **meta, **cfg)
         return num_hb
 
-    if interpreting:
-        cfg = dict(BLOCK_M=_interpret_block(HW if want_psum else M, 16, 64), BLOCK_N=_interpret_block(C_out, 16, 64),
-                   BLOCK_K=_interpret_block(min(C0, C1) if C1 else C0, 16, 64))
-        num_hb = launch(cfg)
-    else:
-        with _conv._on_device(x.device):
-            k_seg = min(C0, C1) if C1 else C0
-            key = ("osa_agg", N, HW, C0, C1, C_out, x.dtype, want_psum, residual is not None, act)
-            cfg = _conv._pick_config(key, launch, lambda: _heuristic_meta(HW if want_psum else M, k_seg, C_out),
-                                     k_seg, C_out)
-            num_hb = launch(cfg)
+    k_seg = min(C0, C1) if C1 else C0
+    # Pixels bucketed (effops.tuning.bucket). Per-image tiling (want_psum) tiles each image's HW
+    # rows separately, so the key holds HW's bucket too: within one, every BLOCK_M >= bucket/4
+    # gives each image the same number of row tiles. Flat tiling depends on M only.
+    num_hb = _conv.launch_tuned(
+        x, launch, lambda: dict(BLOCK_M=_interpret_block(HW if want_psum else M, 16, 64),
+                                BLOCK_N=_interpret_block(C_out, 16, 64), BLOCK_K=_interpret_block(k_seg, 16, 64)),
+        ("osa_agg", tuning.bucket(M), tuning.bucket(HW) if want_psum else 0, C0, C1, C_out, x.dtype, want_psum,
+         scale is not None, residual is not None, act),
+        lambda: _heuristic_meta(HW if want_psum else M, k_seg, C_out), lambda: _conv._candidates(k_seg, C_out))
     return (psum, num_hb) if want_psum else None
 
 
@@ -347,9 +365,8 @@ def _launch_ese(out, psum, num_hb, ese_w, ese_b, residual) -> None:
 
 
 def _new_block_output(x: Tensor, c_out: int) -> Tensor:
-    fmt = torch.channels_last if _conv.prefers_channels_last(x) else torch.contiguous_format
     return torch.empty((x.shape[0], c_out, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                       memory_format=fmt)
+                       memory_format=_conv.output_format(x))
 
 
 def _same(k: int) -> List[int]:
@@ -360,7 +377,8 @@ _ONE = [1, 1]
 _ZERO = [0, 0]
 
 
-def _run_triton(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+def _run_triton(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
+                act, act_param):
     N, C_in, H, W = x.shape
     L, sc = len(mid_ws), mid_ws[0].shape[0]
     out = _new_block_output(x, agg_w.shape[0])
@@ -370,41 +388,45 @@ def _run_triton(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese
     stages = torch.empty((N, L * sc, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     y = x
     if red_w is not None:
-        y = _conv._run_triton(x, red_w, None, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
+        y = _conv._run_triton(x, red_w, red_s, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
     for i in range(L):
         view = stages[:, i * sc:(i + 1) * sc]
+        s_i = mid_ss[i] if mid_ss else None
         if dw_ws:  # depthwise-separable stage: the depthwise conv runs inside the 1x1's K loop
-            _launch_dw_pw(y, dw_ws[i], mid_ws[i], mid_bs[i], view, act, act_param)
+            _launch_dw_pw(y, dw_ws[i], mid_ws[i], s_i, mid_bs[i], view, act, act_param)
         else:
-            _conv._run_triton(y, mid_ws[i], None, mid_bs[i], None, view, _ONE, _same(mid_ws[i].shape[-1]), _ONE, 1,
+            _conv._run_triton(y, mid_ws[i], s_i, mid_bs[i], None, view, _ONE, _same(mid_ws[i].shape[-1]), _ONE, 1,
                               act, act_param, False)
         y = view
     residual = x if identity else None
     if ese_w is None:
-        _launch_aggregate(x, stages, agg_w, agg_b, residual, out, act, act_param, want_psum=False)
+        _launch_aggregate(x, stages, agg_w, agg_s, agg_b, residual, out, act, act_param, want_psum=False)
     else:
-        psum, num_hb = _launch_aggregate(x, stages, agg_w, agg_b, None, out, act, act_param, want_psum=True)
+        psum, num_hb = _launch_aggregate(x, stages, agg_w, agg_s, agg_b, None, out, act, act_param, want_psum=True)
         _launch_ese(out, psum, num_hb, ese_w, ese_b, residual)
     return out
 
 
-def _run_reference(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+def _run_reference(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
+                   act, act_param):
     feats = [x]
     y = x
     if red_w is not None:
-        y = _conv._run_reference(y, red_w, None, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
+        y = _conv._run_reference(y, red_w, red_s, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
     for i, (w, b) in enumerate(zip(mid_ws, mid_bs)):
         if dw_ws:
             y = F.conv2d(y, dw_ws[i], None, 1, _same(dw_ws[i].shape[-1]), 1, y.shape[1])
-        y = _conv._run_reference(y, w, None, b, None, None, _ONE, _same(w.shape[-1]), _ONE, 1, act, act_param, False)
+        y = _conv._run_reference(y, w, mid_ss[i] if mid_ss else None, b, None, None, _ONE, _same(w.shape[-1]), _ONE,
+                                 1, act, act_param, False)
         feats.append(y)
-    y = reference.osa_aggregate(feats, agg_w, None, agg_b, act, act_param, ese_w, ese_b, x if identity else None)
-    fmt = torch.channels_last if _conv.prefers_channels_last(x) else torch.contiguous_format
-    return y.contiguous(memory_format=fmt)
+    y = reference.osa_aggregate(feats, agg_w, agg_s, agg_b, act, act_param, ese_w, ese_b, x if identity else None)
+    return y.contiguous(memory_format=_conv.output_format(x))
 
 
-def _triton_reasons(x, red_w, red_b, dw_ws, mid_ws, *rest) -> List[str]:
-    return _conv._triton_reasons(x, mid_ws[0] if mid_ws else x, None, None, None, None)
+def _triton_reasons(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, *rest) -> List[str]:
+    why = _conv._triton_reasons(x, agg_w, None, None, None, None)
+    big = [w for w in [red_w, *mid_ws] if w is not None and _conv._max_offset(w) > _conv._INT32_MAX]
+    return why + (["a stage weight larger than 2**31 elements"] if big else [])
 
 
 dispatch.register("osa_block", "triton", _triton_reasons)(_run_triton)
@@ -413,23 +435,26 @@ dispatch.register("osa_block", "reference")(_run_reference)
 
 @torch.library.custom_op("effops::osa_block", mutates_args=())
 def _osa_block_op(
-    x: Tensor, red_w: Optional[Tensor], red_b: Optional[Tensor], dw_ws: List[Tensor], mid_ws: List[Tensor],
-    mid_bs: List[Tensor], agg_w: Tensor, agg_b: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor],
-    identity: bool, act: str, act_param: float,
+    x: Tensor, red_w: Optional[Tensor], red_s: Optional[Tensor], red_b: Optional[Tensor], dw_ws: List[Tensor],
+    mid_ws: List[Tensor], mid_ss: List[Tensor], mid_bs: List[Tensor], agg_w: Tensor, agg_s: Optional[Tensor],
+    agg_b: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor], identity: bool, act: str,
+    act_param: float,
 ) -> Tensor:
-    return dispatch.run("osa_block", x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity,
-                        act, act_param)
+    return dispatch.run("osa_block", x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w,
+                        ese_b, identity, act, act_param)
 
 
 @_osa_block_op.register_fake
-def _(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act, act_param):
+def _(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity, act,
+      act_param):
     return _new_block_output(x, agg_w.shape[0])
 
 
 _OP = torch.ops.effops.osa_block.default
 
 
-def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act) -> None:
+def check_osa_inputs(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
+                     act) -> None:
     """Validate a whole block's arguments; errors name what was expected."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -438,13 +463,15 @@ def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w
         raise TypeError(f"expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}")
     if len(mid_ws) == 0:
         raise ValueError("an OSA block needs at least one stage conv (layer_per_block >= 1)")
-    if len(mid_bs) != len(mid_ws) or (dw_ws and len(dw_ws) != len(mid_ws)):
-        raise ValueError(f"got {len(mid_ws)} stage weights, {len(mid_bs)} biases and {len(dw_ws)} depthwise weights")
+    if len(mid_bs) != len(mid_ws) or (dw_ws and len(dw_ws) != len(mid_ws)) or (mid_ss and len(mid_ss) != len(mid_ws)):
+        raise ValueError(f"got {len(mid_ws)} stage weights, {len(mid_ss)} scales, {len(mid_bs)} biases and "
+                         f"{len(dw_ws)} depthwise weights")
     check_activation(act)
     c_in = x.shape[1]
-    every = [("red_w", red_w), ("red_b", red_b), ("agg_w", agg_w), ("agg_b", agg_b), ("ese_w", ese_w),
-             ("ese_b", ese_b)] + [(f"dw_ws[{i}]", t) for i, t in enumerate(dw_ws)] \
-        + [(f"mid_ws[{i}]", t) for i, t in enumerate(mid_ws)] + [(f"mid_bs[{i}]", t) for i, t in enumerate(mid_bs)]
+    every = [("red_w", red_w), ("red_s", red_s), ("red_b", red_b), ("agg_w", agg_w), ("agg_s", agg_s),
+             ("agg_b", agg_b), ("ese_w", ese_w), ("ese_b", ese_b)] + [(f"dw_ws[{i}]", t) for i, t in enumerate(dw_ws)] \
+        + [(f"mid_ws[{i}]", t) for i, t in enumerate(mid_ws)] + [(f"mid_ss[{i}]", t) for i, t in enumerate(mid_ss)] \
+        + [(f"mid_bs[{i}]", t) for i, t in enumerate(mid_bs)]
     for name, t in every:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; expected the same device")
@@ -458,6 +485,8 @@ def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w
         if tuple(red_w.shape[1:]) != (c_in, 1, 1):
             raise ValueError(f"expected red_w of shape (stage_ch, {c_in}, 1, 1), got {tuple(red_w.shape)}")
         ch = red_w.shape[0]
+        _check_vector("red_s", red_s, ch)
+        _check_vector("red_b", red_b, ch)
     sc = mid_ws[0].shape[0]
     for i, w in enumerate(mid_ws):
         if dw_ws:
@@ -471,8 +500,8 @@ def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w
             raise ValueError(
                 f"expected mid_ws[{i}] of shape ({sc}, {ch}, k, k) with odd k (stage {i} reads {ch} channels), "
                 f"got {tuple(w.shape)}")
-        if mid_bs[i] is not None and tuple(mid_bs[i].shape) != (sc,):
-            raise ValueError(f"expected mid_bs[{i}] of shape ({sc},), got {tuple(mid_bs[i].shape)}")
+        _check_vector(f"mid_bs[{i}]", mid_bs[i], sc)
+        _check_vector(f"mid_ss[{i}]", mid_ss[i] if mid_ss else None, sc)
         ch = sc
     k_total = c_in + len(mid_ws) * sc
     if agg_w.dim() != 4 or agg_w.shape[1:] != (k_total, 1, 1):
@@ -480,14 +509,18 @@ def check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w
             f"expected the aggregation weight of shape (concat_ch, {k_total}, 1, 1) = in_ch {c_in} + "
             f"{len(mid_ws)} x stage_ch {sc}, got {tuple(agg_w.shape)}")
     c_out = agg_w.shape[0]
-    if agg_b is not None and tuple(agg_b.shape) != (c_out,):
-        raise ValueError(f"expected agg_b of shape ({c_out},), got {tuple(agg_b.shape)}")
+    _check_vector("agg_s", agg_s, c_out)
+    _check_vector("agg_b", agg_b, c_out)
     if ese_w is not None and tuple(ese_w.shape) not in ((c_out, c_out, 1, 1), (c_out, c_out)):
         raise ValueError(f"expected the eSE weight of shape ({c_out}, {c_out}, 1, 1), got {tuple(ese_w.shape)}")
-    if ese_b is not None and tuple(ese_b.shape) != (c_out,):
-        raise ValueError(f"expected the eSE bias of shape ({c_out},), got {tuple(ese_b.shape)}")
+    _check_vector("the eSE bias", ese_b, c_out)
     if identity and c_out != c_in:
         raise ValueError(f"identity residual needs concat_ch == in_ch, got {c_out} output and {c_in} input channels")
+
+
+def _check_vector(name: str, t: Optional[Tensor], n: int) -> None:
+    if t is not None and tuple(t.shape) != (n,):
+        raise ValueError(f"expected {name} of shape ({n},), got {tuple(t.shape)}")
 
 
 def osa_block(
@@ -497,7 +530,10 @@ def osa_block(
     agg_w: Tensor,
     agg_b: Optional[Tensor] = None,
     *,
+    mid_ss: Optional[List[Tensor]] = None,
+    agg_s: Optional[Tensor] = None,
     red_w: Optional[Tensor] = None,
+    red_s: Optional[Tensor] = None,
     red_b: Optional[Tensor] = None,
     dw_ws: Optional[List[Tensor]] = None,
     ese_w: Optional[Tensor] = None,
@@ -506,24 +542,29 @@ def osa_block(
     act: str = "relu",
     act_param: float = 0.0,
 ) -> Tensor:
-    """The whole OSA block in eval form (BN already folded into weights and biases).
+    """The whole OSA block in eval form, each BatchNorm given as a per-channel scale and bias
+    (``mid_ss`` / ``agg_s`` / ``red_s``: ``None`` means a scale of 1, e.g. BN already folded
+    into the weights).
 
     Equivalent PyTorch (see the module docstring for the full form)::
 
         feats, y = [x], x
-        for w, b in zip(mid_ws, mid_bs):
-            y = act(F.conv2d(y, w, b, padding=w.shape[-1] // 2)); feats.append(y)
-        y = act(F.conv2d(torch.cat(feats, 1), agg_w, agg_b))
+        for w, s, b in zip(mid_ws, mid_ss, mid_bs):
+            y = act(F.conv2d(y, w, padding=w.shape[-1] // 2) * s[:, None, None] + b[:, None, None])
+            feats.append(y)
+        y = act(F.conv2d(torch.cat(feats, 1), agg_w) * agg_s[:, None, None] + agg_b[:, None, None])
         if ese_w is not None: y = y * F.hardsigmoid(F.conv2d(y.mean((2, 3), keepdim=True), ese_w, ese_b))
         return y + x if identity else y
 
-    Weights are in the input's dtype; biases are best kept in float32. Inference only (no autograd):
+    Weights are in the input's dtype; scales and biases are best kept in float32. Inference only (no autograd):
     :class:`effops.FusedOSA` runs the unfused PyTorch modules when gradients are needed.
     """
     dw_ws = list(dw_ws or [])
     mid_ws = list(mid_ws)
     sc = mid_ws[0].shape[0] if mid_ws else 0
     mid_bs = [b if b is not None else torch.zeros(sc, dtype=torch.float32, device=x.device) for b in mid_bs]
-    check_osa_inputs(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, identity, act)
-    return _OP(x, red_w, red_b, dw_ws, mid_ws, mid_bs, agg_w, agg_b, ese_w, ese_b, bool(identity), act,
-               float(act_param))
+    mid_ss = list(mid_ss or [])
+    check_osa_inputs(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b,
+                     identity, act)
+    return _OP(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b,
+               bool(identity), act, float(act_param))

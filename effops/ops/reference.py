@@ -56,12 +56,49 @@ def conv_scale_bias_act(
     cd = _compute_dtype(x.dtype)
     z = F.conv2d(x.to(cd), weight.to(cd), None, stride, padding, dilation, groups)
     y = _channel_affine(z, scale, bias)
-    if residual is not None and not residual_after_act:
-        y = y + residual.to(cd)
-    y = apply_activation(y, act, act_param)
-    if residual is not None and residual_after_act:
-        y = y + residual.to(cd)
+    y = add_residual_around(y, lambda t: apply_activation(t, act, act_param),
+                            None if residual is None else residual.to(cd), residual_after_act)
     return y.to(x.dtype)
+
+
+def add_residual_around(y: Tensor, act, residual: Optional[Tensor], residual_after_act: bool,
+                        inplace: bool = False) -> Tensor:
+    """``act(y + residual)`` (``residual_after_act=False``) or ``act(y) + residual``; ``act`` is
+    a function or module (None: identity). ``inplace`` adds into ``y`` (``act`` must then work
+    in place too, or return a new tensor)."""
+    if residual is not None and not residual_after_act:
+        y = y.add_(residual) if inplace else y + residual
+    if act is not None:
+        y = act(y)
+    if residual is not None and residual_after_act:
+        y = y.add_(residual) if inplace else y + residual
+    return y
+
+
+def bn_scale_bias(
+    conv_bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm after a conv as a per-output-channel scale and bias, in ``dtype``::
+
+        s = bn_weight / sqrt(running_var + eps)
+        b = (conv_bias - running_mean) * s + bn_bias
+
+    so that ``bn(conv(x, weight, conv_bias)) == conv(x, weight) * s + b``. Differentiable.
+    """
+    s = torch.rsqrt(running_var.to(dtype) + eps)
+    if bn_weight is not None:
+        s = s * bn_weight.to(dtype)
+    b = -running_mean.to(dtype) * s if bn_bias is None else torch.addcmul(bn_bias.to(dtype), running_mean.to(dtype), s,
+                                                                          value=-1)
+    if conv_bias is not None:
+        b = torch.addcmul(b, conv_bias.to(dtype), s)
+    return s, b
 
 
 def fold_bn(
@@ -80,19 +117,11 @@ def fold_bn(
         b' = (conv_bias - running_mean) * s + bn_bias
 
     so that ``bn(conv(x)) == conv(x, w') + b'``. Returns ``(w', b')`` in the
-    compute dtype; the caller casts ``w'`` to the activation dtype once.
-    Differentiable: gradients flow back to the conv and BN parameters.
+    compute dtype. Differentiable: gradients flow back to the conv and BN parameters.
     """
     cd = _compute_dtype(weight.dtype)
-    inv_std = torch.rsqrt(running_var.to(cd) + eps)
-    s = inv_std if bn_weight is None else bn_weight.to(cd) * inv_std
-    w = weight.to(cd) * s.view(-1, 1, 1, 1)
-    b = -running_mean.to(cd) * s
-    if conv_bias is not None:
-        b = b + conv_bias.to(cd) * s
-    if bn_bias is not None:
-        b = b + bn_bias.to(cd)
-    return w, b
+    s, b = bn_scale_bias(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, cd)
+    return weight.to(cd) * s.view(-1, 1, 1, 1), b
 
 
 def conv_bn_act(

@@ -1,0 +1,117 @@
+"""What the modules and the converter both need to know about other people's modules:
+which BatchNorms can be folded, which containers apply their children in order,
+whether a hook is watching. A leaf module: it imports nothing else from effops."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+# -- BatchNorm kinds ---------------------------------------------------------------
+
+
+def timm_bn_act(bn: Optional[nn.Module]) -> bool:
+    """timm's BN modules that apply their own activation (``bn.drop`` then ``bn.act``)."""
+    t = type(bn)
+    return t.__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") and t.__module__.startswith("timm.")
+
+
+def frozen_bn(bn: Optional[nn.Module]) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d`` (what timm's
+    ``freeze_batch_norm_2d`` swaps in): affine and statistics are buffers, and they always
+    normalise with the running statistics."""
+    t = type(bn)
+    return (t.__name__ == "FrozenBatchNorm2d" and t.__module__.startswith("torchvision.")) or \
+        (t.__name__ == "FrozenBatchNormAct2d" and t.__module__.startswith("timm."))
+
+
+def is_batch_norm(bn: Optional[nn.Module]) -> bool:
+    """A BatchNorm effops folds: ``nn.BatchNorm2d``, timm ``BatchNormAct2d`` /
+    ``FrozenBatchNormAct2d``, torchvision ``FrozenBatchNorm2d``."""
+    return type(bn) is nn.BatchNorm2d or timm_bn_act(bn) or frozen_bn(bn)
+
+
+def looks_like_batch_norm(m: Optional[nn.Module]) -> bool:
+    """What the structure matchers accept in a BN position (``is_batch_norm`` then decides
+    whether it folds, so a BN subclass is reported as skipped with a reason, not ignored)."""
+    return isinstance(m, nn.BatchNorm2d) or frozen_bn(m)
+
+
+# -- containers that apply their children in order ------------------------------------
+
+def is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+# timm containers whose forward applies these children in this order and nothing
+# else (absent ones are None), checked against timm's source: they convert like an
+# nn.Sequential of those children, keeping the child names.
+_TIMM_SEQUENTIAL = {
+    "ConvNormAct": ("conv", "bn", "aa"),
+    "ConvBnAct": ("conv", "bn", "aa"),
+    "SeparableConvNormAct": ("conv_dw", "conv_pw", "bn"),
+}
+
+
+def sequential_children(m: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
+    """``m``'s children in execution order when its forward is known to apply them
+    one after another; ``None`` for anything else."""
+    if is_plain_sequential(m):
+        return list(m.named_children())
+    t = type(m)
+    order = _TIMM_SEQUENTIAL.get(t.__name__) if t.__module__.startswith("timm.") else None
+    if order is None:
+        return None
+    children = [(n, getattr(m, n, None)) for n in order]
+    children = [(n, c) for n, c in children if c is not None]
+    if {n for n, _ in children} != {n for n, _ in m.named_children()}:
+        return None  # a child we don't know the place of
+    return children
+
+
+# -- hooks and structure snapshots ---------------------------------------------------------
+
+_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{a}", {}) for a in _HOOK_ATTRS)
+
+
+def _unique_modules(modules):
+    seen = set()
+    for top in modules:
+        for m in top.modules():
+            if id(m) not in seen:
+                seen.add(id(m))
+                yield m
+
+
+def hook_dicts(modules) -> tuple:
+    """The hook registries of ``modules`` and everything below them. Registering a hook
+    adds to these dicts in place, so ``hooked()`` of the tuple stays current without
+    walking the module tree on every forward (~1 us for a whole FusedOSA)."""
+    return tuple(getattr(m, a) for m in _unique_modules(modules) for a in _HOOK_ATTRS)
+
+
+def hooked(dicts: tuple) -> bool:
+    """Whether a hook would observe one of the modules behind ``dicts`` (a ``hook_dicts``
+    tuple) being called: one registered on them, or a global module hook. Fused paths
+    never call those modules, so their owners then run the modules themselves."""
+    return any(dicts) or any(_GLOBAL_HOOKS)
+
+
+class ChildrenSnapshot:
+    """Which module sits in every child slot of ``modules`` and their descendants, as it was
+    when the snapshot was taken. ``changed()`` compares the live ``_modules`` dicts with
+    copies (dict equality compares values by identity for modules: a few hundred ns for a
+    whole OSA block), so a fused module notices a child replaced after construction
+    (``block.layers[0] = other``) instead of running a plan built for the old one."""
+
+    __slots__ = ("_live", "_copies")
+
+    def __init__(self, modules):
+        mods = list(_unique_modules(modules))
+        self._live = tuple(m._modules for m in mods)
+        self._copies = tuple(dict(d) for d in self._live)
+
+    def changed(self) -> bool:
+        return self._live != self._copies

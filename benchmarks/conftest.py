@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# fp32 means fp32: TF32 off, as in tests/conftest.py (effops' kernel follows cudnn.allow_tf32
+# too), so that fp32 cases can be held to the fp32 rule in _numerics.py. fp16/bf16 don't use it.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 OUT_DIR = Path(os.environ.get("EFFOPS_BENCH_OUT", Path(__file__).parent / "results"))
 
 
@@ -64,11 +69,16 @@ def _print_table(tr, res):
     st = res.stamp
     tr.write_line(f"\n{st['device']} | torch {st['torch']} | triton {st['triton']} -> {res.path}.csv")
     tr.write_line(f"{'case':<34}{'provider':<31}{'ms':>9}{'speedup':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%roof':>7}"
-                  f"{'graph ms':>10}{'g-speedup':>10}{'peak MB':>9}")
+                  f"{'graph ms':>10}{'g-speedup':>10}{'peak MB':>9}{'err64':>10}")
     f = lambda v, spec, suffix="": "-" if v is None else f"{v:{spec}}{suffix}"
     for r in res:
         tr.write_line(f"{r['case']:<34}{r['provider']:<31}{f(r['ms'], '.4f'):>9}{f(r['speedup_vs_eager'], '.2f', 'x'):>9}"
                       f"{f(r['tflops'], '.1f'):>9}{f(r['gbps'], '.0f'):>8}{f(r['pct_roofline'], '.0f'):>7}"
                       f"{f(r['ms_cuda_graph'], '.4f'):>10}{f(r['graph_speedup_vs_eager'], '.2f', 'x'):>10}"
-                      f"{f(r.get('peak_mem_mb'), '.1f'):>9}"
+                      f"{f(r.get('peak_mem_mb'), '.1f'):>9}{f(_err64(r), '.1e'):>10}"
                       + (f"  [{r['error']}]" if r["error"] else ""))
+
+
+def _err64(row):
+    """Relative error against the fp64 reference, for the rows _numerics.py checked."""
+    return {"eager": row.get("eager_rel_err_vs_fp64"), "effops": row.get("effops_rel_err_vs_fp64")}.get(row["provider"])

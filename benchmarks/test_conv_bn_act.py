@@ -6,7 +6,9 @@
     EFFOPS_BENCH_MAX_AUTOTUNE=all pytest benchmarks/    # also at batch 1 (default: batch 32 only, it compiles slowly)
     EFFOPS_BENCH_COMPILE_MODES=default pytest benchmarks/   # only compile default (or EFFOPS_BENCH_COMPILE=0: none)
 
-Each case also checks effops against eager (so a fast wrong kernel fails).
+Each case first checks effops' output against the eager module run in float64 on the
+same input (fp32: relative error <= 1e-5; fp16/bf16: at most 2x eager's own same-dtype
+error + eps; see _numerics.py), so a fast wrong kernel fails.
 "ms" is the host-inclusive median (do_bench; CUDA-graph replay at batch 1, where
 launch overhead would dominate), "ms_cuda_graph" the device-only time of every
 provider from CUDA-graph replay.
@@ -23,6 +25,8 @@ from torch import nn
 from effops import FusedConvBNAct
 from effops.benchmark import compiled_providers, measure_providers, measured_peaks, result_rows
 from effops.ops.reference import fold_bn
+
+from _numerics import check_numerics, fp64_reference, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -82,10 +86,11 @@ def test_conv_bn_relu(shape, batch, dtype, results):
     providers["effops"] = lambda: fused(x)
 
     with torch.inference_mode():
-        ref = seq(x).float()
-        out = fused(x).float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        assert err < 2e-2, f"effops disagrees with eager: relative error {err:.2e}"
+        ref64 = fp64_reference(seq, x)
+        eager = seq(x)
+        out = fused(x)
+        errs = check_numerics(out, ref64, eager)
+        err = rel_err(out, eager)
 
         flops = 2 * batch * hw * hw * cout * cin * k * k
         esize = x.element_size()
@@ -94,6 +99,6 @@ def test_conv_bn_relu(shape, batch, dtype, results):
     results.extend(result_rows(timed, flops=flops, min_bytes=min_bytes, peaks=measured_peaks(DEV, dtype),
                                host_graph=batch == 1, cuda=CUDA,
                                case=f"{name}_b{batch}_{str(dtype).replace('torch.', '')}",
-                               shape=f"{batch}x{cin}x{hw}x{hw} k{k} -> {cout}", dtype=str(dtype),
+                               shape=f"{batch}x{cin}x{hw}x{hw} k{k} -> {cout}", dtype=str(dtype), **errs,
                                max_rel_err_vs_eager=err))
     results.flush()

@@ -10,6 +10,11 @@ Models: classic VoVNet-39 / VoVNet-57 (FusedOSA blocks), timm ``ese_vovnet39b``
 (VoVNetV2), torchvision ``resnet50`` and ``mobilenet_v2`` (hand-written forwards,
 fused by tracing). FLOPs from ``torch.utils.flop_counter``; the roofline is the
 compute floor only (activation bytes of a whole network are not modelled).
+
+Each case first checks effops against the original model run in float64 on the same input
+(_numerics.py's rule). fp32 is held to the per-op 1e-5, not a looser whole-model bound:
+on CPU (reference backend, batch 1, 224²) effops' error was 2.8e-7 to 7e-7 on all five
+models, the same as eager fp32's own. No GPU number exists for this check yet.
 """
 import os
 

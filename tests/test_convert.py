@@ -106,27 +106,38 @@ def test_ordered_dict_sequential_keeps_names_and_reports():
     assert rep.skipped[0].path == "head/conv" and "nothing to fuse" in rep.skipped[0].what
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad(), effops.use_backend("reference"):
-        assert_matches(fast(x), model(x))
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
 
 
 def test_not_inplace_by_default_and_inplace_on_request():
-    model = _ordered_dict_block().eval()
+    model = randomize_bn(_ordered_dict_block()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
     fast = effops.optimize(model)
     assert type(model) is nn.Sequential and fast is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert_matches(model(x), ref64)  # the original still computes what it did
     same = effops.optimize(model, inplace=True)
     assert isinstance(same, FusedSequential)
     again = effops.optimize(same)
     assert not again.effops_report.swapped  # already optimized: nothing left to swap
+    with torch.no_grad(), effops.use_backend("reference"):
+        for m in (fast, same, again):
+            assert_matches(m(x), ref64)
 
 
 def test_shared_modules_are_not_folded():
     conv, bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-    model = nn.Sequential(nn.Sequential(conv, bn, nn.ReLU()), nn.Sequential(conv, bn, nn.ReLU())).eval()
+    model = randomize_bn(nn.Sequential(nn.Sequential(conv, bn, nn.ReLU()), nn.Sequential(conv, bn, nn.ReLU()))).eval()
     fast = effops.optimize(model)
     assert not fast.effops_report.swapped
     assert all("shared" in e.what for e in fast.effops_report.skipped)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)  # left as PyTorch's modules
 
 
 def test_train_mode_after_optimize_is_pytorch():

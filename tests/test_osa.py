@@ -13,7 +13,7 @@ from effops.models.classic_vovnet import OSAModule
 from effops.ops import osa as osa_ops
 
 from helpers import (DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, count_dispatch, device_branch, needs_triton,
-                     randomize_bn, rel_err)
+                     randomize_bn)
 
 DEV = KERNEL_DEVICE
 
@@ -118,8 +118,10 @@ def test_eval_with_autograd_gives_pytorch_gradients():
     fused = FusedOSA.from_module(copy.deepcopy(ref))
     x1 = _x(fused.in_ch).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
-    ref(x1).sum().backward()
-    fused(x2).sum().backward()
+    y_ref, y = ref(x1), fused(x2)
+    torch.testing.assert_close(y, y_ref)
+    y_ref.sum().backward()
+    y.sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad)
     torch.testing.assert_close(fused.ese.fc.weight.grad, ref.ese.fc.weight.grad)
 
@@ -162,6 +164,8 @@ def test_no_concat_is_materialised(variant):
     with torch.no_grad(), effops.use_backend("reference"), _Allocations() as rec:
         torch.testing.assert_close(fused(x), y)
     assert any("cat" in str(f) for f, _ in rec.calls)
+    with torch.no_grad():  # and the concat-free output is the classic block's (PyTorch, fp64)
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()))
 
 
 def test_state_dict_is_the_classic_layout():
@@ -172,8 +176,16 @@ def test_state_dict_is_the_classic_layout():
     ref.load_state_dict(fused.state_dict(), strict=True)
     assert "layers.0.OSA4_2_0/conv.weight" in fused.state_dict() and "ese.fc.bias" in fused.state_dict()
     dw = FusedOSA(6, 5, 12, 2, ese=True, depthwise=True, name="OSA2_1")
-    assert list(dw.state_dict()) == list(_classic("dw_reduced").state_dict())
+    dw_ref = _classic("dw_reduced")
+    assert list(dw.state_dict()) == list(dw_ref.state_dict())
     assert isinstance(fused.ese, EffectiveSE)
+    # Each loaded tensor lands where the classic block uses it: same output as the classic block.
+    dw.load_state_dict(dw_ref.state_dict(), strict=True)
+    for block, classic in ((fused, ref), (dw, dw_ref)):
+        block, classic = block.cpu().eval(), classic.cpu().eval()
+        x = torch.randn(2, block.in_ch, 5, 6)
+        with torch.no_grad(), effops.use_backend("reference"):
+            assert_matches(block(x), copy.deepcopy(classic).double()(x.double()))
 
 
 def test_bad_configurations_are_clear_errors():
@@ -219,10 +231,14 @@ def test_bad_inputs_are_clear_errors(backend):
 
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_RUNS else []))
 def test_empty_batch(backend):
-    fused = FusedOSA.from_module(_classic("v2").cpu()).eval()
+    ref = _classic("v2").cpu().eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = torch.randn(0, 12, 5, 7)
     with torch.no_grad(), effops.use_backend(backend):
-        y = fused(torch.randn(0, 12, 5, 7))
+        y = fused(x)
     assert y.shape == (0, 12, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)  # shape, dtype, device as PyTorch's
 
 
 def test_checked_op_validates_arguments():
@@ -286,15 +302,29 @@ def test_shared_conv_inside_a_block_is_not_fused():
     assert any("OSA block not fused" in e.what and "shared" in e.what for e in fast.effops_report.skipped)
 
 
-@pytest.mark.parametrize("device_dtype", [torch.bfloat16])
-def test_autocast_runs_in_the_autocast_dtype(device_dtype):
-    fused = FusedOSA.from_module(_classic("v1").cpu()).eval()
-    x = torch.randn(1, 6, 4, 4)
-    with torch.no_grad(), effops.use_backend("reference"), torch.autocast("cpu", dtype=device_dtype):
-        y = fused(x)
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_RUNS else []))
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("device_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_in_the_autocast_dtype(device_dtype, variant, backend):
+    """Under torch.autocast the block runs in the autocast dtype, held to the half-precision
+    rule: its error against fp64 at most 2x that of the original modules under the same
+    autocast on the same device (PyTorch's own mixed precision) + eps.
+
+    With the identity (v2) PyTorch's block returns float32 (its residual add promotes the
+    autocast-dtype output with the float32 input); effops returns the autocast dtype."""
+    dev = "cpu" if backend == "reference" else KERNEL_DEVICE
+    ref = _classic(variant).eval().to(dev)
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, fused.in_ch, 5, 7, device=dev).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(ref).double()(x.double())
+        with torch.autocast(dev, dtype=device_dtype):
+            y_ref = ref(x)
+            with effops.use_backend(backend):
+                y = fused(x)
     assert y.dtype == device_dtype
-    with torch.no_grad(), effops.use_backend("reference"):
-        assert rel_err(y, fused(x)) < 2e-2
+    assert y_ref.dtype == (torch.float32 if fused.identity else device_dtype)
+    assert_matches(y, ref64, y_ref)
 
 
 @needs_triton
@@ -317,6 +347,8 @@ def test_peak_activation_memory_at_most_0_6x_eager(in_ch, stage_ch, concat_ch, v
         with LiveTensorBytes() as ours:
             y = fused(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()))
     # effops holds exactly the stage buffer and the output (+ a few bytes of eSE sums/gates).
     buf = 2 * 5 * stage_ch * 9 * 4
     assert buf + y.untyped_storage().nbytes() <= ours.peak <= buf + y.untyped_storage().nbytes() + 2 * 2 * concat_ch * 4 * 4
@@ -328,6 +360,7 @@ def test_deepcopy_pickle_and_eval_train_eval():
     import io
 
     ref = _classic("v2")
+    ref_before = copy.deepcopy(ref).eval()  # the state the copies below are taken in
     fused = FusedOSA.from_module(copy.deepcopy(ref))
     twin = copy.deepcopy(fused)  # e.g. an EMA copy: shares modules internally, not with the original
     assert twin._parts.agg.fused.conv is twin.concat[0] and twin.concat[0] is not fused.concat[0]
@@ -346,6 +379,12 @@ def test_deepcopy_pickle_and_eval_train_eval():
     ref.eval(), fused.eval()
     with torch.no_grad(), effops.use_backend("triton"):
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+    # The copies compute with their own state (the original's running statistics have moved
+    # since): a copy still reading the original's modules would match the trained block instead.
+    with torch.no_grad(), effops.use_backend("reference"):
+        before64 = copy.deepcopy(ref_before).double()(x.double())
+        for copied in (twin, loaded):
+            assert_matches(copied.eval()(x), before64)
 
 
 @pytest.fixture

@@ -101,11 +101,13 @@ def test_deepcopy_pickle_and_reoptimize():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     x = torch.randn(1, 8, 4, 4)
-    with torch.no_grad(), effops.use_backend("reference"):
-        torch.testing.assert_close(loaded.eval()(x), fast(x))
-        torch.testing.assert_close(twin.eval()(x), fast(x))
     again = effops.optimize(fast)
     assert not again.effops_report.swapped and not again.effops_report.skipped
+    # Every copy computes the original block's output (PyTorch, fp64), not merely the same as `fast`.
+    with torch.no_grad(), effops.use_backend("reference"):
+        ref64 = copy.deepcopy(model).double()(x.double())
+        for m in (fast, twin, loaded, again):
+            assert_matches(m.eval()(x), ref64)
 
 
 def test_untraceable_forward_is_reported_and_left_alone():
@@ -118,10 +120,16 @@ def test_untraceable_forward_is_reported_and_left_alone():
             y = self.bn(self.conv(x))
             return y if y.sum() > 0 else -y  # control flow on a tensor value
 
-    fast = effops.optimize(DataDependent().eval())
+    model = randomize_bn(DataDependent()).eval()
+    fast = effops.optimize(model)
     assert traced_forward_of(fast) is None
     [skip] = fast.effops_report.skipped
     assert "forward torch.fx can't trace" in skip.what
+    x = torch.randn(2, 3, 4, 4) * 100
+    with torch.no_grad():
+        assert {bool(model.bn(model.conv(v)).sum() > 0) for v in (x, -x)} == {True, False}  # both branches
+        for v in (x, -x):  # left alone: exactly PyTorch's forward
+            torch.testing.assert_close(fast(v), model(v), rtol=0, atol=0)
 
 
 @needs_triton

@@ -211,6 +211,21 @@ def test_autocast_cpu_bfloat16():
     assert_matches(y, ref64, y_ref)
 
 
+@pytest.mark.skipif(not hasattr(torch, "get_autocast_dtype"), reason="torch.get_autocast_dtype needs torch >= 2.4")
+@pytest.mark.parametrize("after", [True, False], ids=["after_act", "before_act"])
+def test_autocast_with_a_float32_residual_returns_what_pytorch_returns(after):
+    """Under autocast PyTorch adds the bf16 conv output to a float32 residual in float32
+    (type promotion) and returns float32: so does the fused module."""
+    ref, fused = _pair()
+    ref.eval().cpu(), fused.eval().cpu()
+    x, r = torch.randn(2, 6, 7, 9), torch.randn(2, 10, 7, 9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x, r, residual_after_act=after)
+        y_ref = ref[2](ref[1](ref[0](x))) + r if after else ref[2](ref[1](ref[0](x)) + r)
+    assert y.dtype == y_ref.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref)
+
+
 @needs_triton
 def test_bias_only_training_gets_gradients():
     """A BN-less conv with a frozen weight but trainable bias still takes the autograd path."""

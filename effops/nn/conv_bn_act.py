@@ -207,14 +207,22 @@ class FusedConvBNAct(nn.Module):
         """The per-channel ``(scale, bias)`` the eval path applies after the conv, from the
         live BN state (``(None, conv.bias)`` without a BN). Computed on every call (a few
         small ops); differentiable."""
+        state = self.bn_state()
+        if len(state) == 1:
+            return None, (None if state[0] is None else state[0].to(compute_dtype))
+        return reference.bn_scale_bias(*state, compute_dtype)
+
+    def bn_state(self) -> tuple:
+        """``(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)`` as held now, the
+        arguments of :func:`effops.ops.reference.bn_scale_bias`; ``(conv_bias,)`` without a BN."""
         conv, bn, _ = self._live_modules()
         cb = conv._parameters.get("bias")
         if bn is None:
-            return None, (None if cb is None else cb.to(compute_dtype))
+            return (cb,)
         # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
         bp, bb = bn._parameters, bn._buffers
-        return reference.bn_scale_bias(cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")),
-                                       bb["running_mean"], bb["running_var"], bn.eps, compute_dtype)
+        return (cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb["running_mean"],
+                bb["running_var"], bn.eps)
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """The conv with its eval-mode BN folded in: ``(weight * scale, bias)``, weight in
@@ -239,9 +247,14 @@ class FusedConvBNAct(nn.Module):
             return self._forward_modules(x, residual, residual_after_act)
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
-            residual = None if residual is None else residual.to(x.dtype)
-            dtype = x.dtype
+            dtype = torch.get_autocast_dtype(dev)
+            if residual is not None and residual.dtype != dtype and self._modules_compute_it(bn, residual,
+                                                                                              residual_after_act):
+                # PyTorch adds an autocast-dtype conv output to a wider residual in the wider
+                # dtype (type promotion), and so returns that dtype: run the modules to match.
+                return self._forward_modules(x, residual, residual_after_act)
+            x = x.to(dtype)
+            residual = None if residual is None else residual.to(dtype)
         else:
             dtype = conv.weight.dtype
         settings = self._settings(conv, bn, act_mod)

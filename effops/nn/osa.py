@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
+from ..ops import reference
 from ..ops.osa import _OP, check_osa_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, sequential_children
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
@@ -373,28 +374,27 @@ class FusedOSA(nn.Module):
             return False
         return x.requires_grad or any(t.requires_grad for t in self.parameters())
 
-    def fused_arguments(self, x: Tensor, dtype: torch.dtype) -> tuple:
+    def fused_arguments(self, x: Tensor, dtype: torch.dtype, identity: Optional[bool] = None) -> tuple:
         """The ``effops::osa_block`` arguments for input ``x``: each conv's weight (cast to
         ``dtype`` only under autocast) with its BatchNorm as a per-channel scale and bias
         computed from the live BN state. Nothing is cached (see FusedConvBNAct)."""
         p = self._parts
-        cd = _compute_dtype(dtype)
-
-        def conv_args(u: _Unit):
-            return (_cast(u.fused.conv._parameters["weight"], dtype),) + u.fused.scale_bias(cd)
-
+        # Every conv of the block has a BN (see _unit): all scales and biases in one batch of ops.
+        sb = reference.bn_scale_bias_many([u.fused.bn_state() for u in self._units], _compute_dtype(dtype))
+        ws = [_cast(u.fused.conv._parameters["weight"], dtype) for u in self._units]
         red_w = red_s = red_b = None
-        if p.reduction is not None:
-            red_w, red_s, red_b = conv_args(p.reduction)
-        mid_ws, mid_ss, mid_bs = zip(*[conv_args(u) for u in p.mid])
+        if p.reduction is not None:  # _units: [reduction] + mid + [agg]
+            red_w, (red_s, red_b) = ws.pop(0), sb.pop(0)
+        agg_w, (agg_s, agg_b) = ws.pop(), sb.pop()
+        mid_ws, mid_ss, mid_bs = ws, [s for s, _ in sb], [b for _, b in sb]
         dw_ws = [_cast(u.dw._parameters["weight"], dtype) for u in p.mid if u.dw is not None]
-        agg_w, agg_s, agg_b = conv_args(p.agg)
+        cd = _compute_dtype(dtype)
         ese_w = ese_b = None
         if p.ese_fc is not None:
-            ese_w, ese_b = p.ese_fc._parameters["weight"].to(cd), p.ese_fc._parameters["bias"].to(cd)
+            ese_w, ese_b = _cast(p.ese_fc._parameters["weight"], cd), _cast(p.ese_fc._parameters["bias"], cd)
         act, act_param = self._act
-        return (x, red_w, red_s, red_b, dw_ws, list(mid_ws), list(mid_ss), list(mid_bs), agg_w, agg_s, agg_b, ese_w,
-                ese_b, self.identity, act, float(act_param))
+        return (x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w,
+                ese_b, self.identity if identity is None else identity, act, float(act_param))
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -409,15 +409,23 @@ class FusedOSA(nn.Module):
             return self.forward_unfused(x)
         dev = x.device.type
         if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
-            dtype = x.dtype
+            dtype = torch.get_autocast_dtype(dev)
+            if self.identity and x.dtype != dtype:
+                # PyTorch adds the autocast-dtype block output to the wider input in the wider
+                # dtype (type promotion) and returns that dtype: the identity add runs here.
+                block = self._run(x.to(dtype), dtype, identity=False)
+                return block.to(torch.promote_types(dtype, x.dtype)) + x
+            x = x.to(dtype)
         else:
             dtype = self._parts.agg.fused.conv.weight.dtype
-        args = self.fused_arguments(x, dtype)
+        return self._run(x, dtype, self.identity)
+
+    def _run(self, x: Tensor, dtype: torch.dtype, identity: bool) -> Tensor:
+        args = self.fused_arguments(x, dtype, identity)
         if torch.compiler.is_compiling():
             return _OP(*args)
         w = args[8]
-        sig = (x.shape, x.dtype, x.device, w.dtype, w.device, self.identity)
+        sig = (x.shape, x.dtype, x.device, w.dtype, w.device, identity)
         if sig != self._checked:  # validate each new (input, weight) signature once
             check_osa_inputs(*args[:15])
             self._checked = sig

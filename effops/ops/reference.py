@@ -8,7 +8,7 @@ epilogue); float64 inputs stay float64 so tests can build an exact oracle.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +91,35 @@ def bn_scale_bias(
 
     so that ``bn(conv(x, weight, conv_bias)) == conv(x, weight) * s + b``. Differentiable.
     """
-    s = torch.rsqrt(running_var.to(dtype) + eps)
+    s = torch.rsqrt(_as(running_var, dtype) + eps)
     if bn_weight is not None:
-        s = s * bn_weight.to(dtype)
-    b = -running_mean.to(dtype) * s if bn_bias is None else torch.addcmul(bn_bias.to(dtype), running_mean.to(dtype), s,
-                                                                          value=-1)
+        s = s * _as(bn_weight, dtype)
+    mean = _as(running_mean, dtype)
+    b = -mean * s if bn_bias is None else torch.addcmul(_as(bn_bias, dtype), mean, s, value=-1)
     if conv_bias is not None:
-        b = torch.addcmul(b, conv_bias.to(dtype), s)
+        b = torch.addcmul(b, _as(conv_bias, dtype), s)
     return s, b
+
+
+def bn_scale_bias_many(states: List[tuple], dtype: torch.dtype = torch.float32) -> List[Tuple[Tensor, Tensor]]:
+    """:func:`bn_scale_bias` of several BatchNorms, each ``state`` being its arguments
+    ``(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)``. Without autograd
+    and with affine BNs, the math runs as ``torch._foreach_*`` ops over all of them (one
+    launch per step on a GPU instead of one per BN and step): same values."""
+    if torch.is_grad_enabled() or len(states) < 2 or any(st[1] is None or st[2] is None for st in states):
+        return [bn_scale_bias(*st, dtype) for st in states]
+    s = torch._foreach_add([_as(st[4], dtype) for st in states], [float(st[5]) for st in states])
+    torch._foreach_rsqrt_(s)
+    torch._foreach_mul_(s, [_as(st[1], dtype) for st in states])
+    b = torch._foreach_mul([_as(st[3], dtype) for st in states], s)
+    b = torch._foreach_sub([_as(st[2], dtype) for st in states], b)
+    return [(si, bi if st[0] is None else torch.addcmul(bi, _as(st[0], dtype), si))
+            for st, si, bi in zip(states, s, b)]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to costs ~1 us of dispatch even when it returns self; this runs on every call.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def fold_bn(

@@ -104,3 +104,29 @@ def test_squeeze_excite_matches_module():
     fc = nn.Linear(8, 8).double()
     y = reference.squeeze_excite(x, None, None, fc.weight, fc.bias, gate="hardsigmoid")
     torch.testing.assert_close(y, x * F.hardsigmoid(fc(x.mean((2, 3))))[:, :, None, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bn_scale_bias_matches_batch_norm_and_batched_form(dtype):
+    """scale/bias reproduce F.batch_norm(conv(x) + conv_bias); the foreach form over several
+    BNs (FusedOSA's) gives the same values as one call per BN."""
+    states, refs = [], []
+    for c, with_bias in ((5, False), (7, True), (3, False)):
+        cb = torch.randn(c, dtype=dtype) if with_bias else None
+        g, b, m = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+        v = torch.rand(c, dtype=dtype) + 0.5
+        states.append((cb, g, b, m, v, 1e-3))
+        z = torch.randn(2, c, 3, 3, dtype=torch.float64)
+        want = F.batch_norm(z + (0 if cb is None else cb.double().view(1, -1, 1, 1)), m.double(), v.double(),
+                            g.double(), b.double(), False, 0.0, 1e-3)
+        refs.append((z, want))
+    with torch.no_grad():
+        many = reference.bn_scale_bias_many(states, dtype)
+    one = [reference.bn_scale_bias(*st, dtype) for st in states]
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for (s, b), (s1, b1), (z, want) in zip(many, one, refs):
+        assert s.dtype == b.dtype == dtype
+        torch.testing.assert_close(s, s1, rtol=tol, atol=tol)
+        torch.testing.assert_close(b, b1, rtol=tol, atol=tol)
+        got = z * s.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
+        torch.testing.assert_close(got, want, rtol=tol * 10, atol=tol * 10)

@@ -26,19 +26,29 @@ from effops.ops import conv, osa  # noqa: E402
 
 
 def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc=90):
-    """``arg_types``: pointer and float arguments (everything else is i32); ``ones``:
-    integer arguments equal to 1 at launch (the JIT turns them into constants)."""
+    """``arg_types``: pointer and float arguments (everything else is i32), for a tuple
+    argument a tuple of its entries' types; ``ones``: integer arguments equal to 1 at
+    launch (the JIT turns them into constants), every entry of a tuple argument named."""
     sig, cx, attrs = {}, {}, {}
+
+    def leaf(ty, path, one):
+        if one:
+            cx[path] = 1
+            return "constexpr"
+        if ty != "fp32" and not ty.startswith("tensordesc"):
+            # pointers and ints: what the JIT marks for multiples of 16
+            attrs[path] = [["tt.divisibility", 16]]
+        return ty
+
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name], cx[(i,)] = "constexpr", consts[name]
-        elif name in ones:
-            sig[name], cx[(i,)] = "constexpr", 1
+            continue
+        ty = arg_types.get(name, "i32")
+        if isinstance(ty, tuple):  # a tuple argument: entries addressed by (argument, entry)
+            sig[name] = tuple(leaf(t, (i, j), name in ones) for j, t in enumerate(ty))
         else:
-            sig[name] = arg_types.get(name, "i32")
-            if sig[name] != "fp32" and not sig[name].startswith("tensordesc"):
-                # pointers and ints: what the JIT marks for multiples of 16
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            sig[name] = leaf(ty, (i,), name in ones)
     src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -72,6 +82,7 @@ def cases():
                     continue  # the small tile can't overflow anything: compile it once
                 if dt == "fp32" and tile == "big":
                     cfg = dict(cfg, BLOCK_M=128)
+                osa_segment_counts = (2, 8) if tile == "big" or cc == 90 else (2,)
                 blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
                 prec = "tf32" if dt == "fp32" else "ieee"
                 for pw in (True, False):
@@ -82,13 +93,18 @@ def cases():
                                   DOT_PRECISION=prec, **blocks)
                     yield (f"conv_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel, types, consts,
                            ("sxc", "swi", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
-                for per_image in (False, True):
-                    types = {**ptrs(["x_ptr", "s_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
-                             "bias_ptr": "*fp32", "psum_ptr": "*fp32", "act_param": "fp32"}
-                    consts = dict(HAS_SCALE=True, HAS_BIAS=True, HAS_RES=not per_image, ACT="relu", PER_IMAGE=per_image, IDX64=False,
-                                  UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
-                    yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_sm{cc}", osa._osa_agg_kernel,
-                           types, consts, ("sxc", "ssc", "swi", "soc", "src"), cfg, cc)
+                # The N-segment aggregation: the OSA block's two segments and eight (ELAN-style
+                # concats, a VoVNet-99 block with separate stage tensors), each channels_last.
+                for n_seg in osa_segment_counts:
+                    for per_image in (False, True):
+                        types = {"seg_ptrs": (f"*{dt}",) * n_seg,
+                                 **{a: ("i32",) * n_seg for a in ("seg_chans", "seg_sn", "seg_sc", "seg_sh", "seg_sw")},
+                                 **ptrs(["w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
+                                 "bias_ptr": "*fp32", "psum_ptr": "*fp32", "act_param": "fp32"}
+                        consts = dict(NUM_SEG=n_seg, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=not per_image, ACT="relu",
+                                      PER_IMAGE=per_image, IDX64=False, UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
+                        yield (f"osa_agg_{'per_image' if per_image else 'flat'}_{dt}_{tile}_seg{n_seg}_sm{cc}",
+                               osa._osa_agg_kernel, types, consts, ("seg_sc", "swi", "soc", "src"), cfg, cc)
             # The TMA conv kernel (sm_90+ only): every tile the tuner may offer it.
             if cc == 90:
                 es = {"fp16": 2, "bf16": 2, "fp32": 4}[dt]

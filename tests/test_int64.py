@@ -223,7 +223,7 @@ def test_osa_aggregation_flat(monkeypatch):
     out = hv.poisoned(2, (2, 3, 2, 3))
     w = ints(3, 6, 1, 1)
     scale, bias = ints(3, dtype=torch.float32), ints(3, dtype=torch.float32)
-    osa._launch_aggregate(x, s, w, scale, bias, x, out, "identity", 0.0, want_psum=False)
+    osa._launch_aggregate((x, s), w, scale, bias, x, out, "identity", 0.0, want_psum=False)
     assert [(m["PER_IMAGE"], m["IDX64"]) for m in k.launches] == [(False, True)]
     check(out, _agg_ref(x, s, w, scale, bias) + x.double().cpu())
 
@@ -241,7 +241,7 @@ def test_osa_aggregation_per_image_ese_and_gate_residual(monkeypatch):
     w = ints(3, 6, 1, 1)
     scale, bias = ints(3, dtype=torch.float32), ints(3, dtype=torch.float32)
     ese_w, ese_b = torch.randn(3, 3, 1, 1, device=DEV), torch.randn(3, device=DEV)
-    psum, num_hb = osa._launch_aggregate(x, s, w, scale, bias, None, out, "relu", 0.0, want_psum=True)
+    psum, num_hb = osa._launch_aggregate((x, s), w, scale, bias, None, out, "relu", 0.0, want_psum=True)
     osa._launch_ese(out, psum, num_hb, ese_w, ese_b, res)
     assert [(m["PER_IMAGE"], m["IDX64"]) for m in agg.launches] == [(True, True)]
     assert [m["IDX64"] for m in gate.launches] == [True]

@@ -2,7 +2,8 @@
 
 Layers, bottom up, all in this file:
 
-1. Triton kernels: ``_osa_agg_kernel`` (the multi-view 1×1 aggregation conv),
+1. Triton kernels: ``_osa_agg_kernel`` (the N-segment 1×1 aggregation conv: K walks
+   up to ``MAX_SEGMENTS`` separate inputs, passed as tuple arguments),
    ``_ese_gate_kernel`` (eSE's pool → fc → hard-sigmoid), ``_gate_residual_kernel``
    (``y * gate (+ identity)``, in place) and ``_dw_pw_kernel`` (a depthwise-separable
    stage: the depthwise conv computed inside the 1×1's K loop), with their launchers;
@@ -12,7 +13,10 @@ Layers, bottom up, all in this file:
    as two segments of K) and ``reference`` (plain PyTorch with ``torch.cat``);
 3. the registered op ``effops::osa_block`` with a fake implementation, so
    ``torch.compile(fullgraph=True)`` sees the block as one opaque node;
-4. :func:`osa_block`, the checked public entry point.
+4. :func:`osa_block`, the checked public entry point;
+5. the aggregation on its own, for any concat → 1×1 conv (OSA, ELAN, CSP, DLA roots):
+   backends, the registered ops ``effops::aggregate`` / ``effops::aggregate_out`` and
+   :func:`aggregate`, its checked public entry point.
 
 Equivalent PyTorch (eval mode, BN folded into each conv's weight and bias)::
 
@@ -32,7 +36,7 @@ into through channel views and the aggregation reads back.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from .. import dispatch, tuning
 from ..activations import check_activation
+from ..views import ChannelView, first_overlap
 from . import conv as _conv
 from . import reference
 from .conv import _FLOAT_DTYPES, _cdiv, _heuristic_meta, _interpret_block, _next_pow2, needs_int64, triton
@@ -50,22 +55,25 @@ if triton is not None:
 
     @triton.jit
     def _osa_agg_kernel(
-        x_ptr, s_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, psum_ptr,
-        M, HW, W, C0, C1, C_out, num_hb,
-        sxn, sxc, sxh, sxw,
-        ssn, ssc, ssh, ssw,
+        seg_ptrs, seg_chans, seg_sn, seg_sc, seg_sh, seg_sw,
+        w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, psum_ptr,
+        M, HW, W, C_out, num_hb,
         swo, swi,
         srn, src, srh, srw,
         son, soc, soh, sow,
         act_param,
+        NUM_SEG: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
         PER_IMAGE: tl.constexpr,
         IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # A 1×1 conv whose K dimension is two channel views: the block input x
-        # (C0 channels, weight columns [0, C0)) then the stage buffer s (C1
-        # channels, weight columns [C0, C0 + C1)). Rows = output pixels.
+        # A 1×1 conv whose K dimension is NUM_SEG separate inputs ("segments"): segment s
+        # is seg_ptrs[s] with seg_chans[s] channels and strides (seg_sn[s], seg_sc[s],
+        # seg_sh[s], seg_sw[s]), and reads weight columns [sum of the earlier segments'
+        # channels, + seg_chans[s]). Each argument is a tuple with one entry per segment;
+        # the segment loop is unrolled at compile time, so every segment gets its own
+        # (software-pipelined) K loop with its own strides. Rows = output pixels.
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(C_out, BLOCK_N)
         pid_m = pid // num_pid_n
@@ -96,23 +104,19 @@ if triton is not None:
 
         n_ok = offs_n < C_out
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-        a_row = x_ptr + n_idx * sxn + oh * sxh + ow * sxw
-        for k0 in range(0, C0, BLOCK_K):
-            ci = k0 + offs_k
-            k_ok = ci < C0
-            a = tl.load(a_row[:, None] + (ci * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + (offs_n * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
-        s_row = s_ptr + n_idx * ssn + oh * ssh + ow * ssw
-        for k0 in range(0, C1, BLOCK_K):
-            ci = k0 + offs_k
-            k_ok = ci < C1
-            a = tl.load(s_row[:, None] + (ci * ssc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + (offs_n * swo)[None, :] + ((C0 + ci) * swi)[:, None],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
+        b_col = w_ptr + (offs_n * swo)[None, :]
+        k_base = 0  # the first weight column of segment s
+        for s in tl.static_range(NUM_SEG):
+            C_s = seg_chans[s]
+            a_row = seg_ptrs[s] + n_idx * seg_sn[s] + oh * seg_sh[s] + ow * seg_sw[s]
+            for k0 in range(0, C_s, BLOCK_K):
+                ci = k0 + offs_k
+                k_ok = ci < C_s
+                a = tl.load(a_row[:, None] + (ci * seg_sc[s])[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                b = tl.load(b_col + ((k_base + ci) * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
+            k_base = k_base + C_s
 
         y = acc
         if HAS_SCALE:  # the BatchNorm's per-channel scale, applied to the fp32 accumulator
@@ -298,20 +302,32 @@ def _launch_dw_pw(x, dw_w, pw_w, pw_s, pw_b, out, act, act_param) -> None:
                        lambda: _dw_pw_heuristic(M, C_out), candidates)
 
 
-def _launch_aggregate(x, s, weight, scale, bias, residual, out, act, act_param, want_psum: bool) -> Optional[Tensor]:
-    """``out = act(conv1x1(cat([x, s]), weight) * scale + bias) (+ residual)``; with
-    ``want_psum`` also returns per-(row tile, channel) fp32 sums of the activated
-    output, ``[N * num_hb, C_out]``, for the eSE gate."""
-    N, C0, H, W = x.shape
-    C1 = s.shape[1]
+MAX_SEGMENTS = 16  # inputs of one aggregation launch (each one unrolled K loop in the kernel)
+
+
+def _launch_aggregate(segments, weight, scale, bias, residual, out, act, act_param,
+                      want_psum: bool) -> Optional[Tuple[Tensor, int]]:
+    """``out = act(conv1x1(cat(segments), weight) * scale + bias) (+ residual)`` in one
+    launch, without the concat: ``segments`` are ``[N, C_i, H, W]`` tensors or views (any
+    strides), read as consecutive ranges of K. With ``want_psum`` also returns per-(row
+    tile, channel) fp32 sums of the activated output, ``[N * num_hb, C_out]``, and
+    ``num_hb``, for the eSE gate (:func:`_launch_ese`). ``scale`` / ``bias``: fp32, contiguous."""
+    chans = tuple([t.shape[1] for t in segments])  # (list comprehensions: cheaper than generators here)
+    if 0 in chans:  # a segment without channels reads nothing
+        segments = tuple([t for t in segments if t.shape[1]])
+        chans = tuple([c for c in chans if c])
+    x = segments[0]
+    N, _, H, W = x.shape
     C_out = weight.shape[0]
     HW, M = H * W, N * H * W
     interpreting = _conv._interpreting(x)
     psum = None
+    seg_args = (tuple(segments), chans, *zip(*[t.stride() for t in segments]))  # per-segment tuples
     meta = dict(
+        NUM_SEG=len(segments),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act,
         PER_IMAGE=want_psum,
-        IDX64=needs_int64(x, s, residual, out), **_conv._dot_meta(x, interpreting),
+        IDX64=needs_int64(*segments, residual, out), **_conv._dot_meta(x, interpreting),
     )
 
     def launch(cfg) -> int:
@@ -322,24 +338,24 @@ def _launch_aggregate(x, s, weight, scale, bias, residual, out, act, act_param, 
             psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
         rows = N * num_hb if want_psum else _cdiv(M, cfg["BLOCK_M"])
         _osa_agg_kernel[(rows * _cdiv(C_out, cfg["BLOCK_N"]),)](
-            x, s, weight, scale if scale is not None else out, bias if bias is not None else out,
+            *seg_args, weight, scale if scale is not None else out, bias if bias is not None else out,
             residual if residual is not None else out, out,
             psum if psum is not None else out,
-            M, HW, W, C0, C1, C_out, num_hb,
-            *x.stride(), *s.stride(), weight.stride(0), weight.stride(1),
+            M, HW, W, C_out, num_hb,
+            weight.stride(0), weight.stride(1),
             *(residual.stride() if residual is not None else (0, 0, 0, 0)), *out.stride(),
             float(act_param), **meta, **cfg)
         return num_hb
 
-    k_seg = min(C0, C1) if C1 else C0
+    k_seg = min(chans)
     # Pixels bucketed (effops.tuning.bucket). Per-image tiling (want_psum) tiles each image's HW
     # rows separately, so the key holds HW's bucket too: within one, every BLOCK_M >= bucket/4
     # gives each image the same number of row tiles. Flat tiling depends on M only.
     num_hb = _conv.launch_tuned(
         x, launch, lambda: dict(BLOCK_M=_interpret_block(HW if want_psum else M, 16, 64),
                                 BLOCK_N=_interpret_block(C_out, 16, 64), BLOCK_K=_interpret_block(k_seg, 16, 64)),
-        ("osa_agg", tuning.bucket(M), tuning.bucket(HW) if want_psum else 0, C0, C1, C_out, x.dtype, want_psum,
-         scale is not None, residual is not None, act),
+        ("osa_agg", len(chans), tuning.bucket(M), tuning.bucket(HW) if want_psum else 0, chans, C_out, x.dtype,
+         want_psum, scale is not None, residual is not None, act),
         lambda: _heuristic_meta(HW if want_psum else M, k_seg, C_out), lambda: _conv._candidates(k_seg, C_out))
     return (psum, num_hb) if want_psum else None
 
@@ -400,9 +416,10 @@ def _run_triton(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, ag
         y = view
     residual = x if identity else None
     if ese_w is None:
-        _launch_aggregate(x, stages, agg_w, agg_s, agg_b, residual, out, act, act_param, want_psum=False)
+        _launch_aggregate((x, stages), agg_w, agg_s, agg_b, residual, out, act, act_param, want_psum=False)
     else:
-        psum, num_hb = _launch_aggregate(x, stages, agg_w, agg_s, agg_b, None, out, act, act_param, want_psum=True)
+        psum, num_hb = _launch_aggregate((x, stages), agg_w, agg_s, agg_b, None, out, act, act_param,
+                                         want_psum=True)
         _launch_ese(out, psum, num_hb, ese_w, ese_b, residual)
     return out
 
@@ -568,3 +585,196 @@ def osa_block(
                      identity, act)
     return _OP(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b,
                bool(identity), act, float(act_param))
+
+
+# ----------------------------------------------------------------------------
+# The N-segment aggregation on its own: concat -> 1x1 conv without the concat
+# ----------------------------------------------------------------------------
+def _run_aggregate_triton(segments, weight, scale, bias, residual, ese_w, ese_b, out, act, act_param):
+    x = segments[0]
+    if out is None:
+        out = _new_block_output(x, weight.shape[0])
+    if out.numel() == 0:
+        return out
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        scale = scale.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    if ese_w is None:
+        _launch_aggregate(segments, weight, scale, bias, residual, out, act, act_param, want_psum=False)
+    else:  # the residual comes after the gate: applied by the gate pass
+        psum, num_hb = _launch_aggregate(segments, weight, scale, bias, None, out, act, act_param, want_psum=True)
+        _launch_ese(out, psum, num_hb, ese_w, ese_b, residual)
+    return out
+
+
+def _run_aggregate_reference(segments, weight, scale, bias, residual, ese_w, ese_b, out, act, act_param):
+    y = reference.osa_aggregate(segments, weight, scale, bias, act, act_param, ese_w, ese_b, residual)
+    if out is None:
+        return y.contiguous(memory_format=_conv.output_format(segments[0]))
+    out.copy_(y)
+    return out
+
+
+def _aggregate_triton_reasons(segments, weight, *rest) -> List[str]:
+    return _conv._triton_reasons(segments[0], weight, None, None, None, None)
+
+
+dispatch.register("aggregate", "triton", _aggregate_triton_reasons)(_run_aggregate_triton)
+dispatch.register("aggregate", "reference")(_run_aggregate_reference)
+
+
+@torch.library.custom_op("effops::aggregate", mutates_args=())
+def _aggregate_op(
+    segments: List[Tensor], weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor], act: str, act_param: float,
+) -> Tensor:
+    return dispatch.run("aggregate", segments, weight, scale, bias, residual, ese_w, ese_b, None, act, act_param)
+
+
+@_aggregate_op.register_fake
+def _(segments, weight, scale, bias, residual, ese_w, ese_b, act, act_param):
+    return _new_block_output(segments[0], weight.shape[0])
+
+
+@torch.library.custom_op("effops::aggregate_out", mutates_args=("out",))
+def _aggregate_out_op(
+    segments: List[Tensor], weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
+    residual: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor], act: str, act_param: float,
+    out: Tensor,
+) -> None:
+    dispatch.run("aggregate", segments, weight, scale, bias, residual, ese_w, ese_b, out, act, act_param)
+
+
+@_aggregate_out_op.register_fake
+def _(segments, weight, scale, bias, residual, ese_w, ese_b, act, act_param, out):
+    return None
+
+
+_AGG_OP = torch.ops.effops.aggregate.default
+_AGG_OUT_OP = torch.ops.effops.aggregate_out.default
+
+
+def check_aggregate_inputs(segments, weight, scale, bias, residual, ese_w, ese_b, act) -> None:
+    """Validate :func:`aggregate`'s arguments (``segments`` already tensors); errors name what was expected."""
+    if not segments:
+        raise ValueError("aggregate needs at least one input segment")
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(
+            f"aggregate takes at most {MAX_SEGMENTS} segments, got {len(segments)}; pass consecutive channel ranges "
+            f"of one buffer as one view, or aggregate in two steps")
+    x = segments[0]
+    for i, t in enumerate(segments):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = f"a {t.dim()}-D tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"expected segment {i} to be a 4-D (N, C, H, W) tensor or ChannelView, got {got}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"expected floating-point segments (float16, bfloat16, float32 or float64), segment {i} is {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"segment 0 is {x.dtype} but segment {i} is {t.dtype}; expected the same dtype")
+        if t.device != x.device:
+            raise ValueError(f"segment 0 is on {x.device} but segment {i} is on {t.device}; expected the same device")
+        if (t.shape[0], t.shape[2], t.shape[3]) != (x.shape[0], x.shape[2], x.shape[3]):
+            raise ValueError(
+                f"segment {i} has shape {tuple(t.shape)} but segment 0 has {tuple(x.shape)}; expected the same "
+                f"batch size and spatial size (N, H, W) in every segment")
+    check_activation(act)
+    for name, t in (("weight", weight), ("scale", scale), ("bias", bias), ("residual", residual),
+                    ("ese_weight", ese_w), ("ese_bias", ese_b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the segments are on {x.device}; expected the same device")
+    chans = [t.shape[1] for t in segments]
+    k = sum(chans)
+    if k == 0:
+        raise ValueError("the segments have no channels")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) \
+            or weight.shape[1] != k:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(
+            f"expected a 1x1 conv weight of shape (C_out, {k}, 1, 1): its input channels are the segments' "
+            f"{' + '.join(map(str, chans))} = {k} channels in order, got {got}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"the segments are {x.dtype} but weight is {weight.dtype}; expected the same dtype")
+    c_out = weight.shape[0]
+    _check_vector("scale", scale, c_out)
+    _check_vector("bias", bias, c_out)
+    if residual is not None:
+        expected = (x.shape[0], c_out, x.shape[2], x.shape[3])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"expected residual of shape {expected}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual is {residual.dtype} but the segments are {x.dtype}; expected the same dtype")
+    if ese_w is None and ese_b is not None:
+        raise ValueError("ese_bias given without ese_weight")
+    if ese_w is not None and tuple(ese_w.shape) not in ((c_out, c_out, 1, 1), (c_out, c_out)):
+        raise ValueError(f"expected the eSE weight of shape ({c_out}, {c_out}, 1, 1), got {tuple(ese_w.shape)}")
+    _check_vector("ese_bias", ese_b, c_out)
+
+
+def aggregate(
+    segments: Sequence[Union[Tensor, ChannelView]],
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    act: str = "identity",
+    act_param: float = 0.0,
+    residual: Optional[Tensor] = None,
+    ese_weight: Optional[Tensor] = None,
+    ese_bias: Optional[Tensor] = None,
+    out: Union[ChannelView, Tensor, None] = None,
+) -> Tensor:
+    """A 1×1 conv over the channel concatenation of ``segments``, without building the
+    concatenation: one kernel reads every segment in place as a range of the GEMM's K.
+
+    Equivalent PyTorch::
+
+        y = F.conv2d(torch.cat(segments, 1), weight)
+        y = act(y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))
+        if ese_weight is not None:                                      # VoVNetV2's eSE gate
+            y = y * F.hardsigmoid(F.conv2d(y.mean((2, 3), keepdim=True), ese_weight, ese_bias))
+        if residual is not None:
+            y = y + residual
+
+    ``segments``: 1 to ``MAX_SEGMENTS`` (16) tensors or :class:`~effops.ChannelView` objects of shape
+    ``[N, C_i, H, W]``, same N, H, W, dtype and device, any strides (NCHW, NHWC, channel views
+    of one buffer with any step); ``weight`` is ``[C_out, sum(C_i), 1, 1]``, its input channels
+    taken in segment order. ``scale`` / ``bias`` are per output channel (a folded BatchNorm;
+    best kept in float32). The result is NHWC when segment 0 is NHWC (or a channel view of an
+    NHWC buffer), else NCHW. With ``out`` (a tensor of the output's shape or a ChannelView)
+    the result is written into it in place, e.g. into a channel range of a larger buffer;
+    ``out`` must not share memory with any input (ValueError names which does).
+    Concat then 1×1 conv, as in OSA, ELAN, CSP blocks and DLA roots. Inference only
+    (RuntimeError when a gradient would be needed).
+    """
+    if not isinstance(segments, (list, tuple)):
+        raise TypeError(
+            f"expected segments as a list or tuple of tensors / ChannelViews, got {type(segments).__name__}")
+    segs = [t.as_tensor() if isinstance(t, ChannelView) else t for t in segments]
+    check_aggregate_inputs(segs, weight, scale, bias, residual, ese_weight, ese_bias, act)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (*segs, weight, scale, bias, residual, ese_weight, ese_bias)):
+        raise RuntimeError("aggregate is inference-only (no autograd formula); call it under torch.no_grad() "
+                           "or torch.inference_mode()")
+    if out is None:
+        return _AGG_OP(segs, weight, scale, bias, residual, ese_weight, ese_bias, act, float(act_param))
+    dst = out.as_tensor() if isinstance(out, ChannelView) else out
+    x = segs[0]
+    expected = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    if not isinstance(dst, Tensor) or tuple(dst.shape) != expected:
+        got = tuple(dst.shape) if isinstance(dst, Tensor) else type(dst).__name__
+        raise ValueError(f"expected out of shape {expected}, got {got}")
+    if dst.dtype != x.dtype or dst.device != x.device:
+        raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {x.dtype} on {x.device}")
+    if not torch.compiler.is_compiling():  # traced (fake) tensors have no addresses to compare
+        named = [(f"segment {i}", t) for i, t in enumerate(segs)] + [
+            ("residual", residual), ("weight", weight), ("scale", scale), ("bias", bias), ("ese_weight", ese_weight),
+            ("ese_bias", ese_bias)]
+        name = first_overlap(dst, named)
+        if name is not None:
+            raise ValueError(
+                f"out overlaps {name}: aggregate(out=...) writes out while reading {name}, so they must not share "
+                f"memory; disjoint channel ranges of one buffer are fine")
+    _AGG_OUT_OP(segs, weight, scale, bias, residual, ese_weight, ese_bias, act, float(act_param), dst)
+    return dst

@@ -198,7 +198,9 @@ def osa_aggregate(
         return y.to(inputs[0].dtype)
 
     ``weight`` is ``[C_out, sum(C_i), 1, 1]``; the fused kernel reads the inputs
-    as consecutive segments of its K dimension instead of concatenating them.
+    as consecutive segments of its K dimension instead of concatenating them. The
+    specification of :func:`effops.ops.aggregate` (``identity`` is its ``residual``)
+    and of the OSA block's aggregation.
     """
     x = inputs[0]
     cd = _compute_dtype(x.dtype)

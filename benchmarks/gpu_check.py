@@ -159,6 +159,11 @@ TEST_SELECTION = [
     "tests/test_osa.py::test_no_concat_is_materialised",
     "tests/test_osa.py::test_autocast_runs_in_the_autocast_dtype[torch.float16-v2-triton]",
     "tests/test_freshness.py::test_fused_osa_sees_data_writes_everywhere",
+    # N-segment aggregation: separate tensors and channel views, 3 and 8 segments, eSE
+    "tests/test_segments.py::test_segment_counts_and_layouts[3-nhwc]",
+    "tests/test_segments.py::test_segment_counts_and_layouts[8-views]",
+    "tests/test_segments.py::test_dtypes_with_residual[torch.float16]",
+    "tests/test_segments.py::test_ese_gate_and_residual[torch.bfloat16]",
     # traced fusion of a hand-written forward; torch.compile over FusedOSA
     "tests/test_traced.py::test_traced_block_through_the_kernel",
     "tests/test_traced.py::test_timm_mobilenetv3_through_the_kernels",

@@ -163,7 +163,7 @@ TEST_SELECTION = [
     "tests/test_segments.py::test_segment_counts_and_layouts[3-nhwc]",
     "tests/test_segments.py::test_segment_counts_and_layouts[8-views]",
     "tests/test_segments.py::test_dtypes_with_residual[torch.float16]",
-    "tests/test_segments.py::test_ese_gate_and_residual[torch.bfloat16]",
+    "tests/test_segments.py::test_ese_gate_and_residual[torch.float16]",
     # traced fusion of a hand-written forward; torch.compile over FusedOSA
     "tests/test_traced.py::test_traced_block_through_the_kernel",
     "tests/test_traced.py::test_timm_mobilenetv3_through_the_kernels",
@@ -441,8 +441,8 @@ class Check:
         if problems:
             lines += ["## Failed or skipped", ""] + problems + [""]
         if self.meta.get("tuned_tiles"):
-            lines += ["Tuned tiles (TMA among them): " + ", ".join(
-                f"after {k}: {v['tiles']} ({v['tma']})" for k, v in self.meta["tuned_tiles"].items()), ""]
+            lines += ["Tuned problems (TMA tiles and cuDNN paths among them): " + ", ".join(
+                f"after {k}: {v['tiles']} ({v['tma']} TMA, {v.get('cudnn', 0)} cuDNN)" for k, v in self.meta["tuned_tiles"].items()), ""]
         names = [f"{self.base}{suffix}" for suffix in (".csv", ".json", "_summary.md", ".log")]
         if "tests" in stages:
             names.append(f"{self.base}_tests.log")
@@ -744,13 +744,15 @@ class Check:
         self.log(self.meta["tma_tiles"])
 
     def tuned_tiles(self):
-        """How many tiles the tuner has cached and how many of them are TMA tiles (meta, after each timing stage)."""
+        """How many problems the tuner has cached, and how many chose a TMA tile or a cuDNN path (meta,
+        after each timing stage)."""
         try:
             from effops import tuning
 
-            cfgs = list(tuning._CACHE.values())
+            cfgs = [c for c in tuning._CACHE.values() if isinstance(c, dict)]
             self.meta.setdefault("tuned_tiles", {})[self.stage] = {
-                "tiles": len(cfgs), "tma": sum(bool(isinstance(c, dict) and c.get("TMA")) for c in cfgs)}
+                "tiles": len(cfgs), "tma": sum(bool(c.get("TMA")) for c in cfgs),
+                "cudnn": sum(bool(c.get("VENDOR")) for c in cfgs)}
         except Exception:  # noqa: BLE001
             pass
 

@@ -8,10 +8,11 @@ Importing effops does no GPU work and compiles nothing; kernels are compiled
 (and autotuned on CUDA) on first use.
 """
 from .convert import OptimizeReport, optimize
+from .diagnostics import info
 from .dispatch import BackendUnavailable, use_backend
 from .nn import EffectiveSE, FusedConvBNAct, FusedOSA, FusedSequential
 from .views import ChannelView
-from . import dispatch, models, ops
+from . import dispatch, models, ops, tuning
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,10 @@ __all__ = [
     "FusedOSA",
     "FusedSequential",
     "OptimizeReport",
+    "info",
     "models",
     "ops",
     "optimize",
+    "tuning",
     "use_backend",
 ]

@@ -4,6 +4,8 @@
     python -m effops --model vovnet39 --batch 32
     python -m effops --model vovnet39 --v2             # VoVNetV2 (eSE)
     python -m effops --model ese_vovnet19b_dw          # any timm model by name (random weights)
+    python -m effops info [--json]                     # which implementation runs here, and why
+
 
 Runs on the best device present (CUDA if available, else CPU, where effops
 uses its reference backend unless TRITON_INTERPRET=1). BatchNorm statistics
@@ -34,7 +36,28 @@ def build_model(name: str, v2: bool = False) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+def info_main(argv=None) -> int:
+    """``python -m effops info``: every op's backends with their reasons on each device, cuDNN,
+    versions, and the tuning files with the implementation chosen per problem."""
+    p = argparse.ArgumentParser(prog="effops info", description=info_main.__doc__)
+    p.add_argument("--json", action="store_true", help="print effops.info() as JSON")
+    args = p.parse_args(argv)
+    from effops.diagnostics import format_info, info
+
+    data = info()
+    if args.json:
+        import json
+
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print(format_info(data))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["info"]:
+        return info_main(argv[1:])
     p = argparse.ArgumentParser(prog="effops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vovnet27_slim", help="vovnet27_slim | vovnet39 | vovnet57 | any timm model name")
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 1 on CPU")

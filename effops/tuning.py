@@ -1,35 +1,51 @@
-"""The tile tuner every Triton launcher uses: time the candidate tiles of a problem once,
-cache the fastest, launch it directly afterwards.
+"""The tuner every launcher uses: time the candidates of a problem once (Triton tiles, and
+for the conv launcher cuDNN too), cache the fastest, launch it directly afterwards.
 
     cfg = tuning.pick(key, launch, heuristic, candidates, x.device)
     launch(cfg)
 
 Rules of :func:`pick`, in order:
 
-* ``EFFOPS_AUTOTUNE=0``: ``heuristic()``, nothing timed or cached (tests, reproducible start-up);
-* during CUDA-graph capture nothing may be benchmarked: the tile tuned earlier for the key
-  (warm up before capturing to get it), else ``heuristic()``;
-* otherwise the cached tile, or the candidates are timed now (once per key and device kind).
+* ``EFFOPS_AUTOTUNE=0``: ``heuristic()``, nothing timed, cached or read from a file (tests,
+  reproducible start-up);
+* the cached config, else the one stored for the key in the device kind's tuning file;
+* during CUDA-graph capture nothing may be benchmarked: ``heuristic()`` (warm up before
+  capturing to get the tuned config);
+* otherwise the candidates are timed now (once per key and device kind).
 
-The cache key is ``(device kind, key)``: two GPUs of different models never share a tile.
+The cache key is ``(device kind, key)``: two GPUs of different models never share a config.
 Launchers put :func:`bucket` of their pixel counts into ``key``, never the exact count, so a
-new batch size or resolution in the same bucket reuses the tuned tile. The cache holds at
+new batch size or resolution in the same bucket reuses the tuned config. The cache holds at
 most ``MAX_ENTRIES`` keys and forgets the least recently used. Cache hits take no lock;
 tuning holds one lock, so two threads never time the same key (or one GPU) at once.
+
+Tuning files: every device kind has one JSON file per torch and Triton version,
+:func:`cache_path` (``$EFFOPS_CACHE_DIR``, default ``~/.cache/effops``). The first cache miss
+of a device kind reads its file (never at import); every new tuning is written through to it
+(merged with what the file holds, written to a temporary file and renamed into place; a
+failed write warns once and the config stays in memory). ``EFFOPS_TUNING_CACHE=0`` turns the
+file off (explicit :func:`save` / :func:`load` still work). Keys are stored as
+:func:`encode_key` strings.
 
 We keep our own tuner rather than ``triton.autotune``: its per-call Python work cost more
 than a small conv (see docs/architecture.md).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import tempfile
 import threading
+import warnings
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterable, List, Optional, Union
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Union
 
 import torch
 
 MAX_ENTRIES = 1024
+MAX_FILE_ENTRIES = 4096  # per device kind in a tuning file; the oldest are dropped beyond it
+FILE_FORMAT = 1
 
 Config = dict
 Timer = Callable[[Callable[[], object]], float]
@@ -37,6 +53,11 @@ Timer = Callable[[Callable[[], object]], float]
 _CACHE: "OrderedDict[tuple, Config]" = OrderedDict()  # (device kind, key) -> tuned config, LRU order
 _LOCK = threading.Lock()  # held while tuning: one benchmark at a time, in this process
 _KINDS: dict = {}  # (device type, index) -> device kind, looked up once per device
+# device kind -> {encode_key(key): config}: what the kind's tuning file holds (read, loaded or written
+# through). Also a second level under the LRU cache: an entry evicted from _CACHE is found here again.
+_STORE: "Dict[str, OrderedDict[str, Config]]" = {}
+_FILE_READ: set = set()  # device kinds whose default tuning file was read (lazily, once)
+_WARNED: set = set()  # tuning-file problems already warned about
 
 
 def do_bench(fn: Callable[[], object]) -> float:
@@ -101,7 +122,7 @@ def _cached(full_key) -> Optional[Config]:
 def pick(key: Hashable, launch: Callable[[Config], object], heuristic: Callable[[], Config],
          candidates: Union[Iterable[Config], Callable[[], Iterable[Config]]], device: torch.device, *,
          choose: Optional[Callable[[List[Config]], Config]] = None, timer: Optional[Timer] = None) -> Config:
-    """The tile for one launch (rules in the module docstring).
+    """The config for one launch (rules in the module docstring).
 
     ``launch(cfg)`` runs the kernel with the problem's real sizes; ``candidates`` is a list,
     or a function returning one (called only when tuning). Candidates that raise (e.g. out
@@ -115,16 +136,25 @@ def pick(key: Hashable, launch: Callable[[Config], object], heuristic: Callable[
     cfg = _cached(full_key)
     if cfg is not None:
         return cfg
+    cfg = _stored(full_key)
+    if cfg is not None:
+        return cfg
     if _capturing(device):
         return heuristic()
     with _LOCK:
         cfg = _CACHE.get(full_key)  # another thread may have tuned it while we waited
         if cfg is None:
             cfg = _tune(full_key, launch, candidates, choose, timer or do_bench)
-            _CACHE[full_key] = cfg
-            while len(_CACHE) > MAX_ENTRIES:
-                _CACHE.popitem(last=False)  # least recently used
+            _insert(full_key, cfg)
+            _remember(full_key, cfg)
     return cfg
+
+
+def _insert(full_key, cfg: Config) -> None:
+    _CACHE[full_key] = cfg
+    _CACHE.move_to_end(full_key)
+    while len(_CACHE) > MAX_ENTRIES:
+        _CACHE.popitem(last=False)  # least recently used
 
 
 def _tune(full_key, launch, candidates, choose, timer) -> Config:
@@ -143,6 +173,238 @@ def _tune(full_key, launch, candidates, choose, timer) -> Config:
 
 
 def clear() -> None:
-    """Forget every tuned tile (the next call of each problem times its candidates again)."""
+    """Forget every tuned or loaded config in memory: the next call of each problem times its
+    candidates again (and writes the new choice through to the tuning file). Tuning files are
+    not touched, and a file already read is not read again automatically; :func:`load` reads it."""
     with _LOCK:
         _CACHE.clear()
+        _STORE.clear()
+
+
+# ----------------------------------------------------------------------------
+# Tuning files
+# ----------------------------------------------------------------------------
+def encode_key(key: Hashable) -> str:
+    """The stable text form of a problem key in tuning files: the ``repr`` of the key with
+    every ``torch.dtype`` written as its name (``"torch.float16"``) and lists as tuples."""
+    return repr(_plain(key))
+
+
+def _plain(v):
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if isinstance(v, (tuple, list)):
+        return tuple(_plain(i) for i in v)
+    return v
+
+
+def file_cache_enabled() -> bool:
+    """False when ``EFFOPS_TUNING_CACHE=0``: nothing is read or written automatically."""
+    return os.environ.get("EFFOPS_TUNING_CACHE", "1") != "0"
+
+
+def cache_dir() -> str:
+    """``$EFFOPS_CACHE_DIR``, else ``~/.cache/effops``."""
+    return os.environ.get("EFFOPS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "effops")
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^a-z0-9._]+", "-", s.lower()).strip("-") or "unknown"
+
+
+def versions() -> Dict[str, str]:
+    """torch and Triton versions, as the tuning files' names carry them."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - exercised only where triton is absent
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def cache_path(device: Union[torch.device, str, None] = None) -> str:
+    """The tuning file of a device kind: ``<cache_dir()>/tuning-<kind>-torch<v>-triton<v>.json``.
+    ``device``: a ``torch.device`` or a device kind string (:func:`device_kind`); default the
+    current CUDA device, or ``"cpu"`` without one."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    kind = device if isinstance(device, str) else device_kind(device)
+    v = versions()
+    name = f"tuning-{_sanitize(kind)}-torch{_sanitize(v['torch'])}-triton{_sanitize(v['triton'])}.json"
+    return os.path.join(cache_dir(), name)
+
+
+def _warn_once(what: str, err: Exception) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        warnings.warn(f"effops: {what}: {err}; tuned configs stay in memory only", RuntimeWarning, stacklevel=3)
+
+
+def read_file(path: str) -> Dict[str, Dict[str, Config]]:
+    """``{device kind: {encoded key: config}}`` of a tuning file (ValueError if it isn't one)."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT or not isinstance(data.get("kinds"), dict):
+        raise ValueError(f"{path} is not an effops tuning file of format {FILE_FORMAT}")
+    kinds = {}
+    for kind, entries in data["kinds"].items():
+        if isinstance(entries, dict):
+            kinds[kind] = {k: c for k, c in entries.items() if isinstance(k, str) and isinstance(c, dict)}
+    return kinds
+
+
+def _write_file(path: str, kinds: Dict[str, Dict[str, Config]]) -> None:
+    """Atomic: a temporary file in the same directory, renamed over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    data = {"format": FILE_FORMAT, **versions(), "kinds": kinds}
+    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _merge(kind: str, entries: Dict[str, Config], overwrite: bool) -> None:
+    store = _STORE.setdefault(kind, OrderedDict())
+    for enc, cfg in entries.items():
+        if overwrite or enc not in store:
+            store[enc] = cfg
+    while len(store) > MAX_FILE_ENTRIES:
+        store.popitem(last=False)
+
+
+def _read_default(kind: str) -> None:
+    """Lazily, once per device kind: merge its tuning file into the store (entries already
+    in memory win). Called with ``_LOCK`` held."""
+    _FILE_READ.add(kind)
+    path = cache_path(kind)
+    if not os.path.exists(path):
+        return
+    try:
+        entries = read_file(path).get(kind, {})
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file must not break a forward
+        _warn_once(f"could not read the tuning file {path}", e)
+        return
+    _merge(kind, entries, overwrite=False)
+
+
+def _stored(full_key) -> Optional[Config]:
+    """On a cache miss: the config the device kind's tuning file (or :func:`load`) holds
+    for the key, moved into the cache; None if there is none."""
+    kind, key = full_key
+    if kind not in _FILE_READ and file_cache_enabled():
+        with _LOCK:
+            if kind not in _FILE_READ:
+                _read_default(kind)
+    store = _STORE.get(kind)
+    if not store:
+        return None
+    cfg = store.get(encode_key(key))
+    if cfg is not None:
+        with _LOCK:
+            _insert(full_key, cfg)
+    return cfg
+
+
+def _remember(full_key, cfg: Config) -> None:
+    """A new tuning (``_LOCK`` held): written through to the tuning file (and the store that mirrors it)."""
+    if not file_cache_enabled():
+        return
+    kind, key = full_key
+    _merge(kind, {encode_key(key): cfg}, overwrite=True)
+    path = cache_path(kind)
+    try:
+        _update_file(path, kind)
+    except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: tuning still works
+        _warn_once(f"could not write the tuning file {path}", e)
+
+
+def _update_file(path: str, kind: str) -> None:
+    """The file's entries for ``kind`` merged with the store's (the store wins), written back."""
+    try:
+        on_disk = read_file(path) if os.path.exists(path) else {}
+    except ValueError:
+        on_disk = {}  # not a tuning file of this format: replaced
+    _merge(kind, on_disk.get(kind, {}), overwrite=False)
+    on_disk[kind] = dict(_STORE[kind])
+    _write_file(path, on_disk)
+
+
+def save(path: Optional[str] = None) -> List[str]:
+    """Write the tuned configs in memory. Without ``path``: each device kind's entries into
+    its tuning file (:func:`cache_path`, merged with what the file holds); with ``path``:
+    every kind's entries into that one file. Returns the paths written."""
+    with _LOCK:
+        if path is not None:
+            _write_file(path, _all_entries())
+            return [path]
+        for kind, known in _all_entries().items():
+            _merge(kind, known, overwrite=False)
+        written = []
+        for kind, store in list(_STORE.items()):
+            if store:
+                p = cache_path(kind)
+                _update_file(p, kind)
+                written.append(p)
+        return written
+
+
+def load(path: Optional[str] = None) -> int:
+    """Read tuned configs into memory; the file's entries replace those in memory for the
+    same problems. Without ``path``: the tuning files of this process's device kinds (the
+    CUDA devices present and every kind seen so far). Returns the number of entries read.
+    Raises for a ``path`` that is missing or not a tuning file."""
+    with _LOCK:
+        if path is not None:
+            files = [(path, None)]
+        else:
+            kinds = set(_KINDS.values()) | set(_STORE)
+            if torch.cuda.is_available():
+                kinds |= {device_kind(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
+            files = [(cache_path(k), k) for k in sorted(kinds) if os.path.exists(cache_path(k))]
+        n = 0
+        for p, only in files:
+            for kind, entries in read_file(p).items():
+                if only is not None and kind != only:
+                    continue
+                _FILE_READ.add(kind)
+                _merge(kind, entries, overwrite=True)
+                for full_key in [k for k in _CACHE if k[0] == kind]:  # loaded entries win over memory
+                    cfg = entries.get(encode_key(full_key[1]))
+                    if cfg is not None:
+                        _CACHE[full_key] = cfg
+                n += len(entries)
+        return n
+
+
+def entries() -> Dict[str, Dict[str, Config]]:
+    """``{device kind: {encoded key: config}}``: every config tuned or loaded in this process."""
+    with _LOCK:
+        return _all_entries()
+
+
+def _all_entries() -> Dict[str, Dict[str, Config]]:
+    out = {kind: dict(store) for kind, store in _STORE.items() if store}
+    for (kind, key), cfg in list(_CACHE.items()):  # in the cache only (e.g. put there by tests): listed too
+        out.setdefault(kind, {}).setdefault(encode_key(key), cfg)
+    return out
+
+
+def describe(cfg: Config) -> str:
+    """One line naming the implementation a config runs: a cuDNN path, a TMA tile or a Triton tile."""
+    if "VENDOR" in cfg:
+        return f"vendor {cfg['VENDOR']} (cuDNN)"
+    tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C") if k in cfg)
+    extra = "".join(f" {k}={cfg[k]}" for k in ("num_warps", "num_stages") if k in cfg)
+    if cfg.get("TMA"):
+        fb = cfg.get("FALLBACK")
+        return f"triton TMA tile {tile}{extra}" + (f" (fallback: {describe(fb)})" if isinstance(fb, dict) else "")
+    return f"triton tile {tile}{extra}"

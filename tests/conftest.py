@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # One fixed kernel config on CUDA: autotuning every tiny test shape would cost minutes of compiles.
 os.environ.setdefault("EFFOPS_AUTOTUNE", "0")
+# No tuning files: tests that tune must not read or write ~/.cache/effops (tests/test_vendor.py turns it on).
+os.environ.setdefault("EFFOPS_TUNING_CACHE", "0")
 
 import pytest  # noqa: E402
 

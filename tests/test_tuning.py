@@ -1,6 +1,7 @@
-"""effops.tuning: the tile tuner every launcher uses. Fake launches and an injected timer,
+"""effops.tuning: the tuner every launcher uses, and its tuning files. Fake launches and an injected timer,
 so no kernel runs except in the launcher tests at the end (interpreter)."""
 import collections
+import os
 import threading
 import time
 
@@ -21,7 +22,10 @@ TIMES = {16: 3.0, 32: 1.0, 64: 2.0}  # B fastest, then C, then A
 def fresh(monkeypatch):
     monkeypatch.setattr(tuning, "_CACHE", collections.OrderedDict())
     monkeypatch.setattr(tuning, "_KINDS", {})
+    monkeypatch.setattr(tuning, "_STORE", {})
+    monkeypatch.setattr(tuning, "_FILE_READ", set())
     monkeypatch.setenv("EFFOPS_AUTOTUNE", "1")
+    monkeypatch.setenv("EFFOPS_TUNING_CACHE", "0")
 
 
 class Fake:
@@ -256,3 +260,83 @@ def test_launchers_reuse_tiles_within_a_pixel_bucket(monkeypatch, depthwise):
     assert len(tuning._CACHE) == entries and len(timed) == n_timed
     run(2, 5, 6)  # 60 pixels: bucket 64, every launcher tunes again
     assert len(tuning._CACHE) == 2 * entries and len(timed) == 2 * n_timed
+
+
+# Tuning files (fake launches; the launcher-level tests are in tests/test_vendor.py).
+
+
+@pytest.fixture
+def files_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFOPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EFFOPS_TUNING_CACHE", "1")
+    return tmp_path
+
+
+def _forget_in_memory(monkeypatch):
+    monkeypatch.setattr(tuning, "_CACHE", collections.OrderedDict())
+    monkeypatch.setattr(tuning, "_STORE", {})
+    monkeypatch.setattr(tuning, "_FILE_READ", set())
+
+
+def test_encode_key_is_stable_text_with_dtypes_as_strings():
+    key = ("conv", 1024, (1, 1), torch.float16, True, "relu", [3, 3])
+    assert tuning.encode_key(key) == "('conv', 1024, (1, 1), 'torch.float16', True, 'relu', (3, 3))"
+    assert tuning.encode_key(("k", torch.bfloat16)) != tuning.encode_key(("k", torch.float16))
+
+
+def test_file_entries_are_used_without_timing_even_during_capture(monkeypatch, files_on):
+    f = Fake()
+    assert f.pick(("k", torch.float16)) is B and len(f.timed) == 3     # tuned, written through
+    _forget_in_memory(monkeypatch)                                     # "the next process"
+    monkeypatch.setattr(tuning, "_capturing", lambda device: True)
+    assert f.pick(("k", torch.float16)) == B and len(f.timed) == 3     # read from the file, inside a capture
+    assert f.pick(("other",)) is HEURISTIC and len(f.timed) == 3       # unknown key during capture: heuristic
+
+
+def test_the_file_is_read_once_per_device_kind_and_hits_take_no_lock(monkeypatch, files_on):
+    f = Fake()
+    f.pick("a"), f.pick("b")
+    _forget_in_memory(monkeypatch)
+    reads = []
+    real = tuning.read_file
+    monkeypatch.setattr(tuning, "read_file", lambda p: reads.append(p) or real(p))
+    assert f.pick("a") == B and f.pick("b") == B and len(f.timed) == 6 and len(reads) == 1
+    taken = []
+
+    class CountingLock:
+        def __enter__(self):
+            taken.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(tuning, "_LOCK", CountingLock())
+    f.pick("a"), f.pick("b")
+    assert taken == [] and len(reads) == 1
+
+
+def test_an_entry_evicted_from_the_lru_cache_comes_back_from_the_file_store(monkeypatch, files_on):
+    monkeypatch.setattr(tuning, "MAX_ENTRIES", 1)
+    f = Fake()
+    f.pick("a"), f.pick("b")                   # "a" evicted from the cache ...
+    assert len(tuning._CACHE) == 1 and len(f.timed) == 6
+    assert f.pick("a") == B and len(f.timed) == 6  # ... not timed again
+
+
+def test_describe_names_the_implementation():
+    tile = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3)
+    assert tuning.describe({"VENDOR": "cudnn"}) == "vendor cudnn (cuDNN)"
+    assert tuning.describe(tile) == "triton tile 64x32x16 num_warps=4 num_stages=3"
+    assert tuning.describe(dict(tile, TMA=True, FALLBACK={"VENDOR": "cudnn_relu"})) == (
+        "triton TMA tile 64x32x16 num_warps=4 num_stages=3 (fallback: vendor cudnn_relu (cuDNN))")
+
+
+def test_cache_path_names_device_kind_and_versions(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFOPS_CACHE_DIR", str(tmp_path))
+    v = tuning.versions()
+    path = tuning.cache_path("NVIDIA H100 80GB HBM3 sm_90")
+    assert os.path.dirname(path) == str(tmp_path)
+    assert os.path.basename(path) == (f"tuning-nvidia-h100-80gb-hbm3-sm_90-torch{tuning._sanitize(v['torch'])}"
+                                      f"-triton{tuning._sanitize(v['triton'])}.json")
+    monkeypatch.delenv("EFFOPS_CACHE_DIR")
+    assert tuning.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "effops")

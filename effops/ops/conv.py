@@ -2,7 +2,8 @@
 
 Layers, bottom up, all in this file:
 
-1. the Triton kernel ``_conv_bn_act_kernel`` and its launcher ``_run_triton``;
+1. the Triton kernels (``_conv_bn_act_kernel``, its TMA variant, ``_depthwise_kernel``) and
+   their launcher ``_run_triton``, whose tuner also times cuDNN paths on a GPU;
 2. the registered ops ``effops::conv_bn_act`` (functional, differentiable) and
    ``effops::conv_bn_act_out`` (writes a channel view in place), each with a
    fake implementation so ``torch.compile(fullgraph=True)`` traces them;
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, tuning
-from ..activations import activation_grad, check_activation
+from ..activations import activation_grad, apply_activation, check_activation
 from ..views import ChannelView, first_overlap
 from . import reference
 
@@ -369,9 +370,9 @@ def _candidates(C_in_g: int, C_out_g: int, tma_elem_size: int = 0):
 
 
 def _with_tma_fallback(C_in_g: int, C_out_g: int):
-    """``choose`` for :func:`effops.tuning.pick`: the fastest tile, and when that is a TMA
-    tile, the fastest pointer tile with it as ``FALLBACK``: the same shapes can come with
-    other strides or alignment, which the TMA kernel can't take."""
+    """``choose`` for :func:`effops.tuning.pick`: the fastest config, and when that is a TMA
+    tile, the fastest other config (a pointer tile or a vendor path) with it as ``FALLBACK``:
+    the same shapes can come with other strides or alignment, which the TMA kernel can't take."""
     def choose(ranked):
         cfg = ranked[0]
         if cfg.get("TMA"):
@@ -399,11 +400,16 @@ def tma_eligible(x: Tensor, weight: Tensor, out: Tensor, stride, dilation, group
     on an sm_90+ GPU; a stride-1 conv whose output is the input's size; an NHWC,
     pixel-dense input (channel views included) and an OHWI-contiguous weight, with the
     16-byte alignment of addresses and row strides TMA requires; int32 coordinates."""
+    return _tma_eligible(x, weight, out.shape[2], out.shape[3], stride, dilation, groups)
+
+
+def _tma_eligible(x: Tensor, weight: Tensor, OH: int, OW: int, stride, dilation, groups: int) -> bool:
+    """:func:`tma_eligible` for an output of spatial size ``OH x OW``."""
     if TensorDescriptor is None or groups != 1 or stride[0] != 1 or stride[1] != 1:
         return False
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
-    if out.shape[2] != H or out.shape[3] != W:
+    if OH != H or OW != W:
         return False
     es = x.element_size()
     ps = _pixel_stride(x)
@@ -465,6 +471,16 @@ def needs_int64(*tensors: Optional[Tensor]) -> bool:
     return any(_max_offset(t) > _INT32_MAX for t in tensors)
 
 
+def _new_output_needs_int64(x: Tensor, C: int, OH: int, OW: int) -> bool:
+    """``needs_int64(out)`` for the output ``_new_output`` would allocate (``out=None``), without allocating it."""
+    N = x.shape[0]
+    if prefers_channels_last(x):  # strides (OH*OW*C, 1, OW*C, C)
+        bound = N * OH * OW * C + C + OH * OW * C + OW * C
+    else:  # strides (C*OH*OW, OH*OW, OW, 1)
+        bound = N * C * OH * OW + C * OH * OW + OH * OW + OW
+    return bound > _INT32_MAX
+
+
 def _dot_meta(x: Tensor, interpreting: bool) -> dict:
     """``tl.dot`` settings shared by every GEMM launcher: bf16 operands upcast under the
     interpreter (see ``_mma``); fp32 follows nn.Conv2d, TF32 exactly when cuDNN would use it."""
@@ -491,36 +507,125 @@ def _depthwise_heuristic(C: int) -> dict:
     return dict(BLOCK_P=4096 // bc if bc < 64 else 64, BLOCK_C=bc, num_warps=4, num_stages=1)
 
 
+# Vendor (cuDNN) candidates: timed beside the Triton tiles of the conv and depthwise launchers.
+_VENDOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+VENDORS = ("cudnn", "cudnn_relu", "cudnn_add_relu")
+
+
+def _cudnn_usable(x: Tensor) -> bool:
+    """Whether cuDNN runs convs of ``x`` here: a CUDA tensor, with cuDNN present and enabled.
+    Tests patch it to offer the vendor candidates to CPU tensors on the device branch."""
+    return x.is_cuda and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+
+
+def vendor_reasons(x: Tensor) -> List[str]:
+    """Why the tuner offers no cuDNN candidate for input ``x`` (empty: it does)."""
+    why = []
+    if not x.is_cuda:
+        why.append(f"cuDNN runs on cuda tensors, got {x.device.type}")
+    elif not torch.backends.cudnn.is_available():
+        why.append("this torch build has no cuDNN")
+    elif not torch.backends.cudnn.enabled:
+        why.append("torch.backends.cudnn.enabled is False")
+    if x.dtype not in _VENDOR_DTYPES:
+        why.append(f"the cuDNN candidates take float16, bfloat16 or float32, got {x.dtype}")
+    return why
+
+
+def _vendor_applies(name: str, residual, act: str, residual_after_act: bool) -> bool:
+    if name == "cudnn":
+        return True
+    if name == "cudnn_relu":
+        return act == "relu" and residual is None
+    if name == "cudnn_add_relu":
+        return act == "relu" and residual is not None and not residual_after_act
+    return False
+
+
+def _vendor_candidates(x: Tensor, residual, act: str, residual_after_act: bool) -> List[dict]:
+    """The cuDNN configs the tuner times beside the Triton tiles (none off CUDA or without cuDNN):
+    ``cudnn`` (conv + bias, then residual / activation in place) always, and cuDNN's fused
+    ``cudnn_relu`` / ``cudnn_add_relu`` where the epilogue is exactly theirs."""
+    if x.dtype not in _VENDOR_DTYPES or not _cudnn_usable(x):
+        return []
+    return [{"VENDOR": v} for v in VENDORS if _vendor_applies(v, residual, act, residual_after_act)]
+
+
+def _vendor_act(act: str, act_param: float):
+    """The activation applied in place to a fresh conv output (functional where there is no in-place form)."""
+    f = _INPLACE_ACT.get(act)
+    if f is not None:
+        return f
+    if act == "leaky_relu":
+        return lambda y: F.leaky_relu(y, act_param, inplace=True)
+    return lambda y: apply_activation(y, act, act_param)
+
+
+def _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
+                   residual_after_act) -> Tensor:
+    """One vendor config: the BN scale folded into the weight (in fp32, cast to the input dtype,
+    per call: nothing derived from parameters is cached), the bias in the conv. The result lands
+    in ``out`` when given (the copy is part of the launch, so the tuner times it), else it is
+    cuDNN's own output when that has :func:`output_format`'s layout."""
+    if not _vendor_applies(name, residual, act, residual_after_act):
+        raise ValueError(f"vendor config {name!r} can't run act={act!r} with "
+                         f"{'no residual' if residual is None else 'a residual'}"
+                         f"{' after the activation' if residual is not None and residual_after_act else ''}")
+    w = weight if scale is None else (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    if name == "cudnn_relu":
+        y = torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+    elif name == "cudnn_add_relu":
+        y = torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, stride, padding, dilation, groups)
+    else:
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        y = reference.add_residual_around(y, _vendor_act(act, act_param), residual, residual_after_act, inplace=True)
+    if out is None:
+        if y.is_contiguous(memory_format=output_format(x)):
+            return y
+        out = _new_output(x, weight, stride, padding, dilation)
+    out.copy_(y)
+    return out
+
+
 def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
-                   residual_after_act, force_int64: bool = False) -> None:
+                   residual_after_act, force_int64: bool = False) -> Tensor:
+    """The depthwise launcher (tuned beside cuDNN on a GPU); returns the result, ``out`` when given."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
-    OH, OW = out.shape[2], out.shape[3]
+    OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation) if out is None else (out.shape[2], out.shape[3])
     M = N * OH * OW
-    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
-    args = (
-        x, weight, scale if scale is not None else out, bias if bias is not None else out,
-        residual if residual is not None else out, out,
-        H, W, OH, OW, M, C,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *rs, *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        float(act_param),
-    )
     meta = dict(KH=KH, KW=KW, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, RES_AFTER_ACT=bool(residual_after_act), ACT=act,
-                IDX64=force_int64 or needs_int64(x, residual, out))
+                IDX64=force_int64 or needs_int64(x, residual, out)
+                or (out is None and _new_output_needs_int64(x, C, OH, OW)))
 
     def launch(cfg):
-        _depthwise_kernel[(_cdiv(M, cfg["BLOCK_P"]), _cdiv(C, cfg["BLOCK_C"]))](*args, **meta, **cfg)
+        if "VENDOR" in cfg:
+            return _launch_vendor(cfg["VENDOR"], x, weight, scale, bias, residual, out, stride, padding, dilation, C,
+                                  act, act_param, residual_after_act)
+        dst = out if out is not None else _new_output(x, weight, stride, padding, dilation)
+        rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+        _depthwise_kernel[(_cdiv(M, cfg["BLOCK_P"]), _cdiv(C, cfg["BLOCK_C"]))](
+            x, weight, scale if scale is not None else dst, bias if bias is not None else dst,
+            residual if residual is not None else dst, dst,
+            H, W, OH, OW, M, C,
+            *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *rs, *dst.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            float(act_param), **meta, **cfg)
+        return dst
 
-    launch_tuned(x, launch, lambda: dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)),
-                 ("depthwise", tuning.bucket(M), C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None,
-                  act), lambda: _depthwise_heuristic(C), _depthwise_configs)
+    return launch_tuned(
+        x, launch, lambda: dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)),
+        ("depthwise", tuning.bucket(M), C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None,
+         act, bool(residual_after_act) and residual is not None, scale is not None, out is not None),
+        lambda: _depthwise_heuristic(C),
+        lambda: _depthwise_configs() + _vendor_candidates(x, residual, act, residual_after_act))
 
 
 def launch_tuned(x: Tensor, launch, interpret_cfg, key, heuristic, candidates, choose=None):
     """What every launcher does with its ``launch(cfg)``: under the interpreter (CPU tensors)
-    one small fixed tile, ``interpret_cfg()``; on a GPU the tile :func:`effops.tuning.pick`
+    one small fixed tile, ``interpret_cfg()``; on a GPU the config :func:`effops.tuning.pick`
     gives for ``key`` (timed once per problem bucket and device kind, then cached), launched
     on the tensors' device. Returns what ``launch`` returns."""
     if _interpreting(x):
@@ -530,17 +635,18 @@ def launch_tuned(x: Tensor, launch, interpret_cfg, key, heuristic, candidates, c
 
 
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
-                residual_after_act, force_int64: bool = False, config: Optional[dict] = None):
-    """Launch the kernel. ``config`` (BLOCK_M/N/K, num_warps, num_stages) bypasses
-    autotuning; benchmarks/tools/sweep_conv_configs.py uses it."""
-    if out is None:
-        out = _new_output(x, weight, stride, padding, dilation)
+                residual_after_act, force_int64: bool = False, config: Optional[dict] = None) -> Tensor:
+    """Launch the conv and return its result: ``out`` when given, else a new tensor in
+    :func:`output_format` (on a GPU possibly cuDNN's own output, when the tuner picked cuDNN).
+    ``config`` bypasses tuning: a tile (BLOCK_M/N/K, num_warps, num_stages, ``TMA``) or a
+    vendor path (``{"VENDOR": "cudnn" | "cudnn_relu" | "cudnn_add_relu"}``);
+    benchmarks/tools/sweep_conv_configs.py uses it."""
     N, C_in, H, W = x.shape
     C_out, C_in_g, KH, KW = weight.shape
-    OH, OW = out.shape[2], out.shape[3]
+    OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation) if out is None else (out.shape[2], out.shape[3])
     M = N * OH * OW
     if M == 0 or C_out == 0:
-        return out
+        return out if out is not None else _new_output(x, weight, stride, padding, dilation)
     C_out_g = C_out // groups
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         scale = scale.to(torch.float32).contiguous()
@@ -548,24 +654,9 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         bias = bias.to(torch.float32).contiguous()
     if groups > 1 and C_in_g == 1 and C_out_g == 1 and config is None:
         # Depthwise: the GEMM would compute one useful column of every >= 32-wide tile.
-        _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
-                       residual_after_act, force_int64)
-        return out
-    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+        return _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
+                              residual_after_act, force_int64)
     interpreting = _interpreting(x)
-    if not interpreting and not weight.is_contiguous(memory_format=torch.channels_last):
-        # The GEMM kernels read K (kh, kw, input channel) contiguously from an OHWI weight
-        # (and the TMA kernel requires it). Modules run with the weight they hold, so an
-        # OIHW weight is laid out per call: keep conv weights channels_last on a GPU.
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    args = (
-        x, weight, scale if scale is not None else out, bias if bias is not None else out,
-        residual if residual is not None else out, out,
-        H, W, OH, OW, M, C_in_g, C_out_g,
-        *x.stride(), *weight.stride(), *rs, *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        float(act_param),
-    )
     meta = dict(
         KH=KH, KW=KW,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
@@ -573,42 +664,76 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         ACT=act,
         POINTWISE=(KH == 1 and KW == 1 and stride[0] == 1 and stride[1] == 1 and padding[0] == 0 and padding[1] == 0
                    and x.stride(2) == W * x.stride(3) and x.stride(0) == H * x.stride(2)),
-        IDX64=force_int64 or needs_int64(x, residual, out),
+        IDX64=(force_int64 or needs_int64(x, residual, out)
+               or (out is None and _new_output_needs_int64(x, C_out, OH, OW))),
         **_dot_meta(x, interpreting),
     )
-    def tma_ok() -> bool:  # the TMA kernel's addressing is int32 throughout
-        return not meta["IDX64"] and tma_eligible(x, weight, out, stride, dilation, groups)
 
-    def launch(cfg):
-        if cfg.get("TMA") and "FALLBACK" in cfg and not tma_ok():
+    def gemm_weight() -> Tensor:
+        if interpreting or weight.is_contiguous(memory_format=torch.channels_last):
+            return weight
+        # The GEMM kernels read K (kh, kw, input channel) contiguously from an OHWI weight
+        # (and the TMA kernel requires it). Modules run with the weight they hold, so an
+        # OIHW weight is laid out per call: keep conv weights channels_last on a GPU.
+        return weight.contiguous(memory_format=torch.channels_last)
+
+    def tma_ok(wk: Tensor) -> bool:  # the TMA kernel's addressing is int32 throughout
+        return not meta["IDX64"] and _tma_eligible(x, wk, OH, OW, stride, dilation, groups)
+
+    def vendor(name: str) -> Tensor:
+        return _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
+                              act_param, residual_after_act)
+
+    def launch(cfg) -> Tensor:
+        if "VENDOR" in cfg:
+            return vendor(cfg["VENDOR"])
+        wk = gemm_weight()
+        if cfg.get("TMA") and "FALLBACK" in cfg and not tma_ok(wk):
             # A TMA tile tuned on this problem's shapes, for a call it can't take (other strides or alignment).
             cfg = cfg["FALLBACK"]
+            if "VENDOR" in cfg:
+                return vendor(cfg["VENDOR"])
+        dst = out if out is not None else _new_output(x, weight, stride, padding, dilation)
+        rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+        args = (
+            x, wk, scale if scale is not None else dst, bias if bias is not None else dst,
+            residual if residual is not None else dst, dst,
+            H, W, OH, OW, M, C_in_g, C_out_g,
+            *x.stride(), *wk.stride(), *rs, *dst.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            float(act_param),
+        )
         if cfg.get("TMA"):
             tma_meta = dict(meta)
             del tma_meta["POINTWISE"], tma_meta["IDX64"]  # the TMA kernel has neither
-            _launch_tma(x, weight, (*args[2:6], H, W, M, C_in, C_out, *rs, *out.stride(), padding[0], padding[1],
-                                    dilation[0], dilation[1], float(act_param)), tma_meta, cfg)
-            return
+            _launch_tma(x, wk, (*args[2:6], H, W, M, C_in, C_out, *rs, *dst.stride(), padding[0], padding[1],
+                                dilation[0], dilation[1], float(act_param)), tma_meta, cfg)
+            return dst
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
         _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                                   num_stages=cfg.get("num_stages", 3))
+        return dst
 
     if config is not None:
-        if config.get("TMA") and not tma_ok():
+        if "VENDOR" in config:
+            if not _vendor_applies(config["VENDOR"], residual, act, residual_after_act):
+                vendor(config["VENDOR"])  # raises ValueError naming why
+        elif config.get("TMA") and not tma_ok(gemm_weight()):
             raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
         with _NULL_CTX if interpreting else _on_device(x.device):
-            launch(config)
-        return out
+            return launch(config)
     # Tuned once per problem and pixel-count bucket (effops.tuning); the launch uses the real M.
-    launch_tuned(x, launch, lambda: dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out_g, 16, 64),
-                                         BLOCK_K=_interpret_block(C_in_g, 16, 64)),
-                 ("conv", tuning.bucket(M), C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"],
-                  meta["HAS_SCALE"], meta["HAS_RES"], act),
-                 lambda: _heuristic_meta(M, C_in_g, C_out_g),
-                 lambda: _candidates(C_in_g, C_out_g, x.element_size() if tma_ok() else 0),
-                 choose=_with_tma_fallback(C_in_g, C_out_g))
-    return out
+    # Whether the result must land in a given tensor is in the key: a vendor candidate then times its copy.
+    return launch_tuned(
+        x, launch, lambda: dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out_g, 16, 64),
+                                BLOCK_K=_interpret_block(C_in_g, 16, 64)),
+        ("conv", tuning.bucket(M), C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"],
+         meta["HAS_SCALE"], meta["HAS_RES"], act, groups, meta["HAS_RES"] and meta["RES_AFTER_ACT"], out is not None),
+        lambda: _heuristic_meta(M, C_in_g, C_out_g),
+        lambda: (_candidates(C_in_g, C_out_g, x.element_size() if tma_ok(gemm_weight()) else 0)
+                 + _vendor_candidates(x, residual, act, residual_after_act)),
+        choose=_with_tma_fallback(C_in_g, C_out_g))
 
 
 _NULL_CTX = contextlib.nullcontext()

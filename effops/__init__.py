@@ -10,7 +10,8 @@ Importing effops does no GPU work and compiles nothing; kernels are compiled
 from .convert import OptimizeReport, optimize
 from .diagnostics import info
 from .dispatch import BackendUnavailable, use_backend
-from .nn import EffectiveSE, FusedConvBNAct, FusedOSA, FusedSequential
+from .nn import ChannelShuffle, EffectiveSE, FusedConvBNAct, FusedOSA, FusedSequential
+from .ops import channel_shuffle
 from .views import ChannelView
 from . import dispatch, models, ops, tuning
 
@@ -18,12 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "ChannelShuffle",
     "ChannelView",
     "EffectiveSE",
     "FusedConvBNAct",
     "FusedOSA",
     "FusedSequential",
     "OptimizeReport",
+    "channel_shuffle",
     "info",
     "models",
     "ops",

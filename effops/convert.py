@@ -18,6 +18,8 @@ recognises *structures*:
   pw conv → BN-act), becomes a :class:`~effops.nn.FusedSequential` with the
   same children.
 
+* an ``nn.ChannelShuffle`` becomes a :class:`~effops.ChannelShuffle` (same groups, no state).
+
 * inside a module with a hand-written ``forward`` (ResNet's ``conv1``/``bn1``/``relu``
   with ``out += identity``, timm's blocks), the module's own forward is traced with
   ``torch.fx`` (children stay opaque calls) and each conv → BN [→ act] chain,
@@ -47,6 +49,7 @@ from .nn.common import is_plain_sequential, looks_like_batch_norm, sequential_ch
 from .nn.conv_bn_act import FusedConvBNAct, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
+from .nn.shuffle import ChannelShuffle
 from .nn.traced import FusedStep, FusedTailStep, TracedForward
 
 
@@ -407,6 +410,9 @@ class _Converter:
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
         if isinstance(module, (FusedConvBNAct, FusedSequential, FusedOSA)):
             return module  # already optimized
+        if type(module) is nn.ChannelShuffle:  # a leaf: the same permutation by effops' kernel
+            self.report.swapped.append(ReportEntry(prefix or "<model>", f"channel shuffle g={module.groups}"))
+            return ChannelShuffle(module.groups)
         if is_osa_block(module):
             fused = self._convert_osa(module, prefix or "<model>")
             if fused is not None:

@@ -42,10 +42,15 @@ def _aggregate_probe(x: torch.Tensor) -> tuple:
     return ([x, x], agg, s, s, None, None, None, None, "relu", 0.0)
 
 
+def _shuffle_probe(x: torch.Tensor) -> tuple:
+    return (x, 4, None)
+
+
 # Probe arguments per registered op: a 16-channel 3x3 conv (+ BN + ReLU), a two-stage OSA block,
-# a 1x1 aggregation of two 16-channel segments.
+# a 1x1 aggregation of two 16-channel segments, a 4-group channel shuffle.
 PROBES: Dict[str, Callable[[torch.Tensor], tuple]] = {"conv_bn_act": _conv_probe, "osa_block": _osa_probe,
-                                                      "aggregate": _aggregate_probe}
+                                                      "aggregate": _aggregate_probe,
+                                                      "channel_shuffle": _shuffle_probe}
 
 
 def _devices() -> List[torch.device]:
@@ -120,9 +125,9 @@ def info() -> dict:
         "interpreter": bool(getattr(conv, "INTERPRETED", False)),
         "backend_order": list(dispatch.BACKEND_ORDER),
         "forced_backend": _forced(),
-        "probe": "a 3x3 conv + BN + ReLU (conv_bn_act), a two-stage OSA block (osa_block) and a 1x1 "
-                 "aggregation of two segments (aggregate) of a [2, 16, 8, 8] channels_last input, float16 on "
-                 "CUDA, float32 on the CPU",
+        "probe": "a 3x3 conv + BN + ReLU (conv_bn_act), a two-stage OSA block (osa_block), a 1x1 "
+                 "aggregation of two segments (aggregate) and a 4-group shuffle (channel_shuffle) of a "
+                 "[2, 16, 8, 8] channels_last input, float16 on CUDA, float32 on the CPU",
         "backends": {},
         "vendor": {},
     }

@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from effops.ops import conv, osa  # noqa: E402
+from effops.ops import conv, osa, shuffle  # noqa: E402
 
 
 def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc=90):
@@ -151,6 +151,11 @@ def cases():
             yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
                    {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
                    dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)
+            # Channel shuffle, NHWC in and out (channel strides 1), with its NHWC heuristic tile.
+            tile = shuffle._shuffle_heuristic(256, 3136, True)
+            yield (f"shuffle_{dt}_sm{cc}", shuffle._shuffle_kernel, ptrs(["x_ptr", "out_ptr"], dt),
+                   dict(FLAT_HW=True, IDX64=False, BLOCK_P=tile["BLOCK_P"], BLOCK_C=tile["BLOCK_C"]),
+                   ("sxc", "soc"), tile, cc)
         yield (f"ese_gate_sm{cc}", osa._ese_gate_kernel,
                {**ptrs(["psum_ptr", "w_ptr", "b_ptr", "gate_ptr"], "fp32"), "inv_hw": "fp32"},
                dict(HAS_BIAS=True, BLOCK_C=64, BLOCK_K=64), (), {}, cc)

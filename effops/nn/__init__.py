@@ -2,5 +2,6 @@
 from .conv_bn_act import FusedConvBNAct
 from .osa import EffectiveSE, FusedOSA
 from .sequential import FusedSequential
+from .shuffle import ChannelShuffle
 
-__all__ = ["EffectiveSE", "FusedConvBNAct", "FusedOSA", "FusedSequential"]
+__all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedOSA", "FusedSequential"]

@@ -2,5 +2,6 @@
 from . import reference
 from .conv import conv_bn_act
 from .osa import aggregate, osa_block
+from .shuffle import channel_shuffle
 
-__all__ = ["aggregate", "conv_bn_act", "osa_block", "reference"]
+__all__ = ["aggregate", "channel_shuffle", "conv_bn_act", "osa_block", "reference"]

@@ -580,6 +580,12 @@ def _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding,
     else:
         y = F.conv2d(x, w, b, stride, padding, dilation, groups)
         y = reference.add_residual_around(y, _vendor_act(act, act_param), residual, residual_after_act, inplace=True)
+    return _deliver(y, out, x, weight, stride, padding, dilation)
+
+
+def _deliver(y: Tensor, out: Optional[Tensor], x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """A result computed outside effops' kernels, where the op promises it: into ``out`` when
+    given, else ``y`` itself when it already has :func:`output_format`, else a copy that has."""
     if out is None:
         if y.is_contiguous(memory_format=output_format(x)):
             return y
@@ -796,13 +802,7 @@ def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilat
         y = reference.conv_scale_bias_act(
             x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act
         )
-    if out is None:
-        # Return y itself when it already has the layout the fake impl promises.
-        if y.is_contiguous(memory_format=output_format(x)):
-            return y
-        out = _new_output(x, weight, stride, padding, dilation)
-    out.copy_(y)
-    return out
+    return _deliver(y, out, x, weight, stride, padding, dilation)
 
 
 dispatch.register("conv_bn_act", "triton", _triton_reasons)(_run_triton)

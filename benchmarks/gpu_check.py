@@ -808,15 +808,10 @@ class Check:
             cases.append((name, cin, cout, k, hw))
 
         def build(cin, cout, k, hw):
-            seq = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                                nn.ReLU(inplace=True))
-            with torch.no_grad():
-                bn = seq[1]
-                bn.running_mean.normal_(0, 0.1)
-                bn.running_var.uniform_(0.75, 1.25)
-                bn.weight.uniform_(0.75, 1.25)
-                bn.bias.normal_(0, 0.1)
-            seq = seq.eval()
+            from effops.benchmark import randomize_bn
+
+            seq = randomize_bn(nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))).eval()
             x32 = torch.randn(batch, cin, hw, hw, device=dev).contiguous(memory_format=cl)
             ref = copy.deepcopy(seq).to(dev)(x32.clone())
             seq = seq.to(dev, dt).to(memory_format=cl)

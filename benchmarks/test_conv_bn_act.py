@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effops import FusedConvBNAct
-from effops.benchmark import compiled_providers, measure_providers, measured_peaks, result_rows
+from effops.benchmark import compiled_providers, measure_providers, measured_peaks, randomize_bn, result_rows
 from effops.ops.reference import fold_bn
 
 from _numerics import check_numerics, fp64_reference, rel_err
@@ -55,13 +55,7 @@ else:  # CPU: wall clock, fp32, the smaller shapes only (keeps the run to a minu
 
 def _block(cin, cout, k, dtype):
     seq = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-    with torch.no_grad():
-        bn = seq[1]
-        bn.running_mean.normal_(0, 0.1)
-        bn.running_var.uniform_(0.75, 1.25)
-        bn.weight.uniform_(0.75, 1.25)
-        bn.bias.normal_(0, 0.1)
-    return seq.eval().to(DEV, dtype).to(memory_format=torch.channels_last)
+    return randomize_bn(seq).eval().to(DEV, dtype).to(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

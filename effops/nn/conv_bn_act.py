@@ -207,22 +207,14 @@ class FusedConvBNAct(nn.Module):
         """The per-channel ``(scale, bias)`` the eval path applies after the conv, from the
         live BN state (``(None, conv.bias)`` without a BN). Computed on every call (a few
         small ops); differentiable."""
-        state = self.bn_state()
-        if len(state) == 1:
-            return None, (None if state[0] is None else state[0].to(compute_dtype))
-        return reference.bn_scale_bias(*state, compute_dtype)
+        conv, bn, _ = self._live_modules()
+        return _scale_bias(conv, bn, compute_dtype)
 
     def bn_state(self) -> tuple:
         """``(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)`` as held now, the
         arguments of :func:`effops.ops.reference.bn_scale_bias`; ``(conv_bias,)`` without a BN."""
         conv, bn, _ = self._live_modules()
-        cb = conv._parameters.get("bias")
-        if bn is None:
-            return (cb,)
-        # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
-        bp, bb = bn._parameters, bn._buffers
-        return (cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb["running_mean"],
-                bb["running_var"], bn.eps)
+        return _bn_state(conv, bn)
 
     def folded_parameters(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """The conv with its eval-mode BN folded in: ``(weight * scale, bias)``, weight in
@@ -279,7 +271,7 @@ class FusedConvBNAct(nn.Module):
             return self._forward_modules(x, residual, residual_after_act)
         if not self._folds(bn):
             return self._forward_unfused(x, _cast(w, dtype), residual, residual_after_act)
-        scale, bias = self.scale_bias(_compute_dtype(dtype))
+        scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
         act, act_param = settings[-1]
         args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
                 conv.groups, act, act_param, residual_after_act)
@@ -319,6 +311,23 @@ class FusedConvBNAct(nn.Module):
         y = nn.BatchNorm2d.forward(bn, y)
         name, param = _fused_activation(bn, act)
         return reference.add_residual_around(y, lambda t: apply_activation(t, name, param), residual, residual_after_act)
+
+
+def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:
+    cb = conv._parameters.get("bias")
+    if bn is None:
+        return (cb,)
+    # Affine weights are parameters in BatchNorm2d, buffers in FrozenBatchNorm2d.
+    bp, bb = bn._parameters, bn._buffers
+    return (cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb["running_mean"],
+            bb["running_var"], bn.eps)
+
+
+def _scale_bias(conv: nn.Conv2d, bn: Optional[nn.Module], compute_dtype: torch.dtype):
+    state = _bn_state(conv, bn)
+    if len(state) == 1:
+        return None, (None if state[0] is None else state[0].to(compute_dtype))
+    return reference.bn_scale_bias(*state, compute_dtype)
 
 
 def _fused_activation(bn, act) -> Optional[Tuple[str, float]]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation_of, make_activation
-from .nn.common import is_plain_sequential, looks_like_batch_norm, sequential_children, timm_bn_act
+from .nn.common import BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, sequential_children, timm_bn_act
 from .nn.conv_bn_act import FusedConvBNAct, why_not_fusable
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.sequential import FusedSequential
@@ -407,12 +407,39 @@ class _Converter:
                   + (f" + {' + '.join(extras)}" if extras else "") + f" ({fused.activation[0]})"))
         return fused
 
+    def _convert_block(self, rule, module: nn.Module, path: str) -> Optional[nn.Module]:
+        """A whole block by a registered :class:`~effops.nn.common.BlockRule`, or None (reported
+        as skipped; the converter then looks inside the block as usual)."""
+        for m in module.modules():
+            if (isinstance(m, nn.Conv2d) or looks_like_batch_norm(m)) and self.uses[id(m)] > 1:
+                self.report.skipped.append(ReportEntry(
+                    path, f"{rule.name} not fused: its {type(m).__name__} is shared (registered "
+                          f"{self.uses[id(m)]} times); folding would change its other use"))
+                return None
+        try:
+            fused = rule.build(module)
+        except ValueError as e:
+            self.report.skipped.append(ReportEntry(path, f"{rule.name} not fused: {e}"))
+            return None
+        self.fused_convs.update(id(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+        self.report.swapped.append(ReportEntry(path, rule.describe(fused)))
+        return fused
+
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
         if isinstance(module, (FusedConvBNAct, FusedSequential, FusedOSA)):
             return module  # already optimized
         if type(module) is nn.ChannelShuffle:  # a leaf: the same permutation by effops' kernel
             self.report.swapped.append(ReportEntry(prefix or "<model>", f"channel shuffle g={module.groups}"))
             return ChannelShuffle(module.groups)
+        for rule in BLOCK_RULES:
+            if isinstance(module, rule.fused_type):
+                return module  # already optimized
+        for rule in BLOCK_RULES:
+            if rule.matches(module):
+                fused = self._convert_block(rule, module, prefix or "<model>")
+                if fused is not None:
+                    return fused
+                break
         if is_osa_block(module):
             fused = self._convert_osa(module, prefix or "<model>")
             if fused is not None:

@@ -3,7 +3,8 @@ which BatchNorms can be folded, which containers apply their children in order,
 whether a hook is watching. A leaf module: it imports nothing else from effops."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -115,3 +116,34 @@ class ChildrenSnapshot:
 
     def changed(self) -> bool:
         return self._live != self._copies
+
+
+# -- block rules ------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockRule:
+    """How :func:`effops.optimize` replaces one kind of whole block (a module with its own
+    ``forward``, e.g. a ShuffleNetV2 unit or a ghost module) by an effops module.
+
+    ``matches(module)`` is a cheap structural test (type and children, never a trace);
+    ``build(module)`` returns the fused replacement (sharing the original parameters, same
+    ``state_dict`` keys) or raises ``ValueError(reason)``, which the report lists as skipped;
+    ``describe(fused)`` is the report line: what was fused into what. ``fused_type`` is the
+    class ``build`` returns (a module of that type is left alone: already optimized)."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    build: Callable[[nn.Module], nn.Module]
+    describe: Callable[[nn.Module], str]
+    fused_type: type
+
+
+BLOCK_RULES: List[BlockRule] = []
+
+
+def register_block_rule(rule: BlockRule) -> BlockRule:
+    """Add ``rule`` to the rules :func:`effops.optimize` tries, in registration order, on every
+    module before looking inside it (a module file registers its rule when imported)."""
+    if any(r.name == rule.name for r in BLOCK_RULES):
+        BLOCK_RULES[:] = [r for r in BLOCK_RULES if r.name != rule.name]  # re-import: replace
+    BLOCK_RULES.append(rule)
+    return rule

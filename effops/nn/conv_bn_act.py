@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
-from ..ops.conv import _OP, check_inputs
+from ..ops.conv import _OP, check_gate, check_inputs, check_shuffle_groups, checked_out
+from ..views import ChannelView
 from .common import ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
 
@@ -85,8 +86,23 @@ class FusedConvBNAct(nn.Module):
       global module hook exists), those modules are called one after the other,
       so the hooks fire as they did before fusion.
 
-    ``forward(x, residual=None, residual_after_act=True)`` optionally adds a
-    residual tensor of the output's shape, after (or before) the activation.
+    ``forward(x, residual=None, residual_after_act=True, *, out=None, gate=None,
+    out_shuffle_groups=1)`` optionally adds a residual tensor of the output's shape, after
+    (or before) the activation; ``gate`` ([N, C_in], float32 or ``x``'s dtype) scales the
+    input per (image, channel) first, as a squeeze-excitation gate does (fused: applied as
+    the kernel loads ``x``); ``out_shuffle_groups`` channel-shuffles the result (fused: the
+    kernel writes each channel at its shuffled position); ``out`` (a tensor or
+    :class:`~effops.ChannelView` of the output's shape, e.g. ``buf[:, 1::2]``) receives
+    the result, which is then returned::
+
+        y = modules(x * gate[:, :, None, None], residual)           # gate given
+        y = effops.ops.reference.channel_shuffle(y, out_shuffle_groups)
+        out.copy_(y); return out                                    # out given
+
+    In eval without gradients the fused kernel writes ``out`` directly; wherever the
+    result is computed otherwise (train-mode BN, hooks, unfusable settings, autograd)
+    it is copied into ``out`` (a differentiable copy: gradients reach the computation
+    through ``out``).
     """
 
     def __init__(
@@ -231,12 +247,15 @@ class FusedConvBNAct(nn.Module):
         """The live settings the kernels run with, compared on every call (a few hundred ns)."""
         return (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, _fused_activation(bn, act))
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True, *,
+                out: Union[ChannelView, Tensor, None] = None, gate: Optional[Tensor] = None,
+                out_shuffle_groups: int = 1) -> Tensor:
         if self._snapshot.changed():  # a child was replaced since the last call
             self._watch()
         conv, bn, act_mod = self._live_modules()
         if hooked(self._hooks) and self._modules_compute_it(bn, residual, residual_after_act):
-            return self._forward_modules(x, residual, residual_after_act)
+            return _into(self._forward_modules(_gated(x, gate), residual, residual_after_act), out,
+                         out_shuffle_groups)
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
@@ -244,7 +263,8 @@ class FusedConvBNAct(nn.Module):
                                                                                               residual_after_act):
                 # PyTorch adds an autocast-dtype conv output to a wider residual in the wider
                 # dtype (type promotion), and so returns that dtype: run the modules to match.
-                return self._forward_modules(x, residual, residual_after_act)
+                return _into(self._forward_modules(_gated(x, gate), residual, residual_after_act), out,
+                             out_shuffle_groups)
             x = x.to(dtype)
             residual = None if residual is None else residual.to(dtype)
         else:
@@ -254,7 +274,8 @@ class FusedConvBNAct(nn.Module):
         compiling = torch.compiler.is_compiling()
         sig = None if compiling or not isinstance(x, Tensor) else (
             settings, x.shape, x.dtype, x.device, w.shape, w.device, w.dtype,
-            None if residual is None else (residual.shape, residual.dtype, residual.device))
+            None if residual is None else (residual.shape, residual.dtype, residual.device),
+            None if gate is None else (gate.shape, gate.dtype, gate.device), out_shuffle_groups)
         if sig is None or sig != self._checked:  # eager: validate each new signature once
             self._why_unfused = why_not_fusable(conv, bn, act_mod)
             if self._why_unfused is not None:
@@ -262,23 +283,36 @@ class FusedConvBNAct(nn.Module):
             else:
                 check_inputs(x, _cast(w, dtype), None, None, residual, conv.stride, resolve_padding(conv),
                              conv.dilation, conv.groups, settings[-1][0])
+            if gate is not None:
+                check_gate(gate, x, w.shape[1] * conv.groups)
+            if out_shuffle_groups != 1:
+                check_shuffle_groups(out_shuffle_groups, w.shape[0])
             if sig is not None:
                 self._checked = sig
         if self._why_unfused is not None:
             if not self._modules_compute_it(bn, residual, residual_after_act):
                 raise ValueError(f"effops.FusedConvBNAct can't add a residual before the activation here: "
                                  f"{self._why_unfused}")
-            return self._forward_modules(x, residual, residual_after_act)
+            return _into(self._forward_modules(_gated(x, gate), residual, residual_after_act), out, out_shuffle_groups)
         if not self._folds(bn):
-            return self._forward_unfused(x, _cast(w, dtype), residual, residual_after_act)
+            return _into(self._forward_unfused(_gated(x, gate), _cast(w, dtype), residual, residual_after_act), out,
+                         out_shuffle_groups)
         scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
         act, act_param = settings[-1]
         args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
                 conv.groups, act, act_param, residual_after_act)
-        if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])):
-            return _OP(*args)  # the registered op: traceable, differentiable
+        extras = gate is not None or out_shuffle_groups != 1
+        if compiling or (torch.is_grad_enabled() and (any(t is not None and t.requires_grad for t in args[:5])
+                                                      or (gate is not None and gate.requires_grad))):
+            # The registered op: traceable, differentiable (a given ``out`` receives a recorded copy).
+            y = _OP(*args, gate, out_shuffle_groups) if extras else _OP(*args)
+            return y if out is None else _into(y, out)
         # Eager inference: run the op's implementation without the torch.library
         # layers (they cost more host time than a small conv takes on the GPU).
+        if out is not None or extras:
+            dst = None if out is None else checked_out(out, x, args[1], scale, bias, residual, *args[5:8], gate)
+            return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, dst, *args[5:], gate,
+                                out_shuffle_groups)
         return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, None, *args[5:])
 
     def _modules_compute_it(self, bn, residual, residual_after_act) -> bool:
@@ -342,6 +376,31 @@ def _fused_activation(bn, act) -> Optional[Tuple[str, float]]:
     if inner[0] == "identity":
         return outer
     return inner if outer[0] == "identity" else None
+
+
+def _gated(x: Tensor, gate: Optional[Tensor]) -> Tensor:
+    """``x * gate[:, :, None, None]`` in ``x``'s dtype (an SE gate as eager PyTorch applies it)."""
+    if gate is None:
+        return x
+    check_gate(gate, x, x.shape[1])
+    return x * (gate if gate.dtype == x.dtype else gate.to(x.dtype))[:, :, None, None]
+
+
+def _into(y: Tensor, out: Union[ChannelView, Tensor, None], out_shuffle_groups: int = 1) -> Tensor:
+    """``channel_shuffle(y, out_shuffle_groups)``, copied into ``out`` (and ``out``'s tensor
+    returned) when given. The copy is recorded by autograd, so gradients reach ``y``'s inputs
+    through ``out``."""
+    if out_shuffle_groups != 1:
+        check_shuffle_groups(out_shuffle_groups, y.shape[1])
+        y = reference.channel_shuffle(y, out_shuffle_groups)
+    if out is None:
+        return y
+    dst = out.as_tensor() if isinstance(out, ChannelView) else out
+    if tuple(dst.shape) != tuple(y.shape):
+        raise ValueError(f"expected out of shape {tuple(y.shape)}, got {tuple(dst.shape)}")
+    if dst.dtype != y.dtype or dst.device != y.device:
+        raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {y.dtype} on {y.device}")
+    return dst.copy_(y)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

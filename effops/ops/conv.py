@@ -13,10 +13,12 @@ Layers, bottom up, all in this file:
 
 Equivalent PyTorch::
 
+    x = x * gate[:, :, None, None]   # gate=[N, C_in] (applied as the kernel loads x)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     y = y * scale[None, :, None, None] + bias[None, :, None, None]
     y = act(y + residual)            # residual_after_act=False
     y = act(y) + residual            # residual_after_act=True
+    y = channel_shuffle(y, g)        # out_shuffle_groups=g (applied as the kernel stores y)
 """
 from __future__ import annotations
 
@@ -106,13 +108,16 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_store(y, co, c_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        srn, src, srh, srw, son, soc, soh, sow, act_param,
+                        srn, src, srh, srw, son, soc, soh, sow, act_param, C_out,
                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                        RES_AFTER_ACT: tl.constexpr, ACT: tl.constexpr):
+                        RES_AFTER_ACT: tl.constexpr, ACT: tl.constexpr, SHUFFLE_G: tl.constexpr):
         """The conv epilogue on an fp32 [pixels, channels] tile: ``* scale + bias``,
         residual before or after the activation, store through the output's strides.
         Callers pass ``co``, ``n_idx``, ``oh``, ``ow`` as int64 when the launch needs
-        64-bit addressing (IDX64): every product with a stride here then is int64."""
+        64-bit addressing (IDX64): every product with a stride here then is int64.
+        ``SHUFFLE_G > 1`` stores channel ``co`` (of ``C_out``) at the position a channel
+        shuffle with that many groups moves it to; scale, bias and residual are indexed
+        by ``co`` (the conv's own channel order)."""
         if HAS_SCALE:
             y = y * tl.load(scale_ptr + co, mask=c_ok, other=1.0)[None, :]
         if HAS_BIAS:
@@ -127,29 +132,43 @@ if triton is not None:
         if HAS_RES:
             if RES_AFTER_ACT:
                 y = y + r
+        if SHUFFLE_G > 1:
+            # channel_shuffle: conv channel i * (C_out // g) + j lands at j * g + i.
+            cpg = C_out // SHUFFLE_G
+            co = (co % cpg) * SHUFFLE_G + co // cpg
         o_ptrs = out_ptr + (n_idx * son + oh * soh + ow * sow)[:, None] + (co * soc)[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y.to(out_ptr.dtype.element_ty)
+        tl.store(o_ptrs, y, mask=mask)
+        return y  # what was stored (callers summing the output's channels read it from here)
 
     @triton.jit
     def _conv_bn_act_kernel(
-        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, gate_ptr, psum_ptr,
         H, W, OH, OW, M, C_in_g, C_out_g,
         sxn, sxc, sxh, sxw,
         swo, swi, swh, sww,
         srn, src, srh, srw,
         son, soc, soh, sow,
+        sgn, sgc,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         act_param,
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
-        ACT: tl.constexpr,
+        ACT: tl.constexpr, HAS_GATE: tl.constexpr, SHUFFLE_G: tl.constexpr, CH_SUM: tl.constexpr,
         POINTWISE: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # GEMM view: rows = output pixels (n, oh, ow), cols = output channels of
         # this group, K = (kh, kw, input channel). Every tensor is addressed via
         # element strides, so NCHW, NHWC and channel views all work unchanged.
+        # HAS_GATE: the A tile is multiplied by gate[n, input channel] after loading
+        # (conv2d(x * gate[:, :, None, None], w) without writing the gated x); the launcher
+        # then tiles the rows per image (see below).
+        # CH_SUM: also psum[pid_m, co] = sum over the tile's rows of the stored output (fp32),
+        # rows tiled per image as for HAS_GATE: with num_hb row tiles per image, row
+        # n * num_hb + hb of psum holds image n's channel sums over its hb-th pixel block, the
+        # layout the SE excitation reads (effops.ops.se). One program per element: deterministic.
         pid = tl.program_id(0)
         g = tl.program_id(1)
         num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
@@ -168,8 +187,20 @@ if triton is not None:
             offs_n = offs_n.to(tl.int64)
             offs_k = offs_k.to(tl.int64)
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
+        if HAS_GATE or CH_SUM:
+            # Row tiles never straddle two images, so the gate is one [BLOCK_K] vector per K
+            # step. A per-row [BLOCK_M, BLOCK_K] gate gather would be software-pipelined through
+            # shared memory like the operands and overflow it with the large tiles (256x128x64:
+            # 240 KiB). The cost: a partial last tile per image.
+            hw = (pid_m * 0 + OH) * OW  # in pid_m's integer width: int64 under IDX64
+            tiles = tl.cdiv(hw, BLOCK_M)
+            img = pid_m // tiles
+            offs_p = (pid_m % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_p < hw
+            offs_m = img * hw + offs_p
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
         n_idx, oh, ow = _pixel_coords(offs_m, OH, OW)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
@@ -188,6 +219,8 @@ if triton is not None:
                 ci = k0 + offs_k
                 k_ok = ci < C_in_g
                 a = tl.load(a_row[:, None] + ((ci0 + ci) * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_GATE:
+                    a = _gate_tile(a, gate_ptr, img, ci0 + ci, k_ok, sgn, sgc)
                 b = tl.load(w_ptr + (co * swo)[None, :] + (ci * swi)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
         else:
@@ -205,28 +238,42 @@ if triton is not None:
                 k_ok = ci < C_in_g
                 a_ptrs = x_row[:, None] + (ih * sxh + iw * sxw)[:, None] + ((ci0 + ci) * sxc)[None, :]
                 a = tl.load(a_ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_GATE:
+                    a = _gate_tile(a, gate_ptr, img, ci0 + ci, k_ok, sgn, sgc)
                 b_ptrs = w_ptr + (co * swo)[None, :] + (ci * swi)[:, None] + kh * swh + kw * sww
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
 
-        _epilogue_store(acc, co, n_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        srn, src, srh, srw, son, soc, soh, sow, act_param,
-                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
+        y = _epilogue_store(acc, co, n_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                            srn, src, srh, srw, son, soc, soh, sow, act_param, C_out_g * tl.num_programs(1),
+                            HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT, SHUFFLE_G)
+        if CH_SUM:  # the launcher refuses SHUFFLE_G > 1 here: psum columns are the conv's channels
+            part = tl.sum(tl.where(m_ok[:, None] & n_ok[None, :], y.to(tl.float32), 0.0), axis=0)
+            tl.store(psum_ptr + pid_m * (C_out_g * tl.num_programs(1)) + co, part, mask=n_ok)
+
+    @triton.jit
+    def _gate_tile(a, gate_ptr, img, ci, k_ok, sgn, sgc):
+        """An A tile ``[pixels of image img, input channels ci]`` times ``gate[img, ci]``, in
+        fp32, rounded back to the operand dtype for the dot (what ``x * gate`` computed in
+        that dtype would feed the conv)."""
+        g = tl.load(gate_ptr + img * sgn + ci * sgc, mask=k_ok, other=0.0)
+        return (a.to(tl.float32) * g.to(tl.float32)[None, :]).to(a.dtype)
 
     @triton.jit
     def _depthwise_kernel(
-        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, gate_ptr,
         H, W, OH, OW, M, C,
         sxn, sxc, sxh, sxw,
         swc, swh, sww,
         srn, src, srh, srw,
         son, soc, soh, sow,
+        sgn, sgc,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         act_param,
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
-        ACT: tl.constexpr, IDX64: tl.constexpr,
+        ACT: tl.constexpr, HAS_GATE: tl.constexpr, SHUFFLE_G: tl.constexpr, IDX64: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Depthwise conv (groups == C_in == C_out): out[p, c] = sum_taps x[p + tap, c] * w[c, tap].
@@ -255,9 +302,15 @@ if triton is not None:
                          mask=ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + co * swc + (t // KW) * swh + (t % KW) * sww, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        if HAS_GATE:
+            # Output channel c reads only input channel c, and every tap of a pixel lies in its
+            # image: conv(x * gate) = conv(x) * gate[n, c], applied once to the fp32 sum.
+            gv = tl.load(gate_ptr + (n_idx * sgn)[:, None] + (co * sgc)[None, :], mask=p_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            acc = acc * gv.to(tl.float32)
         _epilogue_store(acc, co, c_ok, p_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        srn, src, srh, srw, son, soc, soh, sow, act_param,
-                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
+                        srn, src, srh, srw, son, soc, soh, sow, act_param, C,
+                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT, SHUFFLE_G)
 
 
     @triton.jit
@@ -271,7 +324,7 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, RES_AFTER_ACT: tl.constexpr,
-        ACT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        ACT: tl.constexpr, SHUFFLE_G: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # The same implicit GEMM, with both operands fetched by tensor-memory-accelerator
@@ -310,8 +363,8 @@ if triton is not None:
             acc = _mma(a, b.T, acc, UPCAST_DOT, DOT_PRECISION)
         co = n0 + tl.arange(0, BLOCK_N)
         _epilogue_store(acc, co, co < C_out, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        srn, src, srh, srw, son, soc, soh, sow, act_param,
-                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT)
+                        srn, src, srh, srw, son, soc, soh, sow, act_param, C_out,
+                        HAS_SCALE, HAS_BIAS, HAS_RES, RES_AFTER_ACT, ACT, SHUFFLE_G)
 
     INTERPRETED = type(_conv_bn_act_kernel).__name__ == "InterpretedFunction"
 else:
@@ -542,13 +595,22 @@ def _vendor_applies(name: str, residual, act: str, residual_after_act: bool) -> 
     return False
 
 
-def _vendor_candidates(x: Tensor, residual, act: str, residual_after_act: bool) -> List[dict]:
-    """The cuDNN configs the tuner times beside the Triton tiles (none off CUDA or without cuDNN):
+def _vendor_candidates(x: Tensor, residual, act: str, residual_after_act: bool, gate=None,
+                       out_shuffle_groups: int = 1) -> List[dict]:
+    """The cuDNN configs the tuner times beside the Triton tiles (none off CUDA or without cuDNN,
+    nor for a gated input or a shuffled write: cuDNN would need an extra pass for either):
     ``cudnn`` (conv + bias, then residual / activation in place) always, and cuDNN's fused
     ``cudnn_relu`` / ``cudnn_add_relu`` where the epilogue is exactly theirs."""
-    if x.dtype not in _VENDOR_DTYPES or not _cudnn_usable(x):
+    if gate is not None or out_shuffle_groups != 1 or x.dtype not in _VENDOR_DTYPES or not _cudnn_usable(x):
         return []
     return [{"VENDOR": v} for v in VENDORS if _vendor_applies(v, residual, act, residual_after_act)]
+
+
+def _extras_key(gate, out_shuffle_groups: int) -> tuple:
+    """Tuning-key suffix for a gated input or a shuffled write (empty for plain calls, whose
+    keys, and so stored tuning files, stay as they are)."""
+    return () if gate is None and out_shuffle_groups == 1 else (("gate", gate is not None),
+                                                                 ("shuffle", out_shuffle_groups))
 
 
 def _vendor_act(act: str, act_param: float):
@@ -595,15 +657,17 @@ def _deliver(y: Tensor, out: Optional[Tensor], x: Tensor, weight: Tensor, stride
 
 
 def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
-                   residual_after_act, force_int64: bool = False) -> Tensor:
-    """The depthwise launcher (tuned beside cuDNN on a GPU); returns the result, ``out`` when given."""
+                   residual_after_act, gate=None, out_shuffle_groups: int = 1, force_int64: bool = False) -> Tensor:
+    """The depthwise launcher (tuned beside cuDNN on a GPU, unless the call has a gate or a
+    shuffled write, which cuDNN doesn't do); returns the result, ``out`` when given."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
     OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation) if out is None else (out.shape[2], out.shape[3])
     M = N * OH * OW
     meta = dict(KH=KH, KW=KW, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, RES_AFTER_ACT=bool(residual_after_act), ACT=act,
-                IDX64=force_int64 or needs_int64(x, residual, out)
+                HAS_GATE=gate is not None, SHUFFLE_G=out_shuffle_groups,
+                IDX64=force_int64 or needs_int64(x, residual, out, gate)
                 or (out is None and _new_output_needs_int64(x, C, OH, OW)))
 
     def launch(cfg):
@@ -614,9 +678,10 @@ def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilat
         rs = residual.stride() if residual is not None else (0, 0, 0, 0)
         _depthwise_kernel[(_cdiv(M, cfg["BLOCK_P"]), _cdiv(C, cfg["BLOCK_C"]))](
             x, weight, scale if scale is not None else dst, bias if bias is not None else dst,
-            residual if residual is not None else dst, dst,
+            residual if residual is not None else dst, dst, gate if gate is not None else dst,
             H, W, OH, OW, M, C,
             *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *rs, *dst.stride(),
+            *(gate.stride() if gate is not None else (0, 0)),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             float(act_param), **meta, **cfg)
         return dst
@@ -624,9 +689,11 @@ def _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilat
     return launch_tuned(
         x, launch, lambda: dict(BLOCK_P=_interpret_block(M, 16, 64), BLOCK_C=_interpret_block(C, 16, 64)),
         ("depthwise", tuning.bucket(M), C, KH, KW, tuple(stride), tuple(dilation), x.dtype, residual is not None,
-         act, bool(residual_after_act) and residual is not None, scale is not None, out is not None),
+         act, bool(residual_after_act) and residual is not None, scale is not None, out is not None)
+        + _extras_key(gate, out_shuffle_groups),
         lambda: _depthwise_heuristic(C),
-        lambda: _depthwise_configs() + _vendor_candidates(x, residual, act, residual_after_act))
+        lambda: _depthwise_configs() + _vendor_candidates(x, residual, act, residual_after_act, gate,
+                                                          out_shuffle_groups))
 
 
 def launch_tuned(x: Tensor, launch, interpret_cfg, key, heuristic, candidates, choose=None):
@@ -641,39 +708,55 @@ def launch_tuned(x: Tensor, launch, interpret_cfg, key, heuristic, candidates, c
 
 
 def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
-                residual_after_act, force_int64: bool = False, config: Optional[dict] = None) -> Tensor:
+                residual_after_act, gate: Optional[Tensor] = None, out_shuffle_groups: int = 1,
+                force_int64: bool = False, config: Optional[dict] = None, channel_sums: bool = False):
     """Launch the conv and return its result: ``out`` when given, else a new tensor in
     :func:`output_format` (on a GPU possibly cuDNN's own output, when the tuner picked cuDNN).
+    ``gate`` ([N, C_in]) scales the A tile after loading (pointer kernels: the TMA kernel refuses
+    gated calls, so the tuner offers it no TMA tile); ``out_shuffle_groups`` permutes the stored
+    channels in every kernel's epilogue. cuDNN is not offered for either.
     ``config`` bypasses tuning: a tile (BLOCK_M/N/K, num_warps, num_stages, ``TMA``) or a
     vendor path (``{"VENDOR": "cudnn" | "cudnn_relu" | "cudnn_add_relu"}``);
-    benchmarks/tools/sweep_conv_configs.py uses it."""
+    benchmarks/tools/sweep_conv_configs.py uses it.
+    ``channel_sums``: return ``(y, psum, num_hb)`` instead, ``psum`` the fp32 ``[N * num_hb, C_out]``
+    per-(image, pixel block) channel sums of the stored ``y`` written by the GEMM kernel's epilogue
+    (rows tiled per image; depthwise convs run the GEMM kernel too; no TMA tile, no cuDNN, no
+    ``out_shuffle_groups``)."""
     N, C_in, H, W = x.shape
     C_out, C_in_g, KH, KW = weight.shape
     OH, OW = _out_hw(H, W, (KH, KW), stride, padding, dilation) if out is None else (out.shape[2], out.shape[3])
     M = N * OH * OW
+    if channel_sums and out_shuffle_groups != 1:
+        raise ValueError("channel_sums can't be combined with out_shuffle_groups (the sums are per conv channel)")
     if M == 0 or C_out == 0:
-        return out if out is not None else _new_output(x, weight, stride, padding, dilation)
+        y = out if out is not None else _new_output(x, weight, stride, padding, dilation)
+        if channel_sums:
+            return y, torch.zeros((N, C_out), dtype=torch.float32, device=x.device), 1
+        return y
     C_out_g = C_out // groups
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         scale = scale.to(torch.float32).contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    if groups > 1 and C_in_g == 1 and C_out_g == 1 and config is None:
+    if groups > 1 and C_in_g == 1 and C_out_g == 1 and config is None and not channel_sums:
         # Depthwise: the GEMM would compute one useful column of every >= 32-wide tile.
         return _run_depthwise(x, weight, scale, bias, residual, out, stride, padding, dilation, act, act_param,
-                              residual_after_act, force_int64)
+                              residual_after_act, gate, out_shuffle_groups, force_int64)
     interpreting = _interpreting(x)
     meta = dict(
         KH=KH, KW=KW,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, RES_AFTER_ACT=bool(residual_after_act),
-        ACT=act,
+        ACT=act, HAS_GATE=gate is not None, SHUFFLE_G=out_shuffle_groups, CH_SUM=bool(channel_sums),
         POINTWISE=(KH == 1 and KW == 1 and stride[0] == 1 and stride[1] == 1 and padding[0] == 0 and padding[1] == 0
                    and x.stride(2) == W * x.stride(3) and x.stride(0) == H * x.stride(2)),
-        IDX64=(force_int64 or needs_int64(x, residual, out)
+        IDX64=(force_int64 or needs_int64(x, residual, out, gate)
                or (out is None and _new_output_needs_int64(x, C_out, OH, OW))),
         **_dot_meta(x, interpreting),
     )
+    extras = gate is not None or out_shuffle_groups != 1 or channel_sums
+    per_image = gate is not None or channel_sums  # row tiles never span two images
+    psum, num_hb = None, 1
 
     def gemm_weight() -> Tensor:
         if interpreting or weight.is_contiguous(memory_format=torch.channels_last):
@@ -683,10 +766,12 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
         # OIHW weight is laid out per call: keep conv weights channels_last on a GPU.
         return weight.contiguous(memory_format=torch.channels_last)
 
-    def tma_ok(wk: Tensor) -> bool:  # the TMA kernel's addressing is int32 throughout
-        return not meta["IDX64"] and _tma_eligible(x, wk, OH, OW, stride, dilation, groups)
+    def tma_ok(wk: Tensor) -> bool:  # the TMA kernel's addressing is int32 throughout; it has no gate
+        return not meta["IDX64"] and not per_image and _tma_eligible(x, wk, OH, OW, stride, dilation, groups)
 
     def vendor(name: str) -> Tensor:
+        if extras:
+            raise ValueError(f"vendor config {name!r} can't run a gated input, a shuffled write or channel sums")
         return _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
                               act_param, residual_after_act)
 
@@ -699,23 +784,32 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
             cfg = cfg["FALLBACK"]
             if "VENDOR" in cfg:
                 return vendor(cfg["VENDOR"])
+        nonlocal psum, num_hb
         dst = out if out is not None else _new_output(x, weight, stride, padding, dilation)
         rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+        if channel_sums:  # one partial-sum row per (image, row tile): depends on BLOCK_M
+            num_hb = _cdiv(OH * OW, cfg["BLOCK_M"])
+            if psum is None or psum.shape[0] != N * num_hb:
+                psum = torch.empty((N * num_hb, C_out), dtype=torch.float32, device=x.device)
         args = (
             x, wk, scale if scale is not None else dst, bias if bias is not None else dst,
-            residual if residual is not None else dst, dst,
+            residual if residual is not None else dst, dst, gate if gate is not None else dst,
+            psum if psum is not None else dst,
             H, W, OH, OW, M, C_in_g, C_out_g,
-            *x.stride(), *wk.stride(), *rs, *dst.stride(),
+            *x.stride(), *wk.stride(), *rs, *dst.stride(), *(gate.stride() if gate is not None else (0, 0)),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             float(act_param),
         )
         if cfg.get("TMA"):
             tma_meta = dict(meta)
-            del tma_meta["POINTWISE"], tma_meta["IDX64"]  # the TMA kernel has neither
+            for k in ("POINTWISE", "IDX64", "HAS_GATE", "CH_SUM"):  # the TMA kernel has none of these
+                del tma_meta[k]
             _launch_tma(x, wk, (*args[2:6], H, W, M, C_in, C_out, *rs, *dst.stride(), padding[0], padding[1],
                                 dilation[0], dilation[1], float(act_param)), tma_meta, cfg)
             return dst
-        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
+        # A gated or channel-summing launch tiles the rows per image (the kernel's HAS_GATE / CH_SUM).
+        m_tiles = N * _cdiv(OH * OW, cfg["BLOCK_M"]) if per_image else _cdiv(M, cfg["BLOCK_M"])
+        grid = (m_tiles * _cdiv(C_out_g, cfg["BLOCK_N"]), groups)
         _conv_bn_act_kernel[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg.get("num_warps", 4),
                                   num_stages=cfg.get("num_stages", 3))
@@ -723,23 +817,28 @@ def _run_triton(x, weight, scale, bias, residual, out, stride, padding, dilation
 
     if config is not None:
         if "VENDOR" in config:
-            if not _vendor_applies(config["VENDOR"], residual, act, residual_after_act):
+            if extras or not _vendor_applies(config["VENDOR"], residual, act, residual_after_act):
                 vendor(config["VENDOR"])  # raises ValueError naming why
         elif config.get("TMA") and not tma_ok(gemm_weight()):
             raise ValueError("config asks for the TMA kernel, which can't run this conv (see conv.tma_eligible)")
         with _NULL_CTX if interpreting else _on_device(x.device):
-            return launch(config)
+            y = launch(config)
+        return (y, psum, num_hb) if channel_sums else y
     # Tuned once per problem and pixel-count bucket (effops.tuning); the launch uses the real M.
     # Whether the result must land in a given tensor is in the key: a vendor candidate then times its copy.
-    return launch_tuned(
+    # The tuner's last launch is the chosen config's: psum and num_hb are then that launch's.
+    y = launch_tuned(
         x, launch, lambda: dict(BLOCK_M=_interpret_block(M, 16, 64), BLOCK_N=_interpret_block(C_out_g, 16, 64),
                                 BLOCK_K=_interpret_block(C_in_g, 16, 64)),
         ("conv", tuning.bucket(M), C_in_g, C_out_g, KH, KW, tuple(stride), x.dtype, meta["POINTWISE"],
-         meta["HAS_SCALE"], meta["HAS_RES"], act, groups, meta["HAS_RES"] and meta["RES_AFTER_ACT"], out is not None),
+         meta["HAS_SCALE"], meta["HAS_RES"], act, groups, meta["HAS_RES"] and meta["RES_AFTER_ACT"], out is not None)
+        + _extras_key(gate, out_shuffle_groups) + (("channel_sums",) if channel_sums else ()),
         lambda: _heuristic_meta(M, C_in_g, C_out_g),
         lambda: (_candidates(C_in_g, C_out_g, x.element_size() if tma_ok(gemm_weight()) else 0)
-                 + _vendor_candidates(x, residual, act, residual_after_act)),
+                 + ([] if channel_sums else
+                    _vendor_candidates(x, residual, act, residual_after_act, gate, out_shuffle_groups))),
         choose=_with_tma_fallback(C_in_g, C_out_g))
+    return (y, psum, num_hb) if channel_sums else y
 
 
 _NULL_CTX = contextlib.nullcontext()
@@ -782,7 +881,11 @@ _INPLACE_ACT = {
 
 
 def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
-                   residual_after_act):
+                   residual_after_act, gate=None, out_shuffle_groups=1):
+    if gate is not None or out_shuffle_groups != 1:
+        y = reference.conv_scale_bias_act(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
+                                          act_param, residual_after_act, gate, out_shuffle_groups)
+        return _deliver(y, out, x, weight, stride, padding, dilation)
     if x.dtype in (torch.float32, torch.float64) and act in _INPLACE_ACT:
         # Same math as reference.conv_scale_bias_act in fewer passes: the bias rides in the conv,
         # the BN scale is folded into the weight when that is the smaller tensor (else applied
@@ -843,14 +946,16 @@ def _conv_bn_act_op(
     x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
     act: str, act_param: float, residual_after_act: bool,
+    gate: Optional[Tensor] = None, out_shuffle_groups: int = 1,
 ) -> Tensor:
     # Backends allocate the output themselves (out=None) in the layout _new_output gives.
     return dispatch.run("conv_bn_act", x, weight, scale, bias, residual, None, stride, padding, dilation, groups,
-                        act, act_param, residual_after_act)
+                        act, act_param, residual_after_act, gate, out_shuffle_groups)
 
 
 @_conv_bn_act_op.register_fake
-def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act):
+def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act,
+      gate=None, out_shuffle_groups=1):
     return _new_output(x, weight, stride, padding, dilation)
 
 
@@ -859,50 +964,61 @@ def _conv_bn_act_out_op(
     x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
     act: str, act_param: float, residual_after_act: bool, out: Tensor,
+    gate: Optional[Tensor] = None, out_shuffle_groups: int = 1,
 ) -> None:
     dispatch.run("conv_bn_act", x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act,
-                 act_param, residual_after_act)
+                 act_param, residual_after_act, gate, out_shuffle_groups)
 
 
 @_conv_bn_act_out_op.register_fake
-def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act, out):
+def _(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, residual_after_act, out,
+      gate=None, out_shuffle_groups=1):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, res_after = inputs
-    ctx.save_for_backward(x, weight, scale, bias, residual)
+    x, weight, scale, bias, residual, stride, padding, dilation, groups, act, act_param, res_after = inputs[:12]
+    gate, shuffle_groups = inputs[12:] if len(inputs) > 12 else (None, 1)
+    ctx.save_for_backward(x, weight, scale, bias, residual, gate)
     ctx.conv = (stride, padding, dilation, groups)
-    ctx.act = (act, act_param, res_after)
+    ctx.act = (act, act_param, res_after, shuffle_groups)
 
 
 def _backward(ctx, grad_out):
     # No fused backward yet: recompute the pre-activation in fp32 (cheaper in
     # memory than saving it) and apply the chain rule with PyTorch's conv grads.
-    x, weight, scale, bias, residual = ctx.saved_tensors
+    x, weight, scale, bias, residual, gate = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
-    act, act_param, res_after = ctx.act
+    act, act_param, res_after, shuffle_groups = ctx.act
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc, wc, g = x.to(cd), weight.to(cd), grad_out.to(cd)
-    z = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
+    if shuffle_groups != 1:
+        # The output is channel_shuffle(y, g); its inverse is a shuffle with C // g groups.
+        g = reference.channel_shuffle(g, g.shape[1] // shuffle_groups)
+    xg = xc if gate is None else xc * gate.to(cd)[:, :, None, None]
+    z = F.conv2d(xg, wc, None, stride, padding, dilation, groups)
     pre = reference._channel_affine(z, scale, bias)
     if residual is not None and not res_after:
         pre = pre + residual.to(cd)
     g_pre = activation_grad(pre, g, act, act_param)
     g_z = g_pre if scale is None else g_pre * scale.to(cd).view(1, -1, 1, 1)
     need = ctx.needs_input_grad
-    gx = gw = gs = gb = gr = None
-    if need[0]:
-        gx = torch.nn.grad.conv2d_input(x.shape, wc, g_z, stride, padding, dilation, groups).to(x.dtype)
+    gx = gw = gs = gb = gr = gg = None
+    if need[0] or (gate is not None and need[12]):
+        g_xg = torch.nn.grad.conv2d_input(x.shape, wc, g_z, stride, padding, dilation, groups)
+        if need[0]:
+            gx = (g_xg if gate is None else g_xg * gate.to(cd)[:, :, None, None]).to(x.dtype)
+        if gate is not None and need[12]:
+            gg = (g_xg * xc).sum((2, 3)).to(gate.dtype)
     if need[1]:
-        gw = torch.nn.grad.conv2d_weight(xc, weight.shape, g_z, stride, padding, dilation, groups).to(weight.dtype)
+        gw = torch.nn.grad.conv2d_weight(xg, weight.shape, g_z, stride, padding, dilation, groups).to(weight.dtype)
     if scale is not None and need[2]:
         gs = (g_pre * z).sum((0, 2, 3)).to(scale.dtype)
     if bias is not None and need[3]:
         gb = g_pre.sum((0, 2, 3)).to(bias.dtype)
     if residual is not None and need[4]:
         gr = (g if res_after else g_pre).to(residual.dtype)
-    return gx, gw, gs, gb, gr, None, None, None, None, None, None, None
+    return gx, gw, gs, gb, gr, None, None, None, None, None, None, None, gg, None
 
 
 _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
@@ -924,7 +1040,8 @@ def _pair(v, name: str) -> List[int]:
     return v
 
 
-def check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act) -> Tuple[int, int]:
+def check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, gate=None,
+                 out_shuffle_groups: int = 1) -> Tuple[int, int]:
     """Validate arguments; return the output spatial size. Errors name what was expected."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         got = f"{x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -963,18 +1080,59 @@ def check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, gr
         raise ValueError(f"expected residual of shape {(x.shape[0], c_out, oh, ow)}, got {tuple(residual.shape)}")
     if residual is not None and residual.dtype != x.dtype:
         raise TypeError(f"residual is {residual.dtype} but the input is {x.dtype}; expected the same dtype")
+    if gate is not None:
+        check_gate(gate, x, c_in)
+    if out_shuffle_groups != 1 or type(out_shuffle_groups) is not int:
+        check_shuffle_groups(out_shuffle_groups, c_out)
     return oh, ow
 
 
-def _check_out_overlap(dst: Tensor, x, residual, weight, scale, bias) -> None:
+def check_gate(gate, x: Tensor, c_in: int) -> None:
+    """Validate an input gate: ``[N, C_in]``, float32 or ``x``'s dtype, on ``x``'s device."""
+    if not isinstance(gate, Tensor):
+        raise TypeError(f"expected gate to be a tensor of shape ({x.shape[0]}, {c_in}), got {type(gate).__name__}")
+    if tuple(gate.shape) != (x.shape[0], c_in):
+        raise ValueError(f"expected gate of shape (N, C_in) = ({x.shape[0]}, {c_in}), got {tuple(gate.shape)}")
+    if gate.dtype != torch.float32 and gate.dtype != x.dtype:
+        raise TypeError(f"gate is {gate.dtype}; expected float32 or the input's dtype {x.dtype}")
+    if gate.device != x.device:
+        raise ValueError(f"gate is on {gate.device} but the input is on {x.device}; expected the same device")
+
+
+def check_shuffle_groups(groups, c_out: int) -> None:
+    """Validate ``out_shuffle_groups``: an int >= 1 that divides the output channels."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c_out % groups:
+        raise ValueError(f"out_shuffle_groups must be an int >= 1 dividing the {c_out} output channels, got {groups!r}")
+
+
+def checked_out(out: Union[ChannelView, Tensor], x: Tensor, weight: Tensor, scale, bias, residual, stride, padding,
+                dilation, gate: Optional[Tensor] = None) -> Tensor:
+    """The tensor ``out`` names, after checking it can receive this conv's result in place:
+    the output's shape, ``x``'s dtype and device, no gradient needed, no overlap with an input."""
+    dst = out.as_tensor() if isinstance(out, ChannelView) else out
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    expected = (x.shape[0], weight.shape[0], oh, ow)
+    if tuple(dst.shape) != expected:
+        raise ValueError(f"expected out of shape {expected}, got {tuple(dst.shape)}")
+    if dst.dtype != x.dtype or dst.device != x.device:
+        raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {x.dtype} on {x.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, scale, bias, residual, gate)):
+        raise RuntimeError("conv_bn_act(out=...) is inference-only; call it without out= to get gradients")
+    if not torch.compiler.is_compiling():  # traced (fake) tensors have no addresses to compare
+        _check_out_overlap(dst, x, residual, weight, scale, bias, gate)
+    return dst
+
+
+def _check_out_overlap(dst: Tensor, x, residual, weight, scale, bias, gate=None) -> None:
     """ValueError when ``out`` shares a memory element with an input the op reads: tiles
     would read values other tiles already overwrote, and the tile tuner re-launches the
     kernel on the same arguments. Disjoint views of one buffer pass (see views.overlaps).
     ~1 us per input in another allocation, a few us for one in ``out``'s buffer."""
     name = first_overlap(dst, (("x", x), ("residual", residual), ("weight", weight), ("scale", scale),
-                               ("bias", bias)))
+                               ("bias", bias), ("gate", gate)))
     if name is not None:
-        t = dict(x=x, residual=residual, weight=weight, scale=scale, bias=bias)[name]
+        t = dict(x=x, residual=residual, weight=weight, scale=scale, bias=bias, gate=gate)[name]
         raise ValueError(
             f"out overlaps {name}: conv_bn_act(out=...) writes out while reading {name}, so they must not "
             f"share memory (out shape {tuple(dst.shape)} strides {dst.stride()}, {name} shape "
@@ -996,14 +1154,20 @@ def conv_bn_act(
     act_param: float = 0.0,
     residual_after_act: bool = False,
     out: Union[ChannelView, Tensor, None] = None,
+    gate: Optional[Tensor] = None,
+    out_shuffle_groups: int = 1,
 ) -> Tensor:
     """Fused ``act(conv2d(x, weight) * scale + bias (+ residual)) (+ residual)``.
 
     Equivalent PyTorch::
 
+        if gate is not None:                                  # [N, C_in], e.g. an SE gate
+            x = x * gate[:, :, None, None]
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         y = y * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
         y = act(y + residual) if not residual_after_act else act(y) + residual
+        if out_shuffle_groups > 1:
+            y = reference.channel_shuffle(y, out_shuffle_groups)
 
     ``scale`` and ``bias`` are per output channel and kept in float32 (folded
     BatchNorm). Inputs may be NCHW or NHWC (``channels_last``, the fast path)
@@ -1014,22 +1178,68 @@ def conv_bn_act(
     ranges, as OSA stage convs use it, steps included) but must not overlap the
     elements the op reads (``x``, ``residual``, ``weight``, ``scale``, ``bias``):
     ValueError names the argument that does. An empty batch returns an empty result.
+
+    ``gate`` (float32 or ``x``'s dtype, ``[N, C_in]``) is applied as the kernel loads ``x``:
+    the gated input is never written (an inverted residual's SE gate inside the project
+    conv). Gradients reach it too. ``out_shuffle_groups`` stores output channel ``co`` at
+    ``(co % (C_out // g)) * g + co // (C_out // g)``: a ShuffleNet channel shuffle of the
+    result as it is written (``residual``, ``scale`` and ``bias`` are in the conv's own
+    channel order, before the shuffle).
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    oh, ow = check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act)
+    check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act, gate, out_shuffle_groups)
     if out is None:
+        if gate is None and out_shuffle_groups == 1:
+            return _OP(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
+                       float(act_param), bool(residual_after_act))
         return _OP(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
-                   float(act_param), bool(residual_after_act))
-    dst = out.as_tensor() if isinstance(out, ChannelView) else out
-    expected = (x.shape[0], weight.shape[0], oh, ow)
-    if tuple(dst.shape) != expected:
-        raise ValueError(f"expected out of shape {expected}, got {tuple(dst.shape)}")
-    if dst.dtype != x.dtype or dst.device != x.device:
-        raise TypeError(f"out is {dst.dtype} on {dst.device}; expected {x.dtype} on {x.device}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, scale, bias, residual)):
-        raise RuntimeError("conv_bn_act(out=...) is inference-only; call it without out= to get gradients")
-    if not torch.compiler.is_compiling():  # traced (fake) tensors have no addresses to compare
-        _check_out_overlap(dst, x, residual, weight, scale, bias)
+                   float(act_param), bool(residual_after_act), gate, out_shuffle_groups)
+    dst = checked_out(out, x, weight, scale, bias, residual, stride, padding, dilation, gate)
     _conv_bn_act_out_op(x, weight, scale, bias, residual, stride, padding, dilation, groups, act,
-                        float(act_param), bool(residual_after_act), dst)
+                        float(act_param), bool(residual_after_act), dst, gate, out_shuffle_groups)
     return dst
+
+
+def conv_bn_act_with_channel_sums(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    *,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    act: str = "identity",
+    act_param: float = 0.0,
+    residual_after_act: bool = False,
+) -> Tuple[Tensor, Tensor, int]:
+    """``(y, psum, num_hb)``: :func:`conv_bn_act`'s result ``y`` and per-(image, pixel block)
+    channel sums of it, the input :func:`effops.ops.se.se_gate_from_sums` takes (an SE squeeze
+    riding the conv's epilogue: ``y`` is not read again to pool it).
+
+    Equivalent PyTorch::
+
+        y = conv_bn_act(x, weight, scale, bias, residual, ...)
+        psum = y.sum((2, 3), dtype=torch.float32)       # [N * num_hb, C_out], num_hb = 1
+        # psum.view(N, num_hb, C_out).sum(1) is the per-image channel sum in every case
+
+    On the triton backend the GEMM kernel's epilogue writes ``psum`` (fp32 sums of the stored,
+    rounded values; rows tiled per image, ``num_hb`` row tiles per image, each element written
+    by one program: deterministic); on the reference backend ``num_hb`` is 1 (float64 sums for
+    a float64 ``y``). Inference only: not a registered op (no autograd, not traceable), so
+    callers use :func:`conv_bn_act` plus the SE gate's own pool under torch.compile or autograd.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_inputs(x, weight, scale, bias, residual, stride, padding, dilation, groups, act)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, scale, bias, residual)):
+        raise RuntimeError("conv_bn_act_with_channel_sums is inference-only; use conv_bn_act for gradients")
+    args = (x, weight, scale, bias, residual, None, stride, padding, dilation, groups, act, float(act_param),
+            bool(residual_after_act))
+    backend = dispatch.select("conv_bn_act", *args)
+    if backend.name == "triton":
+        return _run_triton(*args, channel_sums=True)
+    y = backend.run(*args)
+    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return y, y.sum((2, 3), dtype=cd), 1

@@ -249,7 +249,7 @@ if triton is not None:
             acc = _mma(a, b, acc, UPCAST_DOT, DOT_PRECISION)
         # No residual: its pointer and strides are unused placeholders.
         _epilogue_store(acc, offs_n, n_ok, m_ok, n_idx, oh, ow, scale_ptr, bias_ptr, out_ptr, out_ptr,
-                        0, 0, 0, 0, son, soc, soh, sow, act_param, HAS_SCALE, HAS_BIAS, False, False, ACT)
+                        0, 0, 0, 0, son, soc, soh, sow, act_param, 0, HAS_SCALE, HAS_BIAS, False, False, ACT, 1)
 
 
 def _dw_pw_configs():

@@ -44,20 +44,29 @@ def conv_scale_bias_act(
     act: str = "identity",
     act_param: float = 0.0,
     residual_after_act: bool = False,
+    gate: Optional[Tensor] = None,
+    out_shuffle_groups: int = 1,
 ) -> Tensor:
     """The fused conv epilogue (what the conv kernel computes)::
 
+        x = x * gate[:, :, None, None]                                   # if gate ([N, C_in]) is given
         z = conv2d(x, weight, None, stride, padding, dilation, groups)   # fp32 accumulate
         y = z * scale[c] + bias[c]                                       # folded BN
         y = act(y + residual)      if residual is given and not residual_after_act
         y = act(y) + residual      if residual_after_act
+        y = channel_shuffle(y, out_shuffle_groups)                       # if out_shuffle_groups > 1
         return y.to(x.dtype)
     """
     cd = _compute_dtype(x.dtype)
-    z = F.conv2d(x.to(cd), weight.to(cd), None, stride, padding, dilation, groups)
+    xc = x.to(cd)
+    if gate is not None:
+        xc = xc * gate.to(cd)[:, :, None, None]
+    z = F.conv2d(xc, weight.to(cd), None, stride, padding, dilation, groups)
     y = _channel_affine(z, scale, bias)
     y = add_residual_around(y, lambda t: apply_activation(t, act, act_param),
                             None if residual is None else residual.to(cd), residual_after_act)
+    if out_shuffle_groups != 1:
+        y = channel_shuffle(y, out_shuffle_groups)
     return y.to(x.dtype)
 
 
@@ -257,6 +266,50 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def se_gate(
+    x: Tensor,
+    reduce_weight: Optional[Tensor],
+    reduce_bias: Optional[Tensor],
+    expand_weight: Tensor,
+    expand_bias: Optional[Tensor],
+    act: str = "relu",
+    act_param: float = 0.0,
+    gate: str = "sigmoid",
+    gate_param: float = 0.0,
+) -> Tensor:
+    """The squeeze-and-excitation gate, ``[N, C]`` in float32 (float64 for float64 ``x``);
+    weights as 1×1 conv ``[out, in, 1, 1]`` or linear ``[out, in]``::
+
+        s = x.mean((2, 3))                                   # squeeze, per (n, c), accumulated in fp32
+        h = act(s @ reduce_weight.T + reduce_bias)           # skipped when reduce_weight is None (eSE)
+        return gate(h @ expand_weight.T + expand_bias)
+    """
+    cd = _compute_dtype(x.dtype)
+    h = x.mean((2, 3), dtype=cd)
+    if reduce_weight is not None:
+        h = F.linear(h, reduce_weight.to(cd).flatten(1), None if reduce_bias is None else reduce_bias.to(cd))
+        h = apply_activation(h, act, act_param)
+    g = F.linear(h, expand_weight.to(cd).flatten(1), None if expand_bias is None else expand_bias.to(cd))
+    return apply_activation(g, gate, gate_param)
+
+
+def se_apply(x: Tensor, gate: Tensor, residual: Optional[Tensor] = None, act: str = "identity",
+             act_param: float = 0.0) -> Tensor:
+    """A squeeze-and-excitation gate ``[N, C]`` applied to ``x`` (the SE-bottleneck epilogue
+    ``act(x * s + shortcut)``), computed in float32 (float64 for float64 ``x``), rounded once::
+
+        y = x * gate[:, :, None, None]
+        if residual is not None:
+            y = y + residual
+        return act(y).to(x.dtype)
+    """
+    cd = _compute_dtype(x.dtype)
+    y = x.to(cd) * gate.to(cd)[:, :, None, None]
+    if residual is not None:
+        y = y + residual.to(cd)
+    return apply_activation(y, act, act_param).to(x.dtype)
+
+
 def squeeze_excite(
     x: Tensor,
     reduce_weight: Optional[Tensor],
@@ -265,6 +318,8 @@ def squeeze_excite(
     expand_bias: Optional[Tensor],
     act: str = "relu",
     gate: str = "sigmoid",
+    act_param: float = 0.0,
+    gate_param: float = 0.0,
 ) -> Tensor:
     """Squeeze-and-excitation (weights as 1×1 conv ``[out, in, 1, 1]`` or linear ``[out, in]``)::
 
@@ -272,12 +327,8 @@ def squeeze_excite(
         h = act(s @ reduce_weight.T + reduce_bias)           # skipped when reduce_weight is None (eSE)
         g = gate(h @ expand_weight.T + expand_bias)
         return x * g[:, :, None, None]
+
+    i.e. ``se_apply(x, se_gate(x, ...))``.
     """
-    cd = _compute_dtype(x.dtype)
-    h = x.to(cd).mean((2, 3))
-    if reduce_weight is not None:
-        h = F.linear(h, reduce_weight.to(cd).flatten(1), None if reduce_bias is None else reduce_bias.to(cd))
-        h = apply_activation(h, act)
-    g = F.linear(h, expand_weight.to(cd).flatten(1), None if expand_bias is None else expand_bias.to(cd))
-    g = apply_activation(g, gate)
-    return (x.to(cd) * g[:, :, None, None]).to(x.dtype)
+    g = se_gate(x, reduce_weight, reduce_bias, expand_weight, expand_bias, act, act_param, gate, gate_param)
+    return se_apply(x, g)

@@ -46,11 +46,24 @@ def _shuffle_probe(x: torch.Tensor) -> tuple:
     return (x, 4, None)
 
 
+def _se_gate_probe(x: torch.Tensor) -> tuple:
+    c = x.shape[1]
+    rw = torch.randn(c // 4, c, 1, 1, device=x.device, dtype=x.dtype)
+    ew = torch.randn(c, c // 4, 1, 1, device=x.device, dtype=x.dtype)
+    return (x, rw, None, ew, None, "relu", 0.0, "sigmoid", 0.0)
+
+
+def _se_apply_probe(x: torch.Tensor) -> tuple:
+    return (x, torch.rand(x.shape[0], x.shape[1], device=x.device), x, None, "relu", 0.0)
+
+
 # Probe arguments per registered op: a 16-channel 3x3 conv (+ BN + ReLU), a two-stage OSA block,
-# a 1x1 aggregation of two 16-channel segments, a 4-group channel shuffle.
+# a 1x1 aggregation of two 16-channel segments, a 4-group channel shuffle, a 16 -> 4 -> 16
+# squeeze-excite gate and its application with a residual and ReLU.
 PROBES: Dict[str, Callable[[torch.Tensor], tuple]] = {"conv_bn_act": _conv_probe, "osa_block": _osa_probe,
                                                       "aggregate": _aggregate_probe,
-                                                      "channel_shuffle": _shuffle_probe}
+                                                      "channel_shuffle": _shuffle_probe,
+                                                      "se_gate": _se_gate_probe, "se_apply": _se_apply_probe}
 
 
 def _devices() -> List[torch.device]:
@@ -126,7 +139,8 @@ def info() -> dict:
         "backend_order": list(dispatch.BACKEND_ORDER),
         "forced_backend": _forced(),
         "probe": "a 3x3 conv + BN + ReLU (conv_bn_act), a two-stage OSA block (osa_block), a 1x1 "
-                 "aggregation of two segments (aggregate) and a 4-group shuffle (channel_shuffle) of a "
+                 "aggregation of two segments (aggregate), a 4-group shuffle (channel_shuffle), a 16→4→16 "
+                 "squeeze-excite gate (se_gate) and its application with a residual and ReLU (se_apply) of a "
                  "[2, 16, 8, 8] channels_last input, float16 on CUDA, float32 on the CPU",
         "backends": {},
         "vendor": {},

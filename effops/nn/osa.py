@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dispatch
@@ -15,11 +14,13 @@ from ..ops import reference
 from ..ops.osa import _OP, check_osa_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, sequential_children
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
+from .se import SqueezeExcite
 
 
-class EffectiveSE(nn.Module):
-    """VoVNetV2's effective squeeze-excitation (CenterMask), the layout of the
-    classic ``eSEModule`` (``fc`` weights, same ``state_dict`` keys).
+class EffectiveSE(SqueezeExcite):
+    """VoVNetV2's effective squeeze-excitation (CenterMask): a :class:`~effops.nn.se.SqueezeExcite`
+    with one ``C → C`` 1×1 conv ``fc`` (with bias) and a hard-sigmoid ``gate``, the ``state_dict``
+    keys of the classic ``eSEModule`` (``fc.weight``, ``fc.bias``).
 
     Equivalent PyTorch::
 
@@ -27,18 +28,15 @@ class EffectiveSE(nn.Module):
     """
 
     def __init__(self, channels: int, device=None, dtype=None):
-        super().__init__()
-        self.fc = nn.Conv2d(channels, channels, 1, bias=True, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        super().__init__(channels, None, gate="hardsigmoid", device=device, dtype=dtype)
 
 
 def ese_fc_of(module: nn.Module) -> Optional[nn.Conv2d]:
     """The ``fc`` conv of a module known to compute ``x * hardsigmoid(fc(mean_hw(x)))``, else None.
 
     Custom-forward modules can only be recognised by type; accepted are effops'
-    :class:`EffectiveSE`, timm's ``EffectiveSEModule`` (without ``add_maxpool``,
+    :class:`EffectiveSE` (and any :class:`~effops.nn.se.SqueezeExcite` whose children compute
+    that now), timm's ``EffectiveSEModule`` (without ``add_maxpool``,
     with a hard-sigmoid gate) and the classic CenterMask/VoVNetV2 ``eSEModule``
     (``avg_pool`` + ``fc`` + ``hsigmoid`` children).
     """
@@ -47,8 +45,8 @@ def ese_fc_of(module: nn.Module) -> Optional[nn.Conv2d]:
     if not (type(fc) is nn.Conv2d and fc.kernel_size == (1, 1) and fc.in_channels == fc.out_channels
             and fc.groups == 1 and fc.bias is not None):
         return None
-    if t is EffectiveSE:
-        return fc
+    if isinstance(module, SqueezeExcite):  # EffectiveSE, or a wrapped eSE module: as its children are now
+        return fc if module._ese_fc() is fc else None
     if t.__name__ == "EffectiveSEModule" and t.__module__.startswith("timm."):
         gate = activation_of(module.gate)
         return fc if not module.add_maxpool and gate is not None and gate[0] == "hardsigmoid" else None

@@ -198,13 +198,15 @@ def test_compile_fullgraph_over_traced_forward():
 @pytest.mark.slow
 def test_timm_regnet_extends_swapped_container_with_residual_and_act():
     """timm RegNet: conv3 is a ConvNormAct without activation (swapped as a container first);
-    `act3(drop_path(conv3(x)) + shortcut)` then extends it with the residual and the ReLU."""
+    `act3(drop_path(conv3(se(x))) + shortcut)` then extends it with the residual and the ReLU, and
+    the SE module before it joins as the conv's input gate."""
     timm = pytest.importorskip("timm")
     model, fast = _fast(timm.create_model("regnety_002", pretrained=False, num_classes=10))
     swapped = {e.path: e.what for e in fast.effops_report.swapped}
-    assert swapped["s1.b1.conv3..act3"] == "conv1x1 24→24 + bn + relu + residual (before act) [traced]"
+    assert swapped["s1.b1.se..act3"] == ("SE gate → conv1x1 24→24 + bn + relu + residual (before act) (gate applied "
+                                         "in the conv's operand load) [traced]")
     assert "s1.b1.conv3" not in swapped  # one entry per conv
-    assert sum(w.endswith("residual (before act) [traced]") for w in swapped.values()) == 13
+    assert sum("+ residual (before act)" in w and w.endswith("[traced]") for w in swapped.values()) == 13
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), effops.use_backend("reference"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)
@@ -256,7 +258,7 @@ def test_torchvision_regnet_block_output_fused():
     tv = pytest.importorskip("torchvision")
     model, fast = _fast(tv.models.regnet_y_400mf(num_classes=10))
     swapped = {e.path: e.what for e in fast.effops_report.swapped}
-    traced = [p for p, w in swapped.items() if w.endswith("+ bn + relu + residual (before act) [traced]")]
+    traced = [p for p, w in swapped.items() if "+ bn + relu + residual (before act)" in w and w.endswith("[traced]")]
     # One per block: f's last conv takes `+ proj(x)`; in downsampling blocks the projection shortcut
     # (also an activation-free conv → BN, first in graph order) takes `+ f(x)` instead: the same pass saved.
     assert "trunk_output.block2.block2-1.f..activation" in traced

@@ -1,4 +1,5 @@
-"""``FusedSequential``: an ``nn.Sequential`` whose conv → bn → act runs execute fused."""
+"""``FusedSequential``: an ``nn.Sequential`` whose conv → bn → act runs (and the SE gates and channel
+shuffles around them) execute fused."""
 from __future__ import annotations
 
 import warnings
@@ -7,14 +8,21 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .conv_bn_act import FusedConvBNAct
-
 
 class FusedSequential(nn.Sequential):
     """Same children, same names, same ``state_dict`` as the Sequential it
     replaces; only ``forward`` differs: each recognised run of children
-    (conv, bn[, act]) executes as one :class:`FusedConvBNAct` sharing those
-    children. Used by :func:`effops.optimize` for Sequentials that mix fusable
+    executes as one step sharing those children:
+
+    * (conv, bn[, act]) → one :class:`FusedConvBNAct`;
+    * (squeeze-excite, 1×1 conv run or converted container) → one
+      :class:`~effops.nn.traced.FusedStep` that folds the SE gate into the conv's
+      operand load (torchvision MobileNetV3 / EfficientNet ``block``, RegNetY
+      ``BottleneckTransform``);
+    * (fused conv, channel shuffle) → one :class:`~effops.nn.traced.ShuffleStep`:
+      the conv writes its output shuffled.
+
+    Used by :func:`effops.optimize` for Sequentials that mix fusable
     runs with other layers (e.g. the classic VoVNet stem built from an
     ``OrderedDict`` of ``stem_1/conv``, ``stem_1/norm``, ``stem_1/relu``, ...).
 
@@ -24,7 +32,8 @@ class FusedSequential(nn.Sequential):
     the model is optimized again.
     """
 
-    def __init__(self, seq: nn.Sequential, runs: List[Tuple[int, int, FusedConvBNAct]]):
+    def __init__(self, seq: nn.Sequential, runs: List[Tuple[int, int, nn.Module]]):
+        """``runs``: ``(start, length, step)``: ``step`` replaces children ``start .. start + length - 1``."""
         super().__init__(OrderedDict(seq._modules))
         children = list(self._modules.values())
         plan, i = [], 0

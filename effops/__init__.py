@@ -10,8 +10,9 @@ Importing effops does no GPU work and compiles nothing; kernels are compiled
 from .convert import OptimizeReport, optimize
 from .diagnostics import info
 from .dispatch import BackendUnavailable, use_backend
-from .nn import ChannelShuffle, EffectiveSE, FusedConvBNAct, FusedOSA, FusedSequential
-from .ops import channel_shuffle
+from .nn import (ChannelShuffle, EffectiveSE, FusedConvBNAct, FusedGhostModule, FusedOSA, FusedRepVGGBlock,
+                 FusedSequential, FusedShuffleV2Block, SqueezeExcite)
+from .ops import channel_shuffle, se_apply, se_gate
 from .views import ChannelView
 from . import dispatch, models, ops, tuning
 
@@ -23,14 +24,20 @@ __all__ = [
     "ChannelView",
     "EffectiveSE",
     "FusedConvBNAct",
+    "FusedGhostModule",
     "FusedOSA",
+    "FusedRepVGGBlock",
     "FusedSequential",
+    "FusedShuffleV2Block",
     "OptimizeReport",
+    "SqueezeExcite",
     "channel_shuffle",
     "info",
     "models",
     "ops",
     "optimize",
+    "se_apply",
+    "se_gate",
     "tuning",
     "use_backend",
 ]

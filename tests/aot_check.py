@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from effops.ops import conv, osa, shuffle  # noqa: E402
+from effops.ops import conv, osa, reparam, se, shuffle  # noqa: E402
 
 
 def compile_kernel(fn, arg_types, consts, ones=(), num_warps=4, num_stages=3, cc=90):
@@ -87,12 +87,26 @@ def cases():
                 prec = "tf32" if dt == "fp32" else "ieee"
                 for pw in (True, False):
                     types = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
-                             "bias_ptr": "*fp32", "act_param": "fp32"}
+                             "bias_ptr": "*fp32", "gate_ptr": "*fp32", "psum_ptr": "*fp32", "act_param": "fp32"}
                     consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True,
-                                  RES_AFTER_ACT=False, ACT="silu", POINTWISE=pw, IDX64=False, UPCAST_DOT=False,
-                                  DOT_PRECISION=prec, **blocks)
+                                  RES_AFTER_ACT=False, ACT="silu", HAS_GATE=False, SHUFFLE_G=1, CH_SUM=False,
+                                  POINTWISE=pw,
+                                  IDX64=False, UPCAST_DOT=False, DOT_PRECISION=prec, **blocks)
                     yield (f"conv_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel, types, consts,
                            ("sxc", "swi", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
+                    if tile == "big":
+                        # An SE gate on the operand load (inverted residual's project conv: fp32 gate,
+                        # contiguous [N, C_in]) and a shuffled write (ShuffleNet V1, g = 4).
+                        yield (f"conv_gated_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel,
+                               types, dict(consts, HAS_GATE=True, HAS_RES=False, ACT="identity"),
+                               ("sxc", "swi", "soc", "sgc", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
+                        yield (f"conv_shuffled_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel,
+                               types, dict(consts, SHUFFLE_G=4, HAS_RES=False, ACT="relu"),
+                               ("sxc", "swi", "soc", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
+                        # Per-image channel sums in the epilogue (an SE bottleneck's conv3: BN, no act).
+                        yield (f"conv_chsum_{'1x1' if pw else '3x3'}_{dt}_{tile}_sm{cc}", conv._conv_bn_act_kernel,
+                               types, dict(consts, CH_SUM=True, HAS_RES=False, ACT="identity"),
+                               ("sxc", "swi", "soc", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)
                 # The N-segment aggregation: the OSA block's two segments and eight (ELAN-style
                 # concats, a VoVNet-99 block with separate stage tensors), each channels_last.
                 for n_seg in osa_segment_counts:
@@ -117,7 +131,7 @@ def cases():
                              "act_param": "fp32"}
                     for pw in (True, False):
                         consts = dict(KH=1 if pw else 3, KW=1 if pw else 3, HAS_SCALE=True, HAS_BIAS=True,
-                                      HAS_RES=True, RES_AFTER_ACT=False, ACT="relu", UPCAST_DOT=False,
+                                      HAS_RES=True, RES_AFTER_ACT=False, ACT="relu", SHUFFLE_G=1, UPCAST_DOT=False,
                                       DOT_PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                         yield (f"conv_tma_{'1x1' if pw else '3x3'}_{dt}_{bm}x{bn}x{bk}_w{cfg['num_warps']}"
                                f"s{cfg['num_stages']}_sm{cc}", conv._conv_bn_act_tma_kernel, types, consts,
@@ -143,11 +157,16 @@ def cases():
                 dw_conv_tiles += conv._depthwise_configs()
             for j, cfg in enumerate(dw_conv_tiles):
                 types = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], dt), "scale_ptr": "*fp32",
-                         "bias_ptr": "*fp32", "act_param": "fp32"}
+                         "bias_ptr": "*fp32", "gate_ptr": "*fp32", "act_param": "fp32"}
                 consts = dict(KH=3, KW=3, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, RES_AFTER_ACT=True,
-                              ACT="relu6", IDX64=False, BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
+                              ACT="relu6", HAS_GATE=False, SHUFFLE_G=1, IDX64=False, BLOCK_P=cfg["BLOCK_P"],
+                              BLOCK_C=cfg["BLOCK_C"])
                 yield (f"depthwise_{dt}_tile{j}_sm{cc}", conv._depthwise_kernel, types, consts,
                        ("sxc", "sww", "soc", "src", "stride_h", "stride_w", "dil_h", "dil_w"), cfg, cc)  # [C, 1, kh, kw] weight
+                if j == 0:  # the heuristic tile with a gate and a shuffled write (g = 2, ShuffleNet V2)
+                    yield (f"depthwise_gated_shuffled_{dt}_sm{cc}", conv._depthwise_kernel, types,
+                           dict(consts, HAS_GATE=True, SHUFFLE_G=2), ("sxc", "sww", "soc", "src", "sgc", "stride_h",
+                                                                      "stride_w", "dil_h", "dil_w"), cfg, cc)
             yield (f"gate_residual_{dt}_sm{cc}", osa._gate_residual_kernel,
                    {**ptrs(["y_ptr", "res_ptr"], dt), "gate_ptr": "*fp32"},
                    dict(HAS_RES=True, IDX64=True, BLOCK_P=64, BLOCK_C=64), ("syc", "src"), {}, cc)
@@ -159,6 +178,57 @@ def cases():
         yield (f"ese_gate_sm{cc}", osa._ese_gate_kernel,
                {**ptrs(["psum_ptr", "w_ptr", "b_ptr", "gate_ptr"], "fp32"), "inv_hw": "fp32"},
                dict(HAS_BIAS=True, BLOCK_C=64, BLOCK_K=64), (), {}, cc)
+        yield from se_cases(cc)
+        yield from reparam_cases(cc)
+
+
+def se_cases(cc):
+    """Squeeze-excite: the pool and the gate pass (NHWC, their heuristic tiles), and the excitation
+    (both layers in one launch, and one layer) with the heuristic tiles of batch 1 and 32 for
+    ResNet-RS's 2048 -> 512 -> 2048, weights in the model's dtype."""
+    for dt in ("fp16", "bf16", "fp32"):
+        pool = se._pool_heuristic(1, 256, 3136, True)
+        yield (f"se_pool_{dt}_sm{cc}", se._se_pool_kernel, {**ptrs(["x_ptr"], dt), "psum_ptr": "*fp32"},
+               dict(FLAT_HW=True, IDX64=False, BLOCK_P=pool["BLOCK_P"], BLOCK_C=pool["BLOCK_C"]), ("sxc",), pool, cc)
+        tile = se._shuffle_heuristic(256, 3136, True)
+        yield (f"se_apply_{dt}_sm{cc}", se._se_apply_kernel,
+               {**ptrs(["x_ptr", "res_ptr", "out_ptr"], dt), "gate_ptr": "*fp32", "act_param": "fp32"},
+               dict(HAS_RES=True, ACT="relu", FLAT_HW=True, IDX64=False, BLOCK_P=tile["BLOCK_P"],
+                    BLOCK_C=tile["BLOCK_C"]), ("sxc", "sgc", "src", "soc"), tile, cc)
+        if dt == "bf16" or (dt == "fp32" and cc == 80):
+            continue  # the excitation reads weights in fp32 whatever their dtype: fp16 and fp32 suffice
+        for n in (1, 32):
+            cfg = se._excite_heuristic(n, 2048, 512)
+            for two in (True, False):
+                yield (f"se_excite_{'fused' if two else 'layer'}_b{n}_{dt}_sm{cc}", se._se_excite_kernel,
+                       {"in_ptr": "*fp32", "out_ptr": "*fp32", "in_scale": "fp32", "act1_param": "fp32",
+                        "act2_param": "fp32", **ptrs(["w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr"], dt)},
+                       dict(TWO_LAYERS=two, HAS_B1=True, HAS_B2=True, ACT1="relu", ACT2="sigmoid",
+                            **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}), ("sw1i", "sw2i"), cfg, cc)
+
+
+
+def reparam_cases(cc):
+    """The RepVGG branch merge (3x3 + 1x1 + identity; GhostNetV3's three 3x3 branches once; int64
+    addressing once) with its 384 -> 1408 heuristic tile, OHWI output, for each weight -> output
+    dtype a model runs: float32, autocast to bfloat16, a .half() / .bfloat16() model. Built with fp
+    fusion off, as the launcher runs it (float64 multiply-adds stay separately rounded)."""
+    tile = reparam._merge_heuristic(1408, 3456)
+    for wdt, odt, nf, idx64 in (("fp32", "fp32", 1, False), ("fp32", "bf16", 1, False), ("fp16", "fp16", 1, False),
+                                ("bf16", "bf16", 1, False), ("fp32", "fp16", 3, False), ("fp32", "fp32", 1, True)):
+        nb = nf + 2
+        types = {"w_ptrs": (f"*{wdt}",) * nf, "w1_ptr": f"*{wdt}", "out_ptr": f"*{odt}", "bias_ptr": "*fp32",
+                 **{a: (f"*{wdt}",) * nb for a in ("g_ptrs", "b_ptrs", "m_ptrs", "v_ptrs")}, "eps_bits": ("i64",) * nb,
+                 **{a: ("i32",) * nf for a in ("sw_o", "sw_i", "sw_h", "sw_w")}}
+        consts = dict(NUM_FULL=nf, HAS_1X1=True, HAS_ID=True, KH=3, KW=3, OUT_CL=True, BF16_RNE=False, IDX64=idx64,
+                      BLOCK_CO=tile["BLOCK_CO"], BLOCK_K=tile["BLOCK_K"])
+        knobs = triton.knobs.language
+        fusion, knobs.default_fp_fusion = knobs.default_fp_fusion, False  # the launcher's enable_fp_fusion=False
+        try:
+            yield (f"reparam_merge_{wdt}_to_{odt}_b{nf}{'_idx64' if idx64 else ''}_sm{cc}", reparam._reparam_kernel,
+                   types, consts, ("sw_w", "s1_i"), tile, cc)  # OIHW weights: unit stride along kw and ci
+        finally:
+            knobs.default_fp_fusion = fusion
 
 
 def main() -> int:

@@ -17,6 +17,12 @@ os.environ.setdefault("EFFOPS_TUNING_CACHE", "0")
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist every worker is a process of its own: one intra-op thread each, or the
+# workers' OpenMP pools oversubscribe the cores and small CPU ops spin (a float64 conv measured
+# 46 ms per call with 2 threads per worker against 7 us with 1 on the 2-core CI machine).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # References in fp32/fp64 with TF32 off (the kernel follows cudnn.allow_tf32 too).
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -48,7 +48,8 @@ def test_every_kernel_compiles_and_fits(builds):
     for cc in ("sm90", "sm80"):
         for dt in ("fp16", "bf16", "fp32"):
             for family in ("conv_3x3", "conv_1x1", "osa_agg_flat", "osa_agg_per_image", "dw_pw", "depthwise",
-                           "gate_residual", "shuffle"):
+                           "gate_residual", "shuffle", "conv_gated_1x1", "conv_gated_3x3", "conv_shuffled_1x1",
+                           "conv_shuffled_3x3", "conv_chsum_1x1", "conv_chsum_3x3", "depthwise_gated_shuffled"):
                 assert any(k.startswith(f"{family}_{dt}") and k.endswith(cc) for k in builds), (family, dt, cc)
         assert f"ese_gate_{cc}" in builds
     # The N-segment aggregation with the OSA block's two segments and with eight, both tilings.

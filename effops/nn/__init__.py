@@ -1,7 +1,16 @@
-"""Drop-in ``nn.Module`` replacements backed by effops' fused ops."""
+"""Drop-in ``nn.Module`` replacements backed by effops' fused ops.
+
+Importing this package registers the whole-block rules :func:`effops.optimize` uses
+(squeeze-excite, ShuffleNetV2 unit, ghost module, RepVGG block; see ``effops.nn.common.BlockRule``).
+"""
 from .conv_bn_act import FusedConvBNAct
+from .se import SqueezeExcite
 from .osa import EffectiveSE, FusedOSA
 from .sequential import FusedSequential
 from .shuffle import ChannelShuffle
+from .shufflenet import FusedShuffleV2Block
+from .ghost import FusedGhostModule
+from .repvgg import FusedRepVGGBlock
 
-__all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedOSA", "FusedSequential"]
+__all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedGhostModule", "FusedOSA", "FusedRepVGGBlock",
+           "FusedSequential", "FusedShuffleV2Block", "SqueezeExcite"]

@@ -395,3 +395,28 @@ def test_hooked_module_with_residual_before_and_after_the_activation():
     assert len(seen) == 2
     for o in seen:  # the BN's hook saw BN's own output, before residual and activation
         torch.testing.assert_close(o, pre, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["conv_bn_act", "ghost", "repvgg", "osa"])
+def test_autocast_leaves_float64_models_in_float64(block):
+    """PyTorch's autocast never casts float64 tensors: a float64 model under CPU bf16 autocast
+    runs in float64, and so must its optimized copy (reference backend: the module logic)."""
+    from timm.models.byobnet import RepVggBlock
+    from timm.models.ghostnet import GhostModule
+
+    from effops.models.classic_vovnet import OSAModule
+
+    make = {
+        "conv_bn_act": lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
+        "ghost": lambda: nn.Sequential(GhostModule(8, 12)),
+        "repvgg": lambda: nn.Sequential(RepVggBlock(8, 8)),
+        "osa": lambda: nn.Sequential(OSAModule(8, 8, 16, 3, "OSA", identity=False)),
+    }[block]
+    model = randomize_bn(make()).double().eval()
+    fast = effops.optimize(model)
+    assert fast.effops_report.swapped
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), effops.use_backend("reference"):
+        ref, out = model(x), fast(x)
+    assert ref.dtype == out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

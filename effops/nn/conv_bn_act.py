@@ -257,7 +257,8 @@ class FusedConvBNAct(nn.Module):
             return _into(self._forward_modules(_gated(x, gate), residual, residual_after_act), out,
                          out_shuffle_groups)
         dev = x.device.type if isinstance(x, Tensor) else "cpu"
-        if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        if isinstance(x, Tensor) and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) \
+                and x.dtype != torch.float64:  # autocast leaves float64 tensors alone
             dtype = torch.get_autocast_dtype(dev)
             if residual is not None and residual.dtype != dtype and self._modules_compute_it(bn, residual,
                                                                                               residual_after_act):

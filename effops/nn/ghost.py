@@ -348,8 +348,8 @@ class FusedGhostModule(nn.Module):
         if not self._fusable(x):
             return self.forward_unfused(x)
         dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-            dtype = torch.get_autocast_dtype(dev)
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(dev)  # (autocast leaves float64 tensors alone)
             x = x.to(dtype)
         else:
             dtype = self._plan.primary.conv.weight.dtype

@@ -406,8 +406,8 @@ class FusedOSA(nn.Module):
         if not self._fusable() or self._needs_grad(x) or hooked(self._hooks):
             return self.forward_unfused(x)
         dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-            dtype = torch.get_autocast_dtype(dev)
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(dev)  # (autocast leaves float64 tensors alone)
             if self.identity and x.dtype != dtype:
                 # PyTorch adds the autocast-dtype block output to the wider input in the wider
                 # dtype (type promotion) and returns that dtype: the identity add runs here.

@@ -253,3 +253,26 @@ def test_optimize_swaps_channel_shuffle(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     again = effops.optimize(fast)  # already swapped: not reported twice
     assert not any("channel shuffle" in e.what for e in again.effops_report.swapped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "view"])
+def test_reference_backend_equals_the_specification(layout, dtype):
+    """The reference backend runs ATen's channel_shuffle: bit for bit reference.channel_shuffle,
+    in output_format(x), for every dtype, channel views included; out= too."""
+    base = torch.randn(3, 16, 5, 7) * 10
+    x = base.to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "view":
+        x = x.contiguous(memory_format=torch.channels_last)[:, 2:14]
+    with torch.no_grad(), effops.use_backend("reference"):
+        for g in (2, 3, 4):
+            if x.shape[1] % g:
+                continue
+            y = channel_shuffle(x, g)
+            assert y.dtype == dtype and torch.equal(y, effops.ops.reference.channel_shuffle(x, g))
+            assert y.is_contiguous(memory_format=effops.ops.conv.output_format(x))
+            out = torch.empty_like(y)
+            channel_shuffle(x, g, out=out)
+            assert torch.equal(out, y)

@@ -141,7 +141,8 @@ def info() -> dict:
         "probe": "a 3x3 conv + BN + ReLU (conv_bn_act), a two-stage OSA block (osa_block), a 1x1 "
                  "aggregation of two segments (aggregate), a 4-group shuffle (channel_shuffle), a 16→4→16 "
                  "squeeze-excite gate (se_gate) and its application with a residual and ReLU (se_apply) of a "
-                 "[2, 16, 8, 8] channels_last input, float16 on CUDA, float32 on the CPU",
+                 "[2, 16, 8, 8] channels_last input, float16 on CUDA, float32 on the CPU, and a RepVGG "
+                 "3x3 + 1x1 + identity branch merge (reparam_merge)",
         "backends": {},
         "vendor": {},
     }

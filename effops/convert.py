@@ -68,7 +68,11 @@ stay as they were. The rewrites, in the order they are applied:
    (the SE bottleneck's conv3 + bn3 → SE → + shortcut → act) → one
    :class:`~effops.nn.traced.SEEpilogueStep`: the conv's epilogue writes the
    per-image channel sums the SE excitation reads, so no pool pass reads the conv's
-   output.
+   output;
+7. a squeeze-excite call whose only user is a converted ghost module (timm's
+   GhostBottleneck: ``ghost2(se(x))``) → one :class:`~effops.nn.traced.GhostGateStep`:
+   only the gate is computed, and the ghost module's primary conv applies it as it
+   loads ``x`` (a V2/V3 ghost module, whose gate branch also reads ``x``, is left as is).
 
 The report (``model.effops_report``) lists, per block, what was fused into what
 (one entry per conv, updated when a later rule extends its step) and what was
@@ -92,12 +96,13 @@ from torch import nn
 from .activations import activation_of, make_activation
 from .nn.common import BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, sequential_children, timm_bn_act
 from .nn.conv_bn_act import FusedConvBNAct, resolve_padding, why_not_fusable
+from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
 from .nn.shuffle import ChannelShuffle
-from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, SEEpilogueStep, SEResidualStep,
-                        ShuffleStep, TracedForward, traced_forward_of)
+from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, GhostGateStep, SEEpilogueStep,
+                        SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
 from .ops.osa import MAX_SEGMENTS
 
 
@@ -628,6 +633,9 @@ class _Converter:
             except AttributeError:
                 continue
             extendable = _tail_of(m) is not None
+            if isinstance(m, FusedGhostModule):
+                self._gate_ghost(node, m, module, where, insert)
+                continue
             if not extendable and isinstance(m, FusedConvBNAct):
                 self._gate_child(node, m, module, where, insert, labels)
                 continue
@@ -682,6 +690,19 @@ class _Converter:
         labels[insert(FusedStep(m, None, se=se), (se_node.args[0],), [se_node, node])] = node.name
         self._replace_entry(m.conv, f"{where}{se_node.target}..{node.target}",
                             _describe_step(m.conv, m.bn, m.activation[0], None, se) + " [traced]")
+
+    def _gate_ghost(self, node, m: FusedGhostModule, owner, where, insert) -> None:
+        """``m(se(x))`` with ``m`` a converted ghost module (timm GhostBottleneck: SE → ghost2) whose
+        primary conv takes an input gate → one :class:`GhostGateStep`."""
+        se_node = _se_input(node, owner)
+        if se_node is None or len(node.args) != 1 or node.kwargs or not m.takes_gate():
+            return
+        se = _submodule(owner, se_node.target)
+        insert(GhostGateStep(se, m), (se_node.args[0],), [se_node, node])
+        self.report.swapped.append(ReportEntry(
+            f"{where}{se_node.target}..{node.target}",
+            f"SE gate → ghost module {m.in_chs}→{m._plan.out_keep} (gate applied in its primary conv's operand "
+            "load) [traced]"))
 
     def _se_residuals(self, graph, owner, where, insert) -> None:
         """``act(se(x) [→ drop-path] + shortcut)`` → one :class:`SEResidualStep`."""

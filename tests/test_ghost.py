@@ -405,7 +405,8 @@ def test_whole_ghostnet_equals_the_original(name, modules):
     model = randomize_bn(timm.create_model(name, num_classes=10)).eval()
     fast = effops.optimize(model)
     rep = fast.effops_report
-    assert sum("ghost module" in e.what for e in rep.swapped) == modules, str(rep)
+    assert sum(e.what.startswith("ghost module") for e in rep.swapped) == modules, str(rep)
+    assert sum(e.what.startswith("SE gate → ghost module") for e in rep.swapped) == 7, str(rep)  # all 7 SEs
     assert not rep.skipped, str(rep)
     assert list(fast.state_dict()) == list(model.state_dict())
     assert sum(isinstance(m, FusedGhostModule) for m in fast.modules()) == modules
@@ -415,6 +416,116 @@ def test_whole_ghostnet_equals_the_original(name, modules):
         assert_matches(fast(x), ref64)
         y64 = copy.deepcopy(fast).double()(x.double())  # the converted model, in float64
     assert rel_err(y64, ref64) < 1e-12
+
+
+# -- an SE gate folded into a ghost module's primary conv (timm GhostBottleneck: se → ghost2) ---------
+def _se_bottleneck(stride=2):
+    from timm.models.ghostnet import GhostBottleneck
+
+    torch.manual_seed(0)
+    return randomize_bn(GhostBottleneck(6, 12, 5, dw_kernel_size=3, stride=stride, se_ratio=0.25)).eval()
+
+
+def test_se_gate_into_ghost_module_reference_backend():
+    """The converted bottleneck computes only the SE gate and hands it to ghost2's primary conv:
+    the report says so, the fp64 structure equals the original, fp32 is within 1e-5 of it."""
+    from effops.nn.traced import GhostGateStep
+
+    model = _se_bottleneck()
+    fast = effops.optimize(copy.deepcopy(model))
+    what = [e.what for e in fast.effops_report.swapped]
+    assert "SE gate → ghost module 12→5 (gate applied in its primary conv's operand load) [traced]" in what, what
+    assert sum(isinstance(m, GhostGateStep) for m in fast.forward.graph_module.modules()) == 1
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad(), effops.use_backend("reference"):
+        y32 = fast(x)
+        ref64 = copy.deepcopy(model).double()(x.double())
+        y64 = copy.deepcopy(fast).double()(x.double())
+    assert rel_err(y64, ref64) <= 1e-12, rel_err(y64, ref64)
+    assert rel_err(y32, ref64) <= 1e-5, rel_err(y32, ref64)
+    # A hook on the SE module: it runs as a module (and sees its input), with the same result.
+    seen = []
+    fast.se.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    with torch.no_grad(), effops.use_backend("reference"):
+        assert rel_err(fast(x), ref64) <= 1e-5
+    assert seen == [(2, 12, 5, 5)]
+    # A pre-hook on ghost2 sees the SE's output, as in the original forward.
+    inputs = []
+    fast.ghost2.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    with torch.no_grad(), effops.use_backend("reference"):
+        fast(x)
+        want = model.se(model.bn_dw(model.conv_dw(model.ghost1(x))))
+    assert len(inputs) == 1 and rel_err(inputs[0], want) <= 1e-6
+
+
+def test_se_gate_into_ghost_module_train_is_exact():
+    model = _se_bottleneck().train()
+    fast = effops.optimize(copy.deepcopy(model)).train()
+    x = torch.randn(2, 6, 9, 9)
+    outs = []
+    for m in (model, fast):
+        y = m(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), [p.grad for p in m.parameters()], m.state_dict()))
+    (ya, ga, sa), (yb, gb, sb) = outs
+    assert torch.equal(ya, yb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("variant", ["v1_odd", "v2", "v3_train"])
+def test_gate_argument_equals_gating_the_input(variant):
+    """``ghost(x, gate=g) == ghost(x * g)``: folded into the primary conv (V1; V3's merged primary
+    branches), or computed first where the gate can't be folded (V2's gate branch reads ``x``),
+    under autocast, with a gradient through ``g``, and in train mode."""
+    ref = _orig(variant).cpu()
+    fused = FusedGhostModule.from_module(copy.deepcopy(ref))
+    assert fused.takes_gate() == (variant != "v2")
+    x = _x(fused.in_chs, 2, 6, 6, torch.float32, True, "cpu")
+    g = torch.rand(2, fused.in_chs)
+    with torch.no_grad(), effops.use_backend("reference"):
+        xg = x * g[:, :, None, None]
+        assert_matches(fused(x, gate=g), copy.deepcopy(ref).double()(xg.double()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, same, want = fused(x, gate=g), ref(xg), fused(xg)
+        assert y.dtype == same.dtype
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="gate of shape"):
+            fused(x, gate=g[:, 1:])
+    gr = g.clone().requires_grad_()
+    with effops.use_backend("reference"):
+        y = fused(x, gate=gr)
+    y.sum().backward()
+    gr2 = g.clone().requires_grad_()
+    ref(x * gr2[:, :, None, None]).sum().backward()
+    torch.testing.assert_close(gr.grad, gr2.grad, rtol=1e-5, atol=1e-6)
+    fused.train(), ref.train()
+    torch.testing.assert_close(fused(x, gate=g), ref(x * g[:, :, None, None]), rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["v1_odd", "v3_train"])
+def test_gate_argument_triton(variant):
+    ref = _orig(variant)
+    fused = FusedGhostModule.from_module(copy.deepcopy(ref))
+    x = _x(fused.in_chs, 2, 5, 5)
+    g = torch.rand(2, fused.in_chs, device=DEV)
+    with torch.no_grad(), effops.use_backend("triton"):
+        y = fused(x, gate=g)
+    with torch.no_grad():
+        assert_matches(y, copy.deepcopy(ref).double()((x * g[:, :, None, None]).double()))
+
+
+@needs_triton
+def test_se_gate_into_ghost_module_triton_dispatches_no_se_apply(monkeypatch):
+    model = _se_bottleneck(stride=1)
+    fast = effops.optimize(copy.deepcopy(model)).to(DEV)
+    x = _x(6, 2, 5, 5)
+    calls = count_dispatch(monkeypatch)
+    with torch.no_grad(), effops.use_backend("triton"):
+        y = fast(x)
+    assert "se_apply" not in calls and "se_gate" in calls, calls
+    assert_matches(y, copy.deepcopy(model).to(DEV).double()(x.double()))
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ _KINDS = [
     (r"^(effective )?squeeze-excite", "se"),
     (r"^SE gate \+ residual", "se_residual"),
     (r"^SE gate → conv", "se_gate_conv"),
+    (r"^SE gate → ghost module", "se_gate_ghost"),
     (r"^cat\(", "aggregate"),
     (r"^conv", "conv"),
 ]
@@ -100,9 +101,10 @@ EXPECTED = {
                           {"se": 16, "se_gate_conv": 4, "se_gate_conv+residual": 12, "conv+residual": 4,
                            "conv": 33}),
     # 16 bottlenecks = 32 ghost modules, 7 SE; 4 strided conv_dw, 5 conv shortcuts (dw + pw, the pw
-    # taking the residual add); stem, final 1x1 ConvBnAct, conv_head (+ bias + ReLU).
+    # taking the residual add); stem, final 1x1 ConvBnAct, conv_head (+ bias + ReLU); each SE's
+    # gate folded into its ghost2's primary conv.
     "ghostnet_100": (_timm("ghostnet_100"), (1, 3, 64, 64),
-                     {"ghost": 32, "se": 7, "conv+residual": 5, "conv": 12}),
+                     {"ghost": 32, "se": 7, "se_gate_ghost": 7, "conv+residual": 5, "conv": 12}),
     # 16 bottlenecks: SE + shortcut + ReLU in one pass; 3 stem convs (the last with bn1/act1), the
     # strided stem conv, 16 × 3 block convs, 4 downsample convs.
     "resnetrs50": (_timm("resnetrs50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 56}),

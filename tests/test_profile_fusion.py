@@ -125,6 +125,7 @@ def test_ghostnet_no_cat_no_separate_se():
     what = [e.what for e in fast.effops_report.swapped]
     assert sum(w.startswith("ghost module") for w in what) == 8, str(fast.effops_report)
     assert sum(w.startswith("squeeze-excite") for w in what) == 2, str(fast.effops_report)
+    assert sum(w.startswith("SE gate → ghost module") for w in what) == 2, str(fast.effops_report)
 
 
 @needs_triton

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
-from ..ops.conv import _OP, check_inputs, output_format
+from ..ops.conv import _OP, check_gate, check_inputs, output_format
 from .common import (BlockRule, ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, register_block_rule,
                      sequential_children)
-from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding
+from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
 from .repvgg import MergedBranches, conv_bn_branch
 
 _TIMM_KINDS = {"GhostModule": "v1", "GhostModuleV2": "v2", "GhostModuleV3": "v3"}
@@ -235,6 +235,13 @@ class FusedGhostModule(nn.Module):
       V2/V3 gate branch runs its conv-BN pairs fused and multiplies the buffer in place.
     * Train, or when a gradient is needed, or a hook watches a child: the original forward
       with the original modules (exact PyTorch: batch statistics, autograd, hooks).
+
+    ``forward(x, gate=g)`` (``g``: ``[N, in_chs]``, float32 or ``x``'s dtype, e.g. a squeeze-excite
+    gate ``se.gate_of(x)``) computes ``self(x * g[:, :, None, None])``; on the fused path the primary
+    conv applies ``g`` as it loads ``x`` (the gated input is never written; the cheap conv reads the
+    primary output, so it is unaffected). Where that isn't possible (the unfused path, autocast, a
+    gradient through ``g``, a V2/V3 gate branch that also reads ``x``, a grouped primary conv) the
+    gated input is computed first, in ``x``'s dtype, and the module runs on it.
     """
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, ratio: int = 2, dw_size: int = 3,
@@ -336,7 +343,7 @@ class FusedGhostModule(nn.Module):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters())))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, gate: Optional[Tensor] = None) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedGhostModule expected a 4-D input (N, C, H, W), got {got}")
@@ -345,17 +352,29 @@ class FusedGhostModule(nn.Module):
                              f"got shape {tuple(x.shape)}")
         if self._snapshot.changed() or self._live_settings() != self._fingerprint:
             self._refresh()
+        dev = x.device.type
+        autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+        if gate is not None:
+            check_gate(gate, x, self.in_chs)
+            if not self.takes_gate() or autocast or gate.requires_grad or not self._fusable(x):
+                x, gate = _gated(x, gate), None  # exactly self(x * gate[:, :, None, None])
         if not self._fusable(x):
             return self.forward_unfused(x)
-        dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+        if autocast:
             dtype = torch.get_autocast_dtype(dev)  # (autocast leaves float64 tensors alone)
             x = x.to(dtype)
         else:
             dtype = self._plan.primary.conv.weight.dtype
-        return self._run(x, dtype)
+        return self._run(x, dtype, gate)
 
-    def _run(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def takes_gate(self) -> bool:
+        """Whether the fused path folds an input gate into the primary conv's operand load: a dense
+        primary conv (GhostNetV3's merged branches all read ``x``: one gated conv) and no V2/V3 gate
+        branch (which reads ``x`` too)."""
+        p = self._plan
+        return p is not None and p.short is None and p.primary.conv.groups == 1
+
+    def _run(self, x: Tensor, dtype: torch.dtype, gate: Optional[Tensor] = None) -> Tensor:
         p = self._plan
         pc, cc = p.primary.conv, p.cheap.conv
         compiling = torch.compiler.is_compiling()
@@ -374,7 +393,7 @@ class FusedGhostModule(nn.Module):
                           memory_format=output_format(x))
         if x.shape[0] == 0:
             return buf
-        self._intrinsics_into(x, buf[:, :p.init_chs], dtype, compiling)
+        self._intrinsics_into(x, buf[:, :p.init_chs], dtype, compiling, gate)
         self._ghosts_into(buf, dtype, compiling)
         if p.short is not None:
             gate = self._gate(x, (oh, ow))
@@ -383,15 +402,17 @@ class FusedGhostModule(nn.Module):
             return buf.mul_(gate) if gate.dtype == buf.dtype else buf * gate
         return buf
 
-    def _intrinsics_into(self, x: Tensor, dst: Tensor, dtype: torch.dtype, compiling: bool) -> None:
-        """The primary conv-BN-act (or GhostNetV3's merged primary branches + act) into ``dst``."""
+    def _intrinsics_into(self, x: Tensor, dst: Tensor, dtype: torch.dtype, compiling: bool,
+                         gate: Optional[Tensor] = None) -> None:
+        """The primary conv-BN-act (or GhostNetV3's merged primary branches + act) into ``dst``;
+        ``gate`` scales the conv's input channels as it loads them."""
         step = self._plan.primary
         if step.unit is not None:
-            step.unit(x, out=dst)
+            step.unit(x, out=dst, **({} if gate is None else {"gate": gate}))
             return
         conv = step.conv
         w, _, b = step.weight_scale_bias(dtype)
-        _conv_into(x, w, None, b, dst, conv, conv.groups, step.activation, compiling)
+        _conv_into(x, w, None, b, dst, conv, conv.groups, step.activation, compiling, gate)
 
     def _ghosts_into(self, buf: Tensor, dtype: torch.dtype, compiling: bool) -> None:
         """The cheap conv-BN-act for output channels ``[init, out_keep)`` only, reading the intrinsic
@@ -458,17 +479,20 @@ class FusedGhostModule(nn.Module):
 
 
 def _conv_into(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], dst: Tensor, conv: nn.Conv2d,
-               groups: int, activation: Tuple[str, float], compiling: bool) -> None:
-    """``dst = act(conv2d(x, w) * scale + bias)`` with ``conv``'s stride, padding and dilation: the
-    callers derive ``x``, ``w`` and ``dst`` from one buffer's disjoint channel ranges, so the checks
-    of the public ``conv_bn_act(out=...)`` are settled by construction."""
+               groups: int, activation: Tuple[str, float], compiling: bool, gate: Optional[Tensor] = None) -> None:
+    """``dst = act(conv2d(x * gate[:, :, None, None], w) * scale + bias)`` (no gate: ``x``) with ``conv``'s
+    stride, padding and dilation: the callers derive ``x``, ``w`` and ``dst`` from one buffer's disjoint
+    channel ranges and validate ``gate``, so the checks of the public ``conv_bn_act(out=...)`` are
+    settled by construction."""
     act, act_param = activation
     pad = resolve_padding(conv)
+    extras = () if gate is None else (gate, 1)
     if compiling:  # the functional op: no in-place write into a view for the compiler to functionalise
-        dst.copy_(_OP(x, w, scale, bias, None, conv.stride, pad, conv.dilation, groups, act, act_param, False))
+        dst.copy_(_OP(x, w, scale, bias, None, conv.stride, pad, conv.dilation, groups, act, act_param, False,
+                      *extras))
     else:  # eager inference: the op's implementation without the torch.library layers
         dispatch.run("conv_bn_act", x, w, scale, bias, None, dst, conv.stride, pad, conv.dilation, groups, act,
-                     act_param, False)
+                     act_param, False, *extras)
 
 
 def _describe(fused: FusedGhostModule) -> str:

@@ -16,7 +16,8 @@ converted container whose last conv takes the add that follows it),
 :class:`AggregateStep` (``torch.cat`` → 1×1 conv as one N-segment aggregation, no concat),
 :class:`ConcatStep` (``torch.cat`` of fused convs: each writes its channel range of one
 buffer), :class:`ShuffleStep` (a fused conv that writes its output channel-shuffled),
-:class:`SEResidualStep` (``act(se(x) + shortcut)`` in one pass). Each one checks on every
+:class:`SEResidualStep` (``act(se(x) + shortcut)`` in one pass), :class:`GhostGateStep` (an SE
+gate folded into a ghost module's primary conv). Each one checks on every
 call that it can run fused (eval BN, no hooks watching, no gradient needed where the
 kernel has none, ...) and otherwise computes exactly what the original code did.
 
@@ -343,6 +344,31 @@ class ShuffleStep(nn.Module):
             return self.shuffle(y)
         n, c, h, w = y.shape
         return y.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class GhostGateStep(nn.Module):
+    """``ghost(se(x))`` of a traced forward (timm's GhostBottleneck: SE → ``ghost2``), with ``ghost`` a
+    :class:`~effops.nn.ghost.FusedGhostModule` whose primary conv takes the gate. Equivalent PyTorch::
+
+        return ghost(se(x))
+
+    The eval path computes only the SE gate (``se.gate_of(x)``, ``[N, C]``) and the ghost module's
+    primary conv applies it to ``x`` as it loads it (``ghost(x, gate=g)``): ``se(x)`` is never
+    written. A hook on the SE or the ghost module (or a module inside either) runs both as modules
+    instead, so the hooks fire and see the tensors they saw before; the ghost module's own fallbacks
+    (train, autocast, a gradient, ...) compute ``ghost(x * g)``.
+    """
+
+    def __init__(self, se: nn.Module, ghost: nn.Module):
+        super().__init__()
+        self.se = se
+        self.ghost = ghost
+        self._hooks = hook_dicts([se, ghost])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hooked(self._hooks):
+            return self.ghost(self.se(x))
+        return self.ghost(x, gate=self.se.gate_of(x))
 
 
 class SEResidualStep(nn.Module):

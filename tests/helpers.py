@@ -89,3 +89,24 @@ def device_branch(monkeypatch, autotune: bool) -> None:
     monkeypatch.setattr(tuning, "_capturing", lambda device: False)
     if autotune:
         monkeypatch.setattr(tuning, "_CACHE", collections.OrderedDict())
+
+
+def assert_same_step(ref: nn.Module, fused: nn.Module, x: torch.Tensor) -> None:
+    """One forward + backward of ``ref`` and ``fused`` on copies of ``x``: the same output and
+    input gradient, bit for bit (train-mode drop-ins must be exactly PyTorch)."""
+    x1 = x.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y_ref, y = ref(x1), fused(x2)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
+
+
+def assert_same_state_and_grads(ref: nn.Module, fused: nn.Module) -> None:
+    """Bit-identical ``state_dict`` (running stats, num_batches_tracked) and parameter gradients."""
+    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)

@@ -12,7 +12,9 @@ import effops.nn.repvgg  # noqa: F401 - registers the RepVGG block rule (the com
 from effops.nn.common import BLOCK_RULES
 from effops.nn.ghost import FusedGhostModule, ghost_kind
 
-from helpers import KERNEL_DEVICE, assert_matches, count_dispatch, needs_triton, randomize_bn, rel_err
+from helpers import (
+    KERNEL_DEVICE, assert_matches, assert_same_state_and_grads, assert_same_step, count_dispatch,
+    needs_triton, randomize_bn, rel_err)
 
 timm = pytest.importorskip("timm")
 from timm.models.ghostnet import GhostModule, GhostModuleV2, GhostModuleV3  # noqa: E402
@@ -184,18 +186,8 @@ def test_train_is_exactly_the_original(variant):
     ref = _orig(variant).cpu().train()
     fused = FusedGhostModule.from_module(copy.deepcopy(ref)).train()
     for _ in range(2):
-        x1 = _x(fused.in_chs, device="cpu").requires_grad_()
-        x2 = x1.detach().clone().requires_grad_()
-        y_ref, y = ref(x1), fused(x2)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-        g = torch.randn_like(y)
-        y_ref.backward(g)
-        y.backward(g)
-        torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
-    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # running stats, num_batches_tracked
-    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+        assert_same_step(ref, fused, _x(fused.in_chs, device="cpu"))
+    assert_same_state_and_grads(ref, fused)
 
 
 def test_eval_with_autograd_gives_the_original_gradients():

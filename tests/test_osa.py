@@ -12,8 +12,8 @@ from effops.models import classic_vovnet, vovnet27_slim
 from effops.models.classic_vovnet import OSAModule
 from effops.ops import osa as osa_ops
 
-from helpers import (DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, count_dispatch, device_branch, needs_triton,
-                     randomize_bn)
+from helpers import (DTYPES, KERNEL_DEVICE, TRITON_RUNS, assert_matches, assert_same_state_and_grads, assert_same_step,
+                     count_dispatch, device_branch, needs_triton, randomize_bn)
 
 DEV = KERNEL_DEVICE
 
@@ -88,18 +88,8 @@ def test_train_is_exactly_pytorch(variant):
     ref = _classic(variant).train()
     fused = FusedOSA.from_module(copy.deepcopy(ref)).train()
     for _ in range(2):
-        x1 = _x(fused.in_ch).requires_grad_()
-        x2 = x1.detach().clone().requires_grad_()
-        y_ref, y = ref(x1), fused(x2)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-        g = torch.randn_like(y)
-        y_ref.backward(g)
-        y.backward(g)
-        torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
-    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # running stats, num_batches_tracked
-    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+        assert_same_step(ref, fused, _x(fused.in_ch))
+    assert_same_state_and_grads(ref, fused)
 
 
 @needs_triton

@@ -16,7 +16,9 @@ from effops.nn.repvgg import FusedRepVGGBlock, merge_branches
 from effops.ops import reference, reparam
 from effops.ops.conv import needs_int64
 
-from helpers import KERNEL_DEVICE, assert_matches, count_dispatch, needs_triton, randomize_bn, rel_err
+from helpers import (
+    KERNEL_DEVICE, assert_matches, assert_same_state_and_grads, count_dispatch, needs_triton, randomize_bn,
+    rel_err)
 
 timm = pytest.importorskip("timm")
 from timm.layers import get_attn  # noqa: E402
@@ -398,10 +400,7 @@ def test_train_is_exactly_the_original(variant):
         y_ref.backward(g)
         y.backward(g)
         torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
-    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # running stats, num_batches_tracked
-    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    assert_same_state_and_grads(ref, fused)
 
 
 def test_eval_with_autograd_gives_the_original_gradients():

@@ -19,8 +19,8 @@ from effops.nn import shufflenet
 from effops.nn.common import BLOCK_RULES
 from effops.nn.shufflenet import FusedShuffleV2Block
 
-from helpers import (DTYPES, INTERPRETER, KERNEL_DEVICE, TRITON_RUNS, assert_matches, count_dispatch, needs_triton,
-                     randomize_bn)
+from helpers import (DTYPES, INTERPRETER, KERNEL_DEVICE, TRITON_RUNS, assert_matches, assert_same_state_and_grads,
+                     assert_same_step, count_dispatch, needs_triton, randomize_bn)
 
 tv = pytest.importorskip("torchvision")
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2  # noqa: E402
@@ -108,18 +108,8 @@ def test_train_is_exactly_pytorch(name):
     ref = _unit(name, "cpu").train()
     fused = FusedShuffleV2Block.from_module(copy.deepcopy(ref)).train()
     for _ in range(2):
-        x1 = _x(UNITS[name][0], n=3, device="cpu").requires_grad_()
-        x2 = x1.detach().clone().requires_grad_()
-        y_ref, y = ref(x1), fused(x2)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-        g = torch.randn_like(y)
-        y_ref.backward(g)
-        y.backward(g)
-        torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=0)
-    for (key, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=key)  # running stats, num_batches_tracked
-    for (key, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=key)
+        assert_same_step(ref, fused, _x(UNITS[name][0], n=3, device="cpu"))
+    assert_same_state_and_grads(ref, fused)
     # ...and eval afterwards uses the updated statistics.
     ref.eval(), fused.eval()
     x = _x(UNITS[name][0], device="cpu")

@@ -2,9 +2,14 @@
 
 Each op registers one implementation per backend together with a ``supports``
 function that returns the *reasons* it cannot take a given input (an empty list
-means it can). Selection walks ``BACKEND_ORDER`` (triton > reference)
+means it can). Selection walks ``BACKEND_ORDER`` (native > triton > reference)
 and takes the first backend with no reasons; ``reference`` is registered for
 every op and takes everything, so automatic selection never fails.
+
+``native`` (the C++ extension of ``csrc/``) takes CPU tensors; ``triton`` takes CUDA
+tensors, and CPU tensors under ``TRITON_INTERPRET=1`` only when asked for: forced, or
+preferred with ``EFFOPS_CPU_BACKEND=triton`` (the test suite's setting, which puts
+triton before native for CPU tensors).
 
 A user may force a backend with the :func:`use_backend` context manager or the
 ``EFFOPS_BACKEND`` environment variable (the context manager wins). A forced
@@ -19,7 +24,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
-BACKEND_ORDER = ("triton", "reference")
+BACKEND_ORDER = ("native", "triton", "reference")
+# Which backend CPU tensors prefer when none is forced: "native" (default) or "triton" (the
+# Triton interpreter, for testing the Triton kernels on a machine without a GPU).
+CPU_PREFERENCE = os.environ.get("EFFOPS_CPU_BACKEND", "").strip() or "native"
+if CPU_PREFERENCE not in ("native", "triton"):
+    raise ValueError(f"EFFOPS_CPU_BACKEND={CPU_PREFERENCE!r}; expected native or triton")
+_ORDER = BACKEND_ORDER if CPU_PREFERENCE == "native" else ("triton", "native", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -65,7 +76,7 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force every effops op inside the block onto backend ``name``
-    (``"triton"`` or ``"reference"``; ``None`` restores automatic choice)."""
+    (``"native"``, ``"triton"`` or ``"reference"``; ``None`` restores automatic choice)."""
     token = _FORCED.set(None if name is None else _check_name(name))
     try:
         yield
@@ -79,6 +90,17 @@ def forced_backend() -> Optional[str]:
         env = os.environ.get("EFFOPS_BACKEND", "").strip()
         name = _check_name(env) if env else None
     return name
+
+
+def triton_on_cpu_allowed() -> bool:
+    """Whether CPU tensors may run the Triton interpreter: when forced or preferred."""
+    return CPU_PREFERENCE == "triton" or forced_backend() == "triton"
+
+
+def native_first() -> bool:
+    """Whether CPU tensors go to the native backend first (it is preferred or forced)."""
+    forced = forced_backend()
+    return forced == "native" or (forced is None and CPU_PREFERENCE == "native")
 
 
 def reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
@@ -103,7 +125,7 @@ def select(op: str, *args, **kwargs) -> Backend:
         if why:
             raise BackendUnavailable(f"effops backend {forced!r} cannot run {op}: " + "; ".join(why))
         return impls[forced]
-    for name in BACKEND_ORDER:
+    for name in _ORDER:
         b = impls.get(name)
         if b is not None and not b.supports(*args, **kwargs):
             return b

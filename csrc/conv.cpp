@@ -1,0 +1,687 @@
+// Conv + folded BatchNorm + activation (+ residual) on CPU through oneDNN, as ATen exposes it
+// (mkldnn::_convolution_pointwise with a prepacked weight and fused post-ops: the kernels
+// Inductor's CPU freezing path emits), plus effops' own NHWC depthwise kernel.
+//
+// The BN-folded, prepacked weight is cached. An entry is valid while every tensor it was built
+// from is the same live TensorImpl with the same data pointer and version counter, so in-place
+// updates, optimizer steps, `param.data = ...` and replaced modules are seen on the next call.
+// Writes PyTorch does not count (`param.data.mul_()`, numpy, DLPack) are not: after such a
+// write, call effops.refresh() (docs/architecture.md, "Native CPU backend").
+// activation.h first: it selects at::vec's AVX-512 implementation before ATen's vec headers load.
+#include "activation.h"
+#include "native.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/TensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <tuple>
+#include <optional>
+#include <functional>
+#include <mutex>
+#include <unordered_map>
+
+namespace effops_native {
+namespace {
+
+// ---- what a cache entry was built from ------------------------------------------------------
+struct TensorKey {
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> impl;  // empty for an absent tensor
+  const c10::TensorImpl* raw = nullptr;
+  const void* data = nullptr;
+  int64_t version = 0;
+};
+
+// False when the tensor can't be keyed (an inference tensor has no version counter): the
+// caller then packs for this call only.
+bool make_key(const OptTensor& t, TensorKey& k) {
+  if (!t.has_value() || !t->defined()) {
+    k.raw = nullptr;
+    return true;
+  }
+  if (t->is_inference()) return false;
+  k.impl = c10::weak_intrusive_ptr<c10::TensorImpl>(t->getIntrusivePtr());
+  k.raw = t->unsafeGetTensorImpl();
+  k.data = t->data_ptr();
+  k.version = t->_version();
+  return true;
+}
+
+bool key_matches(const TensorKey& k, const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) return k.raw == nullptr;
+  if (k.raw != t->unsafeGetTensorImpl() || !k.impl || k.impl->expired()) return false;
+  return k.data == t->data_ptr() && !t->is_inference() && k.version == t->_version();
+}
+
+struct ConvParams {
+  IntVec stride, padding, dilation, in_shape;  // in_shape: N, C, H, W the weight was packed for
+  int64_t groups;
+  at::ScalarType dtype;
+  double eps;
+  bool operator==(const ConvParams& o) const {
+    return stride == o.stride && padding == o.padding && dilation == o.dilation && in_shape == o.in_shape &&
+           groups == o.groups && dtype == o.dtype && eps == o.eps;
+  }
+};
+
+enum class Impl { OneDNN, Depthwise, Gemm };
+
+struct Packed {
+  std::vector<TensorKey> keys;
+  ConvParams params;
+  Impl impl;
+  at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
+                      // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32
+  at::Tensor bias;    // float32 [C_out]
+};
+
+constexpr size_t kMaxEntries = 2048;  // weights of a few big models; beyond, the oldest go
+std::mutex g_mutex;
+std::unordered_map<const c10::TensorImpl*, std::vector<std::shared_ptr<Packed>>> g_cache;
+std::deque<std::pair<const c10::TensorImpl*, std::weak_ptr<Packed>>> g_order;
+size_t g_size = 0;
+
+void evict_oldest_locked() {
+  while (g_size > kMaxEntries && !g_order.empty()) {
+    auto [raw, weak] = g_order.front();
+    g_order.pop_front();
+    auto sp = weak.lock();
+    if (!sp) continue;
+    auto it = g_cache.find(raw);
+    if (it == g_cache.end()) continue;
+    auto& v = it->second;
+    for (size_t i = 0; i < v.size(); ++i)
+      if (v[i] == sp) {
+        v.erase(v.begin() + i);
+        --g_size;
+        break;
+      }
+    if (v.empty()) g_cache.erase(it);
+  }
+}
+
+std::shared_ptr<Packed> lookup(const std::vector<OptTensor>& srcs, const ConvParams& p) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_cache.find(srcs[0]->unsafeGetTensorImpl());
+  if (it == g_cache.end()) return nullptr;
+  auto& v = it->second;
+  for (size_t i = 0; i < v.size();) {
+    auto& e = v[i];
+    if (!e->keys[0].impl || e->keys[0].impl->expired()) {  // the weight died: its entries can never match again
+      v.erase(v.begin() + i);
+      --g_size;
+      continue;
+    }
+    bool ok = e->params == p && e->keys.size() == srcs.size();
+    for (size_t j = 0; ok && j < srcs.size(); ++j) ok = key_matches(e->keys[j], srcs[j]);
+    if (ok) return e;
+    ++i;
+  }
+  return nullptr;
+}
+
+void store(const std::vector<OptTensor>& srcs, std::shared_ptr<Packed> e) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto& v = g_cache[srcs[0]->unsafeGetTensorImpl()];
+  // Entries of the same weight with the same settings and shapes but older tensor versions
+  // are stale: replace them rather than piling up one entry per optimizer step.
+  for (size_t i = 0; i < v.size();) {
+    if (v[i]->params == e->params) {
+      v.erase(v.begin() + i);
+      --g_size;
+    } else {
+      ++i;
+    }
+  }
+  v.push_back(e);
+  ++g_size;
+  g_order.emplace_back(srcs[0]->unsafeGetTensorImpl(), e);
+  if (g_order.size() > 4 * kMaxEntries) {  // drop dead bookkeeping
+    std::deque<std::pair<const c10::TensorImpl*, std::weak_ptr<Packed>>> live;
+    for (auto& o : g_order)
+      if (!o.second.expired()) live.push_back(o);
+    g_order.swap(live);
+  }
+  evict_oldest_locked();
+}
+
+// ---- oneDNN through ATen's mkldnn ops -------------------------------------------------------
+using ScalarList = c10::List<std::optional<at::Scalar>>;
+
+const c10::OperatorHandle& pointwise_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+  return op;
+}
+const c10::OperatorHandle& binary_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  return op;
+}
+
+struct Attr {
+  std::string name;
+  std::vector<double> scalars;
+  std::string algorithm;
+};
+
+// oneDNN's post-op spelling of each effops activation.
+Attr onednn_attr(Act act, double param) {
+  switch (act) {
+    case Act::Identity: return {"none", {}, ""};
+    case Act::Relu: return {"relu", {}, ""};
+    case Act::Relu6: return {"hardtanh", {0.0, 6.0}, ""};
+    case Act::LeakyRelu: return {"leaky_relu", {param}, ""};
+    case Act::Hardswish: return {"hardswish", {}, ""};
+    case Act::Hardsigmoid: return {"hardsigmoid", {}, ""};
+    case Act::Silu: return {"swish", {}, ""};
+    case Act::Sigmoid: return {"sigmoid", {}, ""};
+    case Act::Gelu: return {"gelu", {}, "none"};
+    case Act::GeluTanh: return {"gelu", {}, "tanh"};
+  }
+  return {"none", {}, ""};
+}
+
+c10::IValue scalars_ivalue(const std::vector<double>& s) {
+  c10::List<std::optional<at::Scalar>> l;
+  for (double v : s) l.push_back(at::Scalar(v));
+  return c10::IValue(l);
+}
+
+c10::IValue opt_str(const std::string& s) { return s.empty() ? c10::IValue() : c10::IValue(s); }
+
+// act(y) in place with ATen's CPU kernels (the activations oneDNN can't fuse after a binary add).
+void act_inplace(at::Tensor& y, Act act, double param) {
+  switch (act) {
+    case Act::Identity: return;
+    case Act::Relu: y.relu_(); return;
+    case Act::Relu6: at::hardtanh_(y, 0.0, 6.0); return;
+    case Act::LeakyRelu: at::leaky_relu_(y, param); return;
+    case Act::Hardswish: at::hardswish_(y); return;
+    case Act::Hardsigmoid: at::hardsigmoid_(y); return;
+    case Act::Silu: at::silu_(y); return;
+    case Act::Sigmoid: y.sigmoid_(); return;
+    case Act::Gelu: y.copy_(at::gelu(y, "none")); return;
+    case Act::GeluTanh: y.copy_(at::gelu(y, "tanh")); return;
+  }
+}
+
+// act(conv(x) * s + b [+ residual_pre]) with the BN folded into the packed weight. oneDNN fuses
+// any one activation, or a residual add followed by ReLU; other activations after a residual add
+// run as one more in-place pass.
+at::Tensor run_onednn(const at::Tensor& x, const Packed& e, const OptTensor& residual_pre, Act act,
+                      double act_param) {
+  const auto& p = e.params;
+  torch::jit::Stack stack;
+  if (residual_pre.has_value()) {
+    const bool fused_act = act == Act::Relu;
+    stack = {x, *residual_pre, e.weight, e.bias, p.padding, p.stride, p.dilation, p.groups, std::string("add"),
+             c10::IValue(), fused_act ? c10::IValue(std::string("relu")) : c10::IValue(),
+             c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+    binary_op().callBoxed(stack);
+    at::Tensor y = stack.back().toTensor();
+    if (!fused_act) act_inplace(y, act, act_param);
+    return y;
+  }
+  const Attr a = onednn_attr(act, act_param);
+  stack = {x, e.weight, e.bias, p.padding, p.stride, p.dilation, p.groups, a.name, scalars_ivalue(a.scalars),
+           opt_str(a.algorithm)};
+  pointwise_op().callBoxed(stack);
+  return stack.back().toTensor();
+}
+
+// Which implementation runs a depthwise conv (groups == C_in == C_out): effops' own NHWC kernel
+// or oneDNN's. Chosen per problem by measurement (set_depthwise_policy; see the docs).
+int g_depthwise_policy = 2;  // 0: oneDNN, 1: own kernel, 2: own kernel where stride <= 2 and k <= 5
+// 1x1 stride-1 float32 convs: 0 = oneDNN, 1 = GEMM, 2 = whichever measured faster for the problem.
+int g_pointwise_policy = 2;
+std::mutex g_choice_mutex;
+std::map<std::tuple<int64_t, int64_t, int64_t, bool, int64_t, int>, bool> g_gemm_faster;  // problem -> GEMM won
+// aggregation problem -> the concat-free GEMMs beat concat + 1x1 conv
+std::map<std::tuple<int64_t, std::vector<int64_t>, int64_t, bool, int64_t, int>, bool> g_segments_faster;
+
+bool use_own_depthwise(const at::Tensor& x, const at::Tensor& w, int64_t groups, const IntVec& stride) {
+  if (groups == 1 || groups != x.size(1) || w.size(0) != groups || w.size(1) != 1) return false;
+  if (g_depthwise_policy == 0) return false;
+  if (g_depthwise_policy == 1) return true;
+  return stride[0] <= 2 && stride[1] <= 2 && w.size(2) <= 5 && w.size(3) <= 5;
+}
+
+bool channels_last_ish(const at::Tensor& t) {
+  // NHWC, or a channel view of an NHWC buffer (channel-minor)
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) return true;
+  return !t.is_contiguous() && t.stride(1) < t.stride(3);
+}
+
+at::Tensor dense_input(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous(channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// out.copy_(channel_shuffle(y, g)) in one strided pass: out channel j*g + i <- y channel i*(C/g) + j.
+void copy_shuffled(at::Tensor& dst, const at::Tensor& y, int64_t g) {
+  const int64_t c = y.size(1);
+  dst.unflatten(1, {c / g, g}).transpose(1, 2).copy_(y.unflatten(1, {g, c / g}));
+}
+
+// [N*H*W, C] rows of a channel-minor, pixel-dense 4-D tensor (NHWC, or a channel view of a wider
+// NHWC buffer: row stride = the buffer's channel count), as a strided 2-D view; undefined if the
+// pixels aren't equally spaced rows. BLAS reads and writes such a matrix in place (lda/ldc > C).
+at::Tensor as_rows(const at::Tensor& t) {
+  if (t.dim() != 4 || (t.size(1) > 1 && t.stride(1) != 1)) return at::Tensor();
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t ld = W > 1 ? t.stride(3) : (H > 1 ? t.stride(2) : (N > 1 ? t.stride(0) : C));
+  if ((W > 1 && t.stride(3) != ld) || (H > 1 && t.stride(2) != W * ld) || (N > 1 && t.stride(0) != H * W * ld))
+    return at::Tensor();
+  if (N * H * W > 1 && ld < C) return at::Tensor();
+  return t.as_strided({N * H * W, C}, {std::max<int64_t>(ld, C), 1});
+}
+
+// y = act(y + bias [+ r]) [+ r] over the rows of y in place, vectorised over channels.
+void bias_act_rows(at::Tensor& y, const float* bias, const at::Tensor& r, bool residual_after_act, Act act,
+                   double act_param) {
+  const int64_t P = y.size(0), C = y.size(1), ldy = y.stride(0);
+  float* yp = y.data_ptr<float>();
+  const float* rp = r.defined() ? r.data_ptr<float>() : nullptr;
+  const int64_t ldr = r.defined() ? r.stride(0) : 0;
+  const float param = static_cast<float>(act_param);
+  dispatch_act(act, [&](auto a) {
+    constexpr Act A = decltype(a)::value;
+    at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t p0, int64_t p1) {
+      const Vec pv(param);
+      for (int64_t i = p0; i < p1; ++i) {
+        float* row = yp + i * ldy;
+        const float* rr = rp ? rp + i * ldr : nullptr;
+        for (int64_t c = 0; c < C; c += kVecSize) {
+          const int64_t n = std::min<int64_t>(kVecSize, C - c);
+          Vec v = load_f(row + c, n) + load_f(bias + c, n);
+          if (rr && !residual_after_act) v = v + load_f(rr + c, n);
+          v = ActFn<A>::apply(v, pv);
+          if (rr && residual_after_act) v = v + load_f(rr + c, n);
+          store_f(row + c, v, n);
+        }
+      }
+    });
+  });
+}
+
+// The rows of `residual` (made NHWC-dense if they aren't rows already).
+at::Tensor residual_rows(const OptTensor& residual) {
+  if (!residual.has_value() || !residual->defined()) return at::Tensor();
+  at::Tensor r = as_rows(*residual);
+  if (r.defined() && residual->scalar_type() == at::kFloat) return r;
+  return as_rows(residual->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+// 1x1 convs as GEMMs on NHWC rows: sum_i seg_i[rows] @ Wt[k_i : k_i + C_i], then bias + activation
+// (+ residual) in place, row tile by row tile so the output tile is still in cache for the
+// epilogue and for the next segment's accumulation. One segment is a plain 1x1 conv; several are
+// the concat -> 1x1 conv of an OSA block or a CSP/ELAN aggregation, without the concat.
+void gemm_rows(const std::vector<at::Tensor>& segs, const Packed& e, at::Tensor& y, const at::Tensor& r,
+               bool residual_after_act, Act act, double act_param) {
+  const int64_t P = y.size(0), Cout = y.size(1);
+  const int64_t tile = segs.size() == 1 ? P : std::max<int64_t>(64, (int64_t(1) << 17) / std::max<int64_t>(Cout, 1));
+  const float* bias = e.bias.data_ptr<float>();
+  for (int64_t t0 = 0; t0 < P; t0 += tile) {
+    const int64_t t1 = std::min(P, t0 + tile);
+    at::Tensor yt = y.slice(0, t0, t1);
+    int64_t k = 0;
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const int64_t ci = segs[i].size(1);
+      at::Tensor wi = e.weight.slice(0, k, k + ci);
+      if (i == 0)
+        at::mm_out(yt, segs[i].slice(0, t0, t1), wi);
+      else
+        yt.addmm_(segs[i].slice(0, t0, t1), wi);
+      k += ci;
+    }
+    at::Tensor rt = r.defined() ? r.slice(0, t0, t1) : at::Tensor();
+    bias_act_rows(yt, bias, rt, residual_after_act, act, act_param);
+  }
+}
+
+using FoldFn = std::function<std::pair<at::Tensor, at::Tensor>()>;  // (scale or undefined, bias or undefined), fp32
+
+std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, const FoldFn& fold, const ConvParams& p,
+                              Impl impl) {
+  at::NoGradGuard no_grad;
+  auto sb = fold();
+  at::Tensor w32 = weight.to(at::kFloat);
+  if (sb.first.defined()) w32 = w32 * sb.first.to(at::kFloat).view({-1, 1, 1, 1});
+  auto e = std::make_shared<Packed>();
+  e->params = p;
+  e->impl = impl;
+  e->bias = sb.second.defined() ? sb.second.to(at::kFloat).contiguous() : at::zeros({weight.size(0)}, x.options().dtype(at::kFloat));
+  if (impl == Impl::Depthwise) {
+    e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
+  } else if (impl == Impl::Gemm) {
+    e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
+  } else {
+    at::Tensor wd = w32.to(p.dtype).contiguous();
+    e->weight = at::mkldnn_reorder_conv2d_weight(wd.to_mkldnn(), p.padding, p.stride, p.dilation, p.groups,
+                                                 at::IntArrayRef(p.in_shape));
+  }
+  return e;
+}
+
+double best_of(int n, const std::function<void()>& fn) {
+  fn();  // warm-up: first-touch of the output, oneDNN's primitive creation
+  double best = 1e30;
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+
+// Which of GEMM and oneDNN runs this 1x1 conv faster, measured once per problem (pixels,
+// channels, residual, activation, threads) on the call's own tensors: the GEMM path has no fixed
+// per-call cost to speak of and wins small problems; oneDNN's blocked kernels win many large ones.
+bool gemm_measured_faster(const at::Tensor& x, const at::Tensor& x_rows, const at::Tensor& weight, const FoldFn& fold,
+                          const IntVec& stride, const IntVec& padding, const IntVec& dilation, double eps,
+                          const OptTensor& residual, bool residual_after_act, Act act, double act_param) {
+  const bool has_res = residual.has_value() && residual->defined();
+  const auto key = std::make_tuple(x_rows.size(0), x_rows.size(1), weight.size(0), has_res,
+                                   static_cast<int64_t>(act), at::get_num_threads());
+  {
+    std::lock_guard<std::mutex> lock(g_choice_mutex);
+    auto it = g_gemm_faster.find(key);
+    if (it != g_gemm_faster.end()) return it->second;
+  }
+  at::NoGradGuard no_grad;
+  const at::Tensor xd = dense_input(x);
+  ConvParams pg{stride, padding, dilation, {}, 1, at::kFloat, eps};
+  ConvParams po{stride, padding, dilation, xd.sizes().vec(), 1, at::kFloat, eps};
+  auto eg = build(x, weight, fold, pg, Impl::Gemm);
+  auto eo = build(xd, weight, fold, po, Impl::OneDNN);
+  at::Tensor dst = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(),
+                             at::MemoryFormat::ChannelsLast);
+  at::Tensor y_rows = as_rows(dst);
+  const at::Tensor r_rows = residual_rows(residual);
+  const bool pre = has_res && (!residual_after_act || act == Act::Identity);
+  OptTensor res_pre;
+  if (pre) res_pre = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  const double tg = best_of(3, [&] { gemm_rows({x_rows}, *eg, y_rows, r_rows, residual_after_act, act, act_param); });
+  const double to = best_of(3, [&] {
+    at::Tensor y = run_onednn(xd, *eo, res_pre, act, act_param);
+    if (has_res && !pre) y.add_(*residual);
+  });
+  std::lock_guard<std::mutex> lock(g_choice_mutex);
+  g_gemm_faster[key] = tg <= to;
+  return tg <= to;
+}
+
+at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
+                       const FoldFn& fold, double eps, const OptTensor& residual, const OptTensor& out, IntVec stride,
+                       IntVec padding, IntVec dilation, int64_t groups, const std::string& act_name, double act_param,
+                       bool residual_after_act, const OptTensor& gate, int64_t shuffle) {
+  TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight.device().is_cpu(), "effops native conv: expected CPU tensors");
+  TORCH_CHECK_VALUE(x_in.dim() == 4 && weight.dim() == 4, "effops native conv: expected 4-D x and weight, got ",
+                    x_in.dim(), "-D and ", weight.dim(), "-D");
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+                    "effops native conv: expected float32 or bfloat16 input, got ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(x_in.size(1) == weight.size(1) * groups, "effops native conv: x has ", x_in.size(1),
+                    " channels, the weight expects ", weight.size(1) * groups);
+  const Act act = parse_act(act_name);
+  if (x_in.size(0) == 0 || weight.size(0) == 0) {  // an empty batch: nothing to compute (oneDNN refuses it)
+    const int64_t kh = weight.size(2), kw = weight.size(3);
+    const int64_t oh = (x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+    const int64_t ow = (x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    if (out.has_value()) return *out;
+    return at::empty({x_in.size(0), weight.size(0), oh, ow}, x_in.options(),
+                     channels_last_ish(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  }
+  at::Tensor x = x_in;
+  if (gate.has_value() && gate->defined())
+    x = x * gate->to(x.scalar_type()).unsqueeze(-1).unsqueeze(-1);
+  // effops' depthwise kernel reads any channel-minor strides (channel views included); oneDNN
+  // wants a dense NCHW or NHWC tensor.
+  const bool own_dw = use_own_depthwise(x, weight, groups, stride) && channels_last_ish(x) && x.stride(1) == 1;
+  // A float32 1x1 stride-1 conv on NHWC rows is one GEMM (MKL through at::mm): measured faster
+  // than oneDNN's convolution, whose fixed cost per call (~20 us) dominates small problems, and
+  // it reads and writes channel views in place.
+  at::Tensor x_rows;
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride[0] == 1 && stride[1] == 1 &&
+                         padding[0] == 0 && padding[1] == 0 && groups == 1 && x.scalar_type() == at::kFloat &&
+                         g_pointwise_policy != 0;
+  if (pointwise) x_rows = as_rows(x);
+  bool gemm = x_rows.defined();
+  if (gemm && g_pointwise_policy == 2)
+    gemm = gemm_measured_faster(x, x_rows, weight, fold, stride, padding, dilation, eps, residual, residual_after_act,
+                                act, act_param);
+  if (!own_dw && !gemm) x = dense_input(x);
+  ConvParams p{stride, padding, dilation, x.sizes().vec(), groups, x.scalar_type(), eps};
+  if (own_dw || gemm) p.in_shape = {};  // taps and GEMM weights don't depend on the input shape
+  const Impl impl = own_dw ? Impl::Depthwise : (gemm ? Impl::Gemm : Impl::OneDNN);
+
+  std::shared_ptr<Packed> e = lookup(srcs, p);
+  if (!e || e->impl != impl) {
+    e = build(x, weight, fold, p, impl);
+    bool keyable = true;
+    e->keys.resize(srcs.size());
+    for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
+    if (keyable) store(srcs, e);
+  }
+
+  const bool has_res = residual.has_value() && residual->defined();
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const auto fmt = channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+
+  at::Tensor y;
+  if (impl == Impl::Gemm) {
+    at::Tensor out_rows = out.has_value() && shuffle == 1 ? as_rows(*out) : at::Tensor();
+    at::Tensor dst = out_rows.defined()
+                         ? *out
+                         : at::empty({x.size(0), weight.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
+    at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
+    gemm_rows({x_rows}, *e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
+    if (out_rows.defined()) return *out;
+    y = dst;
+  } else if (impl == Impl::Depthwise) {
+    const bool direct = out.has_value() && shuffle == 1 && out->stride(1) == 1;
+    at::Tensor dst = direct ? *out : at::empty({x.size(0), weight.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
+    OptTensor res = residual;
+    if (has_res && residual->stride(1) != 1) res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    depthwise_nhwc(x, e->weight, e->bias, res, residual_after_act, dst, kh, kw, stride, padding, dilation, act,
+                   act_param);
+    if (direct) return *out;
+    y = dst;
+  } else {
+    const bool pre = has_res && (!residual_after_act || act == Act::Identity);
+    OptTensor res_pre;
+    if (pre) res_pre = residual->contiguous(fmt);
+    y = run_onednn(x, *e, res_pre, act, act_param);
+    if (has_res && !pre) y.add_(*residual);
+  }
+  if (!out.has_value()) {
+    if (shuffle == 1) return y;
+    return at::channel_shuffle(y, shuffle).contiguous(fmt);
+  }
+  at::Tensor dst = *out;
+  if (shuffle == 1)
+    dst.copy_(y);
+  else
+    copy_shuffled(dst, y, shuffle);
+  return dst;
+}
+
+at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor& weight,
+                           const std::vector<OptTensor>& srcs, const FoldFn& fold, double eps, const OptTensor& residual,
+                           const OptTensor& out, const std::string& act_name, double act_param,
+                           bool residual_after_act) {
+  TORCH_CHECK_VALUE(!segs.empty(), "effops native aggregate: expected at least one segment");
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
+                    "effops native aggregate: expected a 1x1 conv weight [C_out, sum(C_i), 1, 1], got ",
+                    weight.sizes());
+  const Act act = parse_act(act_name);
+  const auto& s0 = segs[0];
+  int64_t k = 0;
+  std::vector<at::Tensor> rows;
+  for (const auto& sg : segs) {
+    TORCH_CHECK_VALUE(sg.dim() == 4 && sg.size(0) == s0.size(0) && sg.size(2) == s0.size(2) && sg.size(3) == s0.size(3),
+                      "effops native aggregate: every segment must be [N, C_i, H, W] with the first one's N, H, W");
+    TORCH_CHECK_VALUE(sg.scalar_type() == at::kFloat && sg.device().is_cpu(),
+                      "effops native aggregate: expected float32 CPU segments, got ", sg.scalar_type());
+    at::Tensor r = as_rows(sg);
+    rows.push_back(r.defined() ? r : as_rows(sg.contiguous(at::MemoryFormat::ChannelsLast)));
+    k += sg.size(1);
+  }
+  TORCH_CHECK_VALUE(k == weight.size(1), "effops native aggregate: the segments have ", k,
+                    " channels in all, the weight expects ", weight.size(1));
+  const int64_t N = s0.size(0), H = s0.size(2), W = s0.size(3), Cout = weight.size(0);
+  at::Tensor out_rows = out.has_value() ? as_rows(*out) : at::Tensor();
+  at::Tensor dst = out_rows.defined() ? *out : at::empty({N, Cout, H, W}, s0.options(), at::MemoryFormat::ChannelsLast);
+  if (N * H * W == 0 || Cout == 0) {
+    if (out.has_value() && !out_rows.defined()) return *out;
+    return dst;
+  }
+  ConvParams p{{1, 1}, {0, 0}, {1, 1}, {}, 1, at::kFloat, eps};
+  std::shared_ptr<Packed> e = lookup(srcs, p);
+  if (!e || e->impl != Impl::Gemm) {
+    e = build(s0, weight, fold, p, Impl::Gemm);
+    bool keyable = true;
+    e->keys.resize(srcs.size());
+    for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
+    if (keyable) store(srcs, e);
+  }
+  at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
+  const at::Tensor r_rows = residual_rows(residual);
+  auto run_segments = [&] { gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param); };
+  // The concat-free GEMMs, or one NHWC concat + the 1x1 conv (oneDNN or GEMM, as measured for
+  // it): whichever is measured faster for this problem. The concat costs a copy of the inputs;
+  // oneDNN's 1x1 kernels can gain more than that on large problems.
+  std::vector<int64_t> widths;
+  for (const auto& sg : segs) widths.push_back(sg.size(1));
+  const auto key = std::make_tuple(N * H * W, widths, Cout, residual.has_value() && residual->defined(),
+                                   static_cast<int64_t>(act), at::get_num_threads());
+  auto run_concat = [&]() -> at::Tensor {
+    return conv_common(at::cat(segs, 1), weight, srcs, fold, eps, residual, out, {1, 1}, {0, 0}, {1, 1}, 1, act_name,
+                       act_param, residual_after_act, std::nullopt, 1);
+  };
+  bool concat_free = g_pointwise_policy == 1;
+  if (g_pointwise_policy == 2) {
+    std::unique_lock<std::mutex> lock(g_choice_mutex);
+    auto it = g_segments_faster.find(key);
+    if (it != g_segments_faster.end()) {
+      concat_free = it->second;
+    } else {
+      lock.unlock();
+      const double ts = best_of(3, run_segments);
+      const double tc = best_of(3, [&] { run_concat(); });
+      concat_free = ts <= tc;
+      lock.lock();
+      g_segments_faster[key] = concat_free;
+    }
+  }
+  if (!concat_free) return run_concat();
+  run_segments();
+  if (out.has_value() && !out_rows.defined()) {
+    out->copy_(dst);
+    return *out;
+  }
+  return dst;
+}
+
+FoldFn bn_fold(const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
+               const OptTensor& running_mean, const OptTensor& running_var, double eps) {
+  const bool has_bn = running_var.has_value() && running_var->defined();
+  return [=]() -> std::pair<at::Tensor, at::Tensor> {
+    // reference.bn_scale_bias in float32: s = w / sqrt(var + eps); b = (conv_b - mean) * s + bn_b
+    if (!has_bn)
+      return {at::Tensor(), conv_bias.has_value() && conv_bias->defined() ? conv_bias->to(at::kFloat) : at::Tensor()};
+    at::Tensor s = at::rsqrt(running_var->to(at::kFloat) + eps);
+    if (bn_weight.has_value() && bn_weight->defined()) s = s * bn_weight->to(at::kFloat);
+    at::Tensor mean = running_mean->to(at::kFloat);
+    at::Tensor b = -mean * s;
+    if (bn_bias.has_value() && bn_bias->defined()) b = b + bn_bias->to(at::kFloat);
+    if (conv_bias.has_value() && conv_bias->defined()) b = b + conv_bias->to(at::kFloat) * s;
+    return {s, b};
+  };
+}
+
+}  // namespace
+
+at::Tensor conv_bn_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
+                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                                const OptTensor& running_mean, const OptTensor& running_var, double eps,
+                                const OptTensor& residual, const OptTensor& out, const std::string& act,
+                                double act_param, bool residual_after_act, const OptTensor& stats_counter) {
+  return segments_common(segments, weight,
+                         {weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stats_counter},
+                         bn_fold(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps), eps, residual, out,
+                         act, act_param, residual_after_act);
+}
+
+at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
+                                        const OptTensor& scale, const OptTensor& bias, const OptTensor& residual,
+                                        const OptTensor& out, const std::string& act, double act_param,
+                                        bool residual_after_act) {
+  FoldFn fold = [=]() {
+    return std::make_pair(scale.has_value() ? *scale : at::Tensor(), bias.has_value() ? *bias : at::Tensor());
+  };
+  return segments_common(segments, weight, {weight, scale, bias}, fold, 0.0, residual, out, act, act_param,
+                         residual_after_act);
+}
+
+void set_pointwise_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "pointwise policy: 0 (oneDNN), 1 (GEMM) or 2 (measured), got ", policy);
+  g_pointwise_policy = static_cast<int>(policy);
+}
+int64_t pointwise_policy() { return g_pointwise_policy; }
+
+void set_depthwise_policy(int64_t policy) { g_depthwise_policy = static_cast<int>(policy); }
+int64_t depthwise_policy() { return g_depthwise_policy; }
+
+at::Tensor conv_scale_bias_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scale,
+                               const OptTensor& bias, const OptTensor& residual, const OptTensor& out,
+                               IntVec stride, IntVec padding, IntVec dilation, int64_t groups,
+                               const std::string& act, double act_param, bool residual_after_act,
+                               const OptTensor& gate, int64_t out_shuffle_groups) {
+  FoldFn fold = [&]() {
+    return std::make_pair(scale.has_value() ? *scale : at::Tensor(), bias.has_value() ? *bias : at::Tensor());
+  };
+  return conv_common(x, weight, {weight, scale, bias}, fold, 0.0, residual, out, stride, padding, dilation, groups,
+                     act, act_param, residual_after_act, gate, out_shuffle_groups);
+}
+
+at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& conv_bias,
+                       const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+                       const OptTensor& running_var, double eps, const OptTensor& residual, const OptTensor& out,
+                       IntVec stride, IntVec padding, IntVec dilation, int64_t groups, const std::string& act,
+                       double act_param, bool residual_after_act, const OptTensor& gate,
+                       int64_t out_shuffle_groups, const OptTensor& stats_counter) {
+  FoldFn fold = bn_fold(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps);
+  return conv_common(x, weight, {weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stats_counter},
+                     fold, eps,
+                     residual, out, stride, padding, dilation, groups, act, act_param, residual_after_act, gate,
+                     out_shuffle_groups);
+}
+
+int64_t weight_cache_size() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_size);
+}
+
+void forget(const at::Tensor& weight) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_cache.find(weight.unsafeGetTensorImpl());
+  if (it == g_cache.end()) return;
+  g_size -= it->second.size();
+  g_cache.erase(it);
+}
+
+void clear_weight_cache() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_cache.clear();
+  g_order.clear();
+  g_size = 0;
+}
+
+}  // namespace effops_native

@@ -1,0 +1,107 @@
+// Python bindings of effops' native CPU backend (effops/native.py loads this module, built
+// ahead of time by setup.py or just in time by torch.utils.cpp_extension).
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "native.h"
+
+namespace en = effops_native;
+
+namespace {
+
+std::string build_info() {
+  std::string s = "C++" + std::to_string(__cplusplus / 100 % 100);  // C++17, C++20, ...
+#if defined(__AVX512F__)
+  s += " avx512f";
+#elif defined(__AVX2__)
+  s += " avx2";
+#endif
+#if defined(__AVX512BF16__)
+  s += " avx512_bf16";
+#endif
+#if defined(_OPENMP)
+  s += " openmp";
+#endif
+  return s;
+}
+
+// effops::conv_bn_act_native's CPU kernel (the op is defined in effops/ops/conv.py): compiled
+// graphs call it through the dispatcher straight into C++, with no Python in between.
+at::Tensor conv_bn_act_native_cpu(const at::Tensor& x, const at::Tensor& weight, const en::OptTensor& conv_bias,
+                                  const en::OptTensor& bn_weight, const en::OptTensor& bn_bias,
+                                  const en::OptTensor& running_mean, const en::OptTensor& running_var, double eps,
+                                  const en::OptTensor& residual, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                  c10::IntArrayRef dilation, int64_t groups, c10::string_view act, double act_param,
+                                  bool residual_after_act, const en::OptTensor& gate, int64_t out_shuffle_groups,
+                                  const en::OptTensor& stats_counter) {
+  return en::conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
+                         std::nullopt, stride.vec(), padding.vec(), dilation.vec(), groups, std::string(act),
+                         act_param, residual_after_act, gate, out_shuffle_groups, stats_counter);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effops, CPU, m) { m.impl("conv_bn_act_native", &conv_bn_act_native_cpu); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "effops native CPU kernels";
+  m.def("build_info", &build_info, "compiler target features this module was built with");
+  // The torch release the headers came from: the loader refuses a prebuilt module from another.
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+
+  m.def("conv_scale_bias_act", &en::conv_scale_bias_act, py::arg("x"), py::arg("weight"), py::arg("scale"),
+        py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("act"), py::arg("act_param"), py::arg("residual_after_act"),
+        py::arg("gate") = py::none(), py::arg("out_shuffle_groups") = 1);
+  m.def("conv_bn_act", &en::conv_bn_act, py::arg("x"), py::arg("weight"), py::arg("conv_bias"),
+        py::arg("bn_weight"), py::arg("bn_bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"),
+        py::arg("residual"), py::arg("out"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("act"), py::arg("act_param"), py::arg("residual_after_act"),
+        py::arg("gate") = py::none(), py::arg("out_shuffle_groups") = 1, py::arg("stats_counter") = py::none());
+  m.def("conv_bn_act_segments", &en::conv_bn_act_segments, py::arg("segments"), py::arg("weight"),
+        py::arg("conv_bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("eps"), py::arg("residual"), py::arg("out"), py::arg("act"),
+        py::arg("act_param"), py::arg("residual_after_act"), py::arg("stats_counter") = py::none());
+  m.def("conv_scale_bias_act_segments", &en::conv_scale_bias_act_segments, py::arg("segments"), py::arg("weight"),
+        py::arg("scale"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"),
+        py::arg("residual_after_act"));
+  m.def("set_pointwise_policy", &en::set_pointwise_policy, py::arg("policy"),
+        "1x1 stride-1 float32 convs: 0 oneDNN, 1 GEMM, 2 whichever is measured faster per problem (default)");
+  m.def("pointwise_policy", &en::pointwise_policy);
+  m.def("forget", &en::forget, py::arg("weight"), "drop the cached packed weights built from this tensor");
+  m.def("weight_cache_size", &en::weight_cache_size);
+  m.def("clear_weight_cache", &en::clear_weight_cache);
+  m.def("set_depthwise_policy", &en::set_depthwise_policy);
+  m.def("depthwise_policy", &en::depthwise_policy);
+
+  m.def(
+      "depthwise_nhwc",
+      [](const at::Tensor& x, const at::Tensor& taps, const en::OptTensor& bias, const en::OptTensor& residual,
+         bool residual_after_act, at::Tensor out, int64_t kh, int64_t kw, en::IntVec stride, en::IntVec padding,
+         en::IntVec dilation, const std::string& act, double act_param) {
+        en::depthwise_nhwc(x, taps, bias, residual, residual_after_act, out, kh, kw, stride, padding, dilation,
+                           en::parse_act(act), act_param);
+      },
+      py::arg("x"), py::arg("taps"), py::arg("bias"), py::arg("residual"), py::arg("residual_after_act"),
+      py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("act"), py::arg("act_param"));
+  m.def(
+      "se_gate",
+      [](const at::Tensor& x, const en::OptTensor& rw, const en::OptTensor& rb, const at::Tensor& ew,
+         const en::OptTensor& eb, const std::string& act, double act_param, const std::string& gate,
+         double gate_param) {
+        return en::se_gate(x, rw, rb, ew, eb, en::parse_act(act), act_param, en::parse_act(gate), gate_param);
+      },
+      py::arg("x"), py::arg("reduce_weight"), py::arg("reduce_bias"), py::arg("expand_weight"),
+      py::arg("expand_bias"), py::arg("act"), py::arg("act_param"), py::arg("gate"), py::arg("gate_param"));
+  m.def(
+      "se_apply",
+      [](const at::Tensor& x, const at::Tensor& gate, const en::OptTensor& residual, const en::OptTensor& out,
+         const std::string& act, double act_param) {
+        return en::se_apply(x, gate, residual, out, en::parse_act(act), act_param);
+      },
+      py::arg("x"), py::arg("gate"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"));
+  m.def("channel_shuffle", &en::channel_shuffle, py::arg("x"), py::arg("groups"), py::arg("out"));
+}

@@ -1,0 +1,112 @@
+// Shared declarations of effops' native CPU backend (see docs/architecture.md, "Native CPU
+// backend"). Every kernel here implements an effops op's contract exactly as the Python
+// reference in effops/ops/reference.py states it; tests/test_native.py checks each against it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace effops_native {
+
+// The activations of effops/activations.py, in the same order (ACTIVATIONS).
+enum class Act : int64_t {
+  Identity = 0,
+  Relu,
+  Relu6,
+  LeakyRelu,
+  Hardswish,
+  Hardsigmoid,
+  Silu,
+  Sigmoid,
+  Gelu,
+  GeluTanh,
+};
+
+// "relu" -> Act::Relu; throws (a ValueError in Python) naming the accepted names otherwise.
+inline Act parse_act(const std::string& name) {
+  static const char* names[] = {"identity", "relu",  "relu6",   "leaky_relu", "hardswish",
+                                "hardsigmoid", "silu", "sigmoid", "gelu",       "gelu_tanh"};
+  for (int64_t i = 0; i < 10; ++i)
+    if (name == names[i]) return static_cast<Act>(i);
+  TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of identity, relu, relu6, leaky_relu, "
+                    "hardswish, hardsigmoid, silu, sigmoid, gelu, gelu_tanh");
+}
+
+using OptTensor = c10::optional<at::Tensor>;
+using IntVec = std::vector<int64_t>;
+
+// ---- conv.cpp: conv + folded BN + activation (+ residual) through oneDNN -------------------
+// y = act(conv(x, weight) * scale + bias [+ residual before act]) [+ residual after act],
+// written into `out` when given (any strides), else a new tensor in x's memory format.
+at::Tensor conv_scale_bias_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scale,
+                               const OptTensor& bias, const OptTensor& residual, const OptTensor& out,
+                               IntVec stride, IntVec padding, IntVec dilation, int64_t groups,
+                               const std::string& act, double act_param, bool residual_after_act,
+                               const OptTensor& gate, int64_t out_shuffle_groups);
+
+// The same with the eval-mode BatchNorm given as its tensors (scale and bias computed, folded
+// into the packed weight and cached by the tensors' identities and versions). `stats_counter`
+// (the BN's num_batches_tracked) joins the key: a train-mode BN forward updates the running
+// statistics without moving their version counters, but it does increment the counter.
+at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& conv_bias,
+                       const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+                       const OptTensor& running_var, double eps, const OptTensor& residual, const OptTensor& out,
+                       IntVec stride, IntVec padding, IntVec dilation, int64_t groups, const std::string& act,
+                       double act_param, bool residual_after_act, const OptTensor& gate,
+                       int64_t out_shuffle_groups, const OptTensor& stats_counter);
+
+// The concat of `segments` (NHWC rows, channel views included) -> 1x1 conv -> BN -> act
+// [+ residual], as GEMMs over the segments where they lie: no concatenated tensor.
+at::Tensor conv_bn_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
+                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                                const OptTensor& running_mean, const OptTensor& running_var, double eps,
+                                const OptTensor& residual, const OptTensor& out, const std::string& act,
+                                double act_param, bool residual_after_act, const OptTensor& stats_counter);
+at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
+                                        const OptTensor& scale, const OptTensor& bias, const OptTensor& residual,
+                                        const OptTensor& out, const std::string& act, double act_param,
+                                        bool residual_after_act);
+// 1x1 stride-1 float32 convs: 0 = oneDNN, 1 = GEMM, 2 = whichever is measured faster per problem.
+void set_pointwise_policy(int64_t policy);
+int64_t pointwise_policy();
+
+// Packed-weight cache: number of entries, and dropping them all.
+int64_t weight_cache_size();
+void clear_weight_cache();
+void forget(const at::Tensor& weight);
+
+// ---- depthwise.cpp: NHWC depthwise conv + bias + activation (+ residual), at::vec ----------
+// x: [N, C, H, W] with channel stride 1 (NHWC or a channel view of one), float32 or bfloat16.
+// taps: [KH*KW, C] float32, the BN-folded weight tap-major (taps[kh*KW+kw][c]).
+// bias: [C] float32 or undefined. residual: output's shape, any strides with channel stride 1.
+// out: [N, C, OH, OW], channel stride 1 (may be a channel view); written, never read.
+void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor& bias,
+                    const OptTensor& residual, bool residual_after_act, at::Tensor& out, int64_t kh, int64_t kw,
+                    IntVec stride, IntVec padding, IntVec dilation, Act act, double act_param);
+
+// ---- se.cpp: squeeze-and-excitation -------------------------------------------------------
+// The gate [N, C] float32 of reference.se_gate (pool in fp32, excitation, gate activation).
+at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
+                   const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
+                   Act gate, double gate_param);
+// act(x * gate[:, :, None, None] (+ residual)) of reference.se_apply, into out (or a new tensor
+// in x's memory format).
+at::Tensor se_apply(const at::Tensor& x, const at::Tensor& gate, const OptTensor& residual,
+                    const OptTensor& out, Act act, double act_param);
+
+// ---- shuffle.cpp ---------------------------------------------------------------------------
+// reference.channel_shuffle(x, groups) in one pass, into out (any strides) or a new tensor in
+// x's memory format.
+at::Tensor channel_shuffle(const at::Tensor& x, int64_t groups, const OptTensor& out);
+
+}  // namespace effops_native
+
+namespace effops_native {
+// 0: depthwise convs run oneDNN; 1: effops' own NHWC kernel; 2: own kernel for k <= 5, stride <= 2.
+void set_depthwise_policy(int64_t policy);
+int64_t depthwise_policy();
+}  // namespace effops_native

@@ -14,7 +14,18 @@ from .nn import (ChannelShuffle, EffectiveSE, FusedConvBNAct, FusedGhostModule, 
                  FusedSequential, FusedShuffleV2Block, SqueezeExcite)
 from .ops import channel_shuffle, se_apply, se_gate
 from .views import ChannelView
-from . import dispatch, models, ops, tuning
+from . import dispatch, models, native, ops, tuning
+
+
+def refresh() -> None:
+    """Make every fused module re-derive what the native CPU backend derived from its parameters
+    (BN-folded prepacked conv weights, merged RepVGG convs). Needed only after a write PyTorch
+    does not count as a change: ``param.data.mul_(...)``, writes through numpy or DLPack. In-place
+    ops, optimizer steps, ``param.data = t`` and replaced modules are seen without it."""
+    from .nn.common import clear_derived_caches
+
+    native.refresh()
+    clear_derived_caches()
 
 __version__ = "0.1.0"
 
@@ -36,6 +47,7 @@ __all__ = [
     "models",
     "ops",
     "optimize",
+    "refresh",
     "se_apply",
     "se_gate",
     "tuning",

@@ -137,6 +137,8 @@ def info() -> dict:
         "devices": [{"device": str(d), "name": _device_name(d), "kind": tuning.device_kind(d)} for d in devices],
         "interpreter": bool(getattr(conv, "INTERPRETED", False)),
         "backend_order": list(dispatch.BACKEND_ORDER),
+        "cpu_preference": dispatch.CPU_PREFERENCE,
+        "native": _native_record(),
         "forced_backend": _forced(),
         "probe": "a 3x3 conv + BN + ReLU (conv_bn_act), a two-stage OSA block (osa_block), a 1x1 "
                  "aggregation of two segments (aggregate), a 4-group shuffle (channel_shuffle), a 16→4→16 "
@@ -183,6 +185,19 @@ def info() -> dict:
     return data
 
 
+def _native_record() -> dict:
+    """The native CPU backend: whether it is usable (building it if this process hasn't yet), and
+    where it came from or why not."""
+    from . import native
+
+    usable, detail = native.status()
+    rec = {"usable": usable, "detail": detail, "build_cache": str(native.cache_root())}
+    if usable:
+        mod = native.module()
+        rec["cached_weights"] = int(mod.weight_cache_size())
+    return rec
+
+
 def _forced() -> Optional[str]:
     try:
         return dispatch.forced_backend()
@@ -199,6 +214,9 @@ def format_info(data: Optional[dict] = None) -> str:
     lines.append(f"Triton interpreter: {'on (TRITON_INTERPRET=1)' if data['interpreter'] else 'off'}; "
                  f"backends tried in order {' > '.join(data['backend_order'])}"
                  + (f"; forced: {data['forced_backend']}" if data["forced_backend"] else ""))
+    nat = data["native"]
+    lines.append(f"native CPU backend: {'usable' if nat['usable'] else 'not usable'}: {nat['detail']}; "
+                 f"CPU tensors prefer {data['cpu_preference']} (EFFOPS_CPU_BACKEND)")
     lines.append("devices:")
     for d in data["devices"]:
         lines.append(f"  {d['device']}: {d['name']}")

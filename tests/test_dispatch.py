@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effops import BackendUnavailable, dispatch, use_backend
+from effops import BackendUnavailable, dispatch, native, use_backend
 from effops.ops import conv_bn_act
 
 from helpers import KERNEL_DEVICE, assert_matches, needs_triton
@@ -19,11 +19,31 @@ def _selected(x, w):
     return dispatch.select("conv_bn_act", x, w, None, None, None, None).name
 
 
+NATIVE_FIRST_ON_CPU = KERNEL_DEVICE == "cpu" and dispatch.CPU_PREFERENCE == "native"
+
+
 @needs_triton
-def test_automatic_choice_prefers_triton():
+def test_automatic_choice():
+    """CUDA tensors: triton. CPU tensors: native, unless EFFOPS_CPU_BACKEND=triton asks for the
+    Triton interpreter (then triton, native)."""
     x, w = _args()
-    assert _selected(x, w) == "triton"
+    want = "triton"
+    if NATIVE_FIRST_ON_CPU:
+        want = "native" if native.available() else "reference"
+    assert _selected(x, w) == want
     assert_matches(conv_bn_act(x, w), F.conv2d(x.double(), w.double()))  # and what it runs is right
+
+
+def test_cpu_order_follows_the_preference():
+    x, w = _args(device="cpu")
+    why = dispatch.reasons("conv_bn_act", x, w, None, None, None, None)
+    if dispatch.CPU_PREFERENCE == "native":
+        assert any("only when asked" in r for r in why["triton"]) or any("TRITON_INTERPRET" in r for r in why["triton"])
+        with use_backend("triton"):  # forcing is asking: the interpreter's reason goes away
+            assert not any("only when asked" in r for r in dispatch.reasons("conv_bn_act", x, w, None, None,
+                                                                             None, None)["triton"])
+    else:
+        assert not any("only when asked" in r for r in why["triton"])
 
 
 def test_float64_falls_back_to_reference_with_reason():
@@ -31,8 +51,9 @@ def test_float64_falls_back_to_reference_with_reason():
     assert _selected(x, w) == "reference"
     why = dispatch.reasons("conv_bn_act", x, w, None, None, None, None)
     assert any("float64" in r for r in why["triton"])
+    assert any("float64" in r for r in why["native"])
     assert why["reference"] == []
-    assert set(why) == {"triton", "reference"}
+    assert set(why) == {"native", "triton", "reference"}
     y = conv_bn_act(x, w)  # the fallback runs, in float64
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, F.conv2d(x, w), rtol=1e-12, atol=1e-12)
@@ -40,9 +61,10 @@ def test_float64_falls_back_to_reference_with_reason():
 
 def test_forced_backend_that_cannot_run_raises_with_reasons():
     x, w = _args(torch.float64, "cpu")
-    with use_backend("triton"), pytest.raises(BackendUnavailable, match="float64"):
-        conv_bn_act(x, w)
-    with pytest.raises(ValueError, match="unknown effops backend 'cuda'; expected one of triton, reference"):
+    for name in ("triton", "native"):
+        with use_backend(name), pytest.raises(BackendUnavailable, match="float64"):
+            conv_bn_act(x, w)
+    with pytest.raises(ValueError, match="unknown effops backend 'cuda'; expected one of native, triton, reference"):
         with use_backend("cuda"):  # no such backend: a clear error, not a silent choice
             conv_bn_act(x, w)
 
@@ -62,7 +84,7 @@ def test_forced_reference_and_env_var(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="expected one of triton, reference"):
+    with pytest.raises(ValueError, match="expected one of native, triton, reference"):
         with use_backend("cudnn"):
             pass
 

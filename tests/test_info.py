@@ -38,8 +38,11 @@ def test_info_returns_the_documented_keys(monkeypatch, tmp_path):
     monkeypatch.setenv("EFFOPS_CACHE_DIR", str(tmp_path))
     path = _write_tuning_file(tmp_path)
     data = effops.info()
-    assert set(data) == {"versions", "devices", "interpreter", "backend_order", "forced_backend", "probe", "backends",
-                         "vendor", "tuning"}
+    assert set(data) == {"versions", "devices", "interpreter", "backend_order", "cpu_preference", "native",
+                         "forced_backend", "probe", "backends", "vendor", "tuning"}
+    usable, detail = effops.native.status()
+    assert data["native"]["usable"] is usable and data["native"]["detail"] == detail
+    assert data["cpu_preference"] == dispatch.CPU_PREFERENCE
     assert set(data["versions"]) == {"effops", "torch", "triton", "cuda", "cudnn"}
     assert data["versions"]["torch"] == torch.__version__ and data["versions"]["effops"] == effops.__version__
     assert data["devices"][0] == {"device": "cpu", "name": data["devices"][0]["name"], "kind": "cpu"}
@@ -54,7 +57,10 @@ def test_info_returns_the_documented_keys(monkeypatch, tmp_path):
             assert backends["reference"] == {"usable": True, "reasons": []}, (op, dev)
     cpu_triton = data["backends"]["conv_bn_act"]["cpu"]["triton"]
     from effops.ops import conv
-    assert cpu_triton["usable"] == conv.INTERPRETED and bool(cpu_triton["reasons"]) != conv.INTERPRETED
+    asked = dispatch.triton_on_cpu_allowed()
+    assert cpu_triton["usable"] == (conv.INTERPRETED and asked) and bool(cpu_triton["reasons"]) != cpu_triton["usable"]
+    cpu_native = data["backends"]["conv_bn_act"]["cpu"]["native"]
+    assert cpu_native["usable"] is usable and bool(cpu_native["reasons"]) is not usable
     assert data["vendor"]["cpu"]["cudnn"] == {"usable": False, "reasons": ["cuDNN runs on cuda tensors, got cpu"]}
     t = data["tuning"]
     assert set(t) == {"autotune", "file_cache", "cache_dir", "path", "files", "in_memory"}
@@ -106,9 +112,11 @@ def test_cli_prints_backends_reasons_versions_and_the_tuning_file(tmp_path):
     out = _run_cli(EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET=None, EFFOPS_BACKEND=None, EFFOPS_TUNING_CACHE="1")
     assert f"torch {torch.__version__}" in out and "triton " in out
     assert "Triton interpreter: off" in out
+    assert "native CPU backend: " in out and "CPU tensors prefer" in out
     for op in ("conv_bn_act", "osa_block"):
         block = out.split(f"  {op} on cpu:\n", 1)[1]
-        triton_line, reference_line = block.splitlines()[:2]
+        native_line, triton_line, reference_line = block.splitlines()[:3]
+        assert native_line.split()[0] == "native"
         # Without the interpreter, CPU tensors can't run the Triton kernels: said, with the way out.
         assert triton_line.split()[:3] == ["triton", "not", "usable:"] and "TRITON_INTERPRET=1" in triton_line
         assert reference_line.split() == ["reference", "usable"]
@@ -119,12 +127,20 @@ def test_cli_prints_backends_reasons_versions_and_the_tuning_file(tmp_path):
 
 
 def test_cli_under_the_interpreter_and_as_json(tmp_path):
-    out = _run_cli(EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1", EFFOPS_TUNING_CACHE="0")
+    # The interpreter runs CPU tensors when asked: EFFOPS_CPU_BACKEND=triton (the tests' triton pass).
+    out = _run_cli(EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1", EFFOPS_TUNING_CACHE="0",
+                   EFFOPS_CPU_BACKEND="triton")
     block = out.split("  conv_bn_act on cpu:\n", 1)[1]
-    assert block.splitlines()[0].split() == ["triton", "usable"]
+    assert block.splitlines()[1].split() == ["triton", "usable"]
     assert "tuning files off (EFFOPS_TUNING_CACHE=0)" in out and "no file" in out
-    data = json.loads(_run_cli("--json", EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1"))
+    data = json.loads(_run_cli("--json", EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1",
+                               EFFOPS_CPU_BACKEND="triton"))
     assert data["interpreter"] is True and data["backends"]["conv_bn_act"]["cpu"]["triton"]["usable"] is True
+    # Not asked: the interpreter is there, but CPU tensors go to the native backend, and triton says why.
+    data = json.loads(_run_cli("--json", EFFOPS_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="1",
+                               EFFOPS_CPU_BACKEND="native"))
+    why = data["backends"]["conv_bn_act"]["cpu"]["triton"]["reasons"]
+    assert any("only when asked" in r for r in why)
 
 
 def test_main_dispatches_the_info_subcommand(capsys, monkeypatch, tmp_path):

@@ -3,6 +3,8 @@ which BatchNorms can be folded, which containers apply their children in order,
 whether a hook is watching. A leaf module: it imports nothing else from effops."""
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -147,3 +149,44 @@ def register_block_rule(rule: BlockRule) -> BlockRule:
         BLOCK_RULES[:] = [r for r in BLOCK_RULES if r.name != rule.name]  # re-import: replace
     BLOCK_RULES.append(rule)
     return rule
+
+
+_DERIVED: "weakref.WeakSet[DerivedCache]" = weakref.WeakSet()
+
+
+def clear_derived_caches() -> None:
+    for c in list(_DERIVED):
+        c.clear()
+
+
+class DerivedCache:
+    """One value derived from some tensors (e.g. RepVGG's merged conv), recomputed whenever one
+    of them changes in a way PyTorch can tell: another tensor object, another data pointer
+    (``param.data = t``), or a moved version counter (in-place ops, optimizer steps). The
+    tensors are held, so neither their ids nor their memory can be reused while the entry
+    lives. Writes PyTorch doesn't count (``.data`` in place, numpy) need :meth:`clear` (which
+    ``effops.refresh`` calls). An inference tensor among the sources disables the cache."""
+
+    def __init__(self):
+        self.clear()
+        _DERIVED.add(self)
+
+    def clear(self) -> None:
+        self._refs, self._key, self._value = (), None, None
+
+    def get(self, tensors, compute, extra=None):
+        """The value for ``tensors`` (and the hashable ``extra``, e.g. a dtype), computing it
+        with ``compute()`` when anything changed."""
+        try:
+            key = (extra,) + tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter
+            return compute()
+        refs = self._refs
+        if self._key == key and len(refs) == len(tensors) and all(a is b for a, b in zip(refs, tensors)):
+            return self._value
+        # Derived outside inference mode: an inference tensor has no version counter, so the
+        # native backend could not key its packed weights on the derived tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            self._value = compute()
+        self._refs, self._key = tuple(tensors), key
+        return self._value

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
-from ..ops.conv import _OP, check_gate, check_inputs, check_shuffle_groups, checked_out
+from ..native import module as native_module
+from ..ops.conv import NATIVE_BN_OP, _OP, check_gate, check_inputs, check_shuffle_groups, checked_out, native_fast
 from ..views import ChannelView
 from .common import ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
@@ -298,6 +299,32 @@ class FusedConvBNAct(nn.Module):
         if not self._folds(bn):
             return _into(self._forward_unfused(_gated(x, gate), _cast(w, dtype), residual, residual_after_act), out,
                          out_shuffle_groups)
+        if compiling and out is None and native_fast(x) and not (torch.is_grad_enabled() and _any_requires_grad(
+                x, w, residual, gate, conv, bn)):
+            # torch.compile on CPU, inference: the native op with the BN's own tensors (a scale and
+            # bias computed in the graph would be new tensors every call: repacked every call).
+            st = _bn_state(conv, bn)
+            if len(st) == 1:
+                st = (st[0], None, None, None, None, 0.0)
+            act, act_param = settings[-1]
+            return NATIVE_BN_OP(x, w, *st, residual, list(conv.stride), list(resolve_padding(conv)),
+                                list(conv.dilation), conv.groups, act, float(act_param), residual_after_act, gate,
+                                out_shuffle_groups, None if bn is None else bn._buffers.get("num_batches_tracked"))
+        if not compiling and native_fast(x) and not (torch.is_grad_enabled() and _any_requires_grad(
+                x, w, residual, gate, conv, bn)):
+            # CPU inference: the native backend folds the BN into a prepacked weight itself and
+            # caches it (keyed by the live tensors' identities and versions), so nothing is
+            # computed here per call.
+            dst = None if out is None else checked_out(out, x, w, None, None, residual, conv.stride,
+                                                       resolve_padding(conv), conv.dilation, gate)
+            st = _bn_state(conv, bn)
+            if len(st) == 1:
+                st = (st[0], None, None, None, None, 0.0)
+            act, act_param = settings[-1]
+            return native_module().conv_bn_act(x, w, *st, residual, dst, conv.stride, resolve_padding(conv),
+                                               conv.dilation, conv.groups, act, act_param, residual_after_act,
+                                               gate, out_shuffle_groups,
+                                               None if bn is None else bn._buffers.get("num_batches_tracked"))
         scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
         act, act_param = settings[-1]
         args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
@@ -315,6 +342,19 @@ class FusedConvBNAct(nn.Module):
             return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, dst, *args[5:], gate,
                                 out_shuffle_groups)
         return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, None, *args[5:])
+
+    def native_segments(self, segments, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
+        """``self(torch.cat(segments, 1), residual, residual_after_act)`` on the native CPU backend,
+        for a 1×1 stride-1 conv in eval: GEMMs over the segments where they lie (no concat), the
+        BN folded into a cached weight. Callers check the conditions (FusedOSA, AggregateStep)."""
+        conv, bn, act_mod = self._live_modules()
+        st = _bn_state(conv, bn)
+        if len(st) == 1:
+            st = (st[0], None, None, None, None, 0.0)
+        act, act_param = self._settings(conv, bn, act_mod)[-1]
+        return native_module().conv_bn_act_segments(list(segments), conv._parameters["weight"], *st, residual, None,
+                                                    act, act_param, residual_after_act,
+                                                    None if bn is None else bn._buffers.get("num_batches_tracked"))
 
     def _modules_compute_it(self, bn, residual, residual_after_act) -> bool:
         # A timm BatchNormAct2d applies its own activation, so calling it can't put a
@@ -346,6 +386,16 @@ class FusedConvBNAct(nn.Module):
         y = nn.BatchNorm2d.forward(bn, y)
         name, param = _fused_activation(bn, act)
         return reference.add_residual_around(y, lambda t: apply_activation(t, name, param), residual, residual_after_act)
+
+
+def _any_requires_grad(x, w, residual, gate, conv, bn) -> bool:
+    if x.requires_grad or w.requires_grad or (residual is not None and residual.requires_grad) \
+            or (gate is not None and gate.requires_grad):
+        return True
+    cb = conv._parameters.get("bias")
+    if cb is not None and cb.requires_grad:
+        return True
+    return bn is not None and any(p.requires_grad for p in bn._parameters.values() if p is not None)
 
 
 def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:

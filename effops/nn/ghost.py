@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
-from ..ops.conv import _OP, check_gate, check_inputs, output_format
-from .common import (BlockRule, ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, register_block_rule,
+from ..ops.conv import _OP, check_gate, check_inputs, native_fast, output_format
+from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, register_block_rule,
                      sequential_children)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
 from .repvgg import MergedBranches, conv_bn_branch
@@ -411,7 +411,10 @@ class FusedGhostModule(nn.Module):
             step.unit(x, out=dst, **({} if gate is None else {"gate": gate}))
             return
         conv = step.conv
-        w, _, b = step.weight_scale_bias(dtype)
+        if not compiling and native_fast(x):  # stable derived tensors: the native conv's packing cache hits
+            w, _, b = self._derived_cache().get(self._sources(), lambda: self._derived(dtype), dtype)[0]
+        else:
+            w, _, b = step.weight_scale_bias(dtype)
         _conv_into(x, w, None, b, dst, conv, conv.groups, step.activation, compiling, gate)
 
     def _ghosts_into(self, buf: Tensor, dtype: torch.dtype, compiling: bool) -> None:
@@ -425,19 +428,52 @@ class FusedGhostModule(nn.Module):
         if keep == 0:
             return
         conv = p.cheap.conv
+        if not compiling and native_fast(buf):  # stable derived tensors: the native conv's packing cache hits
+            for (i0, i1, o0, o1, groups), (w, scale, bias) in self._derived_cache().get(
+                    self._sources(), lambda: self._derived(dtype), dtype)[1]:
+                _conv_into(buf[:, i0:i1], w, scale, bias, buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
+                           p.cheap.activation, compiling)
+            return
+        w_full, scale, bias = p.cheap.weight_scale_bias(dtype)
+        for o0, o1, i0, i1, groups in self._cheap_parts():
+            _conv_into(buf[:, i0:i1], w_full[o0:o1], None if scale is None else scale[o0:o1],
+                       None if bias is None else bias[o0:o1], buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
+                       p.cheap.activation, compiling)
+
+    def _cheap_parts(self) -> list:
+        """``(o0, o1, i0, i1, groups)`` of the (at most two) convs computing the kept cheap outputs."""
+        p = self._plan
+        conv = p.cheap.conv
         G = conv.groups
         cin_g, cout_g = conv.in_channels // G, conv.out_channels // G
-        w_full, scale, bias = p.cheap.weight_scale_bias(dtype)
-        gf, r = divmod(keep, cout_g)
+        gf, r = divmod(p.out_keep - p.init_chs, cout_g)
         parts = []
         if gf:
             parts.append((0, gf * cout_g, 0, gf * cin_g, gf))
         if r:
-            parts.append((gf * cout_g, keep, gf * cin_g, (gf + 1) * cin_g, 1))
-        for o0, o1, i0, i1, groups in parts:
-            _conv_into(buf[:, i0:i1], w_full[o0:o1], None if scale is None else scale[o0:o1],
-                       None if bias is None else bias[o0:o1], buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
-                       p.cheap.activation, compiling)
+            parts.append((gf * cout_g, p.out_keep - p.init_chs, gf * cin_g, (gf + 1) * cin_g, 1))
+        return parts
+
+    def _sources(self) -> list:
+        """Every tensor the fused convs' weights are derived from."""
+        return [t for t in list(self.parameters()) + list(self.buffers())]
+
+    def _derived_cache(self) -> DerivedCache:
+        c = self.__dict__.get("_derived_tensors")
+        if c is None:
+            c = self.__dict__["_derived_tensors"] = DerivedCache()
+        return c
+
+    def _derived(self, dtype: torch.dtype):
+        """For the native CPU path: the primary conv's ``(weight, scale, bias)`` and the cheap convs'
+        ``((i0, i1, o0, o1, groups), (weight, scale, bias))`` slices, derived once per parameter state."""
+        p = self._plan
+        primary = p.primary.weight_scale_bias(dtype)
+        w_full, scale, bias = p.cheap.weight_scale_bias(dtype)
+        cheap = [((i0, i1, o0, o1, groups),
+                  (w_full[o0:o1], None if scale is None else scale[o0:o1], None if bias is None else bias[o0:o1]))
+                 for o0, o1, i0, i1, groups in self._cheap_parts()]
+        return primary, cheap
 
     def _gate(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
         """GhostModuleV2's attention gate, ``interpolate(gate_fn(short_conv(avg_pool2d(x, 2, 2))))``,

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops import reference
+from ..native import module as native_module
+from ..ops.conv import native_fast
 from ..ops.osa import _OP, check_osa_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, sequential_children
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
@@ -419,6 +421,8 @@ class FusedOSA(nn.Module):
         return self._run(x, dtype, self.identity)
 
     def _run(self, x: Tensor, dtype: torch.dtype, identity: bool) -> Tensor:
+        if not torch.compiler.is_compiling() and native_fast(x):
+            return self._run_native(x, identity)
         args = self.fused_arguments(x, dtype, identity)
         if torch.compiler.is_compiling():
             return _OP(*args)
@@ -429,6 +433,37 @@ class FusedOSA(nn.Module):
             self._checked = sig
         # Eager inference: the op's implementation without the torch.library layers.
         return dispatch.run("osa_block", *args)
+
+    def _run_native(self, x: Tensor, identity: bool) -> Tensor:
+        """CPU inference on the native backend: each conv runs FusedConvBNAct's native path (BN
+        folded into a cached prepacked weight, activation fused); the aggregation is GEMMs over
+        the block input and the stage outputs where they lie (no concat), whose epilogue adds the
+        identity unless an eSE gate comes first (then the native SE kernels pool, excite, and
+        apply gate + identity in one more pass)."""
+        p = self._parts
+        y = x if p.reduction is None else p.reduction.fused(x)
+        feats = [x]
+        nat = native_module()
+        for u in p.mid:
+            if u.dw is not None:  # depthwise-separable stage: a plain depthwise conv, then the 1x1
+                dw = u.dw
+                y = nat.conv_bn_act(y, dw._parameters["weight"], dw._parameters.get("bias"), None, None, None, None,
+                                    0.0, None, None, dw.stride, resolve_padding(dw), dw.dilation, dw.groups, "identity", 0.0,
+                                    True)
+            y = u.fused(y)
+            feats.append(y)
+        res = x if identity else None
+        agg = p.agg.fused
+        if hooked(agg._hooks) or not agg._folds(agg.bn):
+            cat = torch.cat(feats, 1)
+            y = agg(cat, None if p.ese_fc is not None else res)
+        else:  # GEMMs over the stage outputs where they lie: the concat is never built
+            y = agg.native_segments(feats, None if p.ese_fc is not None else res)
+        if p.ese_fc is None:
+            return y
+        gate = dispatch.run("se_gate", y, None, None, p.ese_fc._parameters["weight"], p.ese_fc._parameters["bias"],
+                            "identity", 0.0, "hardsigmoid", 0.0)
+        return dispatch.run("se_apply", y, gate, res, None, "identity", 0.0)
 
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""

@@ -23,8 +23,9 @@ from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops import reference
 from ..ops.reparam import merge_unchecked
-from ..ops.conv import _OP, check_inputs
-from .common import (BlockRule, ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, looks_like_batch_norm,
+from ..native import module as native_module
+from ..ops.conv import _OP, check_inputs, native_fast
+from .common import (BlockRule, ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, looks_like_batch_norm,
                      register_block_rule, sequential_children, timm_bn_act)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _fused_activation, resolve_padding
 
@@ -319,6 +320,7 @@ class FusedRepVGGBlock(nn.Module):
             self.groups, self.in_chs, self.out_chs = c.groups, c.in_channels, c.out_channels
         self._hooks = hook_dicts(list(self.children()))
         self._snapshot = ChildrenSnapshot(list(self.children()))
+        self._merged = DerivedCache()
         self._fingerprint = self._live_settings()
         self._checked = None
 
@@ -367,6 +369,11 @@ class FusedRepVGGBlock(nn.Module):
                     None if b is None else _cast(b, _compute_dtype(dtype)))
         return p.merged.weight_bias(dtype or p.conv.weight.dtype, memory_format)
 
+    def _merge_sources(self):
+        """Every tensor the merged conv is computed from (the block's parameters and buffers)."""
+        return [t for m in self.modules() if m is not self.attn for t in
+                list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
+
     # -- forward -------------------------------------------------------------------
     def _fusable(self, x: Tensor) -> bool:
         p = self._plan
@@ -395,6 +402,16 @@ class FusedRepVGGBlock(nn.Module):
         else:
             dtype = self._plan.conv.weight.dtype
         conv = self._plan.conv
+        if not torch.compiler.is_compiling() and native_fast(x):
+            # CPU inference: the merged conv is derived once per parameter state (a merge costs
+            # about as much as the conv), and the native conv prepacks it once.
+            srcs = [t for t in self._merge_sources()]
+            w, b = self._merged.get(srcs, lambda: self.merged_weight_bias(dtype), dtype)
+            fuse_act = type(self.attn) is nn.Identity and activation_of(self.act) is not None
+            act, act_param = activation_of(self.act) if fuse_act else ("identity", 0.0)
+            y = native_module().conv_scale_bias_act(x, w, None, b, None, None, conv.stride, resolve_padding(conv),
+                                                    conv.dilation, conv.groups, act, act_param, False)
+            return y if fuse_act else self.act(self.attn(y))
         # On a GPU the conv kernels read OHWI weights: lay the merged weight out that way once.
         w, b = self.merged_weight_bias(dtype, torch.channels_last if x.is_cuda else torch.contiguous_format)
         fuse_act = type(self.attn) is nn.Identity and activation_of(self.act) is not None

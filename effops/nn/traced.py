@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import apply_activation
 from ..ops import reference
-from ..ops.conv import conv_bn_act_with_channel_sums, output_format
+from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _scale_bias, resolve_padding, why_not_fusable
@@ -183,6 +183,21 @@ class AggregateStep(nn.Module):
 
     def forward(self, segments, r: Optional[Tensor] = None) -> Tensor:
         segs = list(segments)
+        if segs and native_fast(segs[0]) and not torch.compiler.is_compiling():
+            # CPU: GEMMs over the segments where they lie, with the BN folded into a cached weight
+            # (computing scale and bias here per call would defeat that cache).
+            if self._can_aggregate(segs, r) and segs[0].dtype == torch.float32:
+                f = self.fused
+                act = f.activation[0]
+                if r is None or self.residual == "after_act" or act == "identity":
+                    y = f.native_segments(segs, r, True)
+                else:
+                    y = f.native_segments(segs, r, False)
+                for m in self.rest:
+                    y = m(y)
+                return y
+            x = torch.cat(segs, 1)
+            return self.inner(x) if r is None else self.inner(x, r)
         if self._can_aggregate(segs, r):
             f = self.fused
             w = f.conv.weight
@@ -448,6 +463,8 @@ class SEEpilogueStep(nn.Module):
         f = self.conv_step.fused
         se = self.se_step.se
         if not isinstance(x, Tensor) or not hasattr(se, "sums_usable"):
+            return None
+        if native_fast(x):  # CPU: the conv's native path caches its folded weight; the SE pools itself
             return None
         if f._snapshot.changed():  # a child was replaced since the last call
             f._watch()

@@ -23,6 +23,7 @@ Equivalent PyTorch::
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, tuning
+from .. import native as _native
 from ..activations import activation_grad, apply_activation, check_activation
 from ..views import ChannelView, first_overlap
 from . import reference
@@ -858,6 +860,9 @@ def _triton_reasons(x, weight, scale, bias, residual, out, *rest) -> List[str]:
     if dev == "cpu":
         if not INTERPRETED:
             why.append("CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing effops")
+        elif not dispatch.triton_on_cpu_allowed():
+            why.append("CPU tensors take the Triton interpreter only when asked (use_backend('triton'), "
+                       "EFFOPS_BACKEND=triton or EFFOPS_CPU_BACKEND=triton)")
     elif dev != "cuda":
         why.append(f"the triton backend runs on cuda tensors (or cpu under TRITON_INTERPRET=1), got {dev}")
     elif INTERPRETED:
@@ -908,6 +913,57 @@ def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilat
     return _deliver(y, out, x, weight, stride, padding, dilation)
 
 
+def native_reasons(x: Tensor) -> List[str]:
+    """Why the native CPU backend can't take input ``x`` (empty: it can). Shared by every op."""
+    if not isinstance(x, Tensor) or x.device.type != "cpu":
+        return [f"the native backend runs CPU tensors, got {getattr(x, 'device', type(x).__name__)}"]
+    why = []
+    if x.dtype == torch.bfloat16:
+        if not native_bf16():
+            why.append("this CPU has no native bfloat16 (oneDNN reports no AVX512-BF16/AMX support)")
+    elif x.dtype != torch.float32:
+        why.append(f"the native backend takes float32 or bfloat16, got {x.dtype}")
+    if not _native.available():
+        why.append(f"the native extension is unavailable: {_native.status(load=False)[1]}")
+    return why
+
+
+def native_fast(x) -> bool:
+    """Whether an eager CPU call with input ``x`` goes to the native backend (modules then call
+    it directly, skipping the dispatcher): CPU float32 (bfloat16 where the CPU has it), native
+    preferred or forced, and the extension built."""
+    if not isinstance(x, Tensor) or x.device.type != "cpu" or not dispatch.native_first():
+        return False
+    if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and native_bf16()):
+        return False
+    return _native.available()
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _native_conv_reasons(x, weight, *rest) -> List[str]:
+    why = native_reasons(x)
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+        why.append(f"the native conv takes a weight in the input's dtype ({x.dtype}), got {weight.dtype}")
+    return why
+
+
+def _run_native(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
+                residual_after_act, gate=None, out_shuffle_groups=1):
+    # oneDNN with the BN folded into a prepacked weight (cached in C++, keyed by the tensors'
+    # identities and versions), fused activation / residual: csrc/conv.cpp.
+    return _native.module().conv_scale_bias_act(
+        x, weight, scale, bias, residual, out, list(stride), list(padding), list(dilation), groups, act,
+        float(act_param), residual_after_act, gate, out_shuffle_groups)
+
+
+dispatch.register("conv_bn_act", "native", _native_conv_reasons)(_run_native)
 dispatch.register("conv_bn_act", "triton", _triton_reasons)(_run_triton)
 dispatch.register("conv_bn_act", "reference")(_run_reference)
 
@@ -1026,6 +1082,32 @@ _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 # The OpOverload itself: calling it skips CustomOpDef.__call__'s Python layer.
 _OP = torch.ops.effops.conv_bn_act.default
+
+
+@torch.library.custom_op("effops::conv_bn_act_native", mutates_args=())
+def _conv_bn_act_native_op(
+    x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float, residual: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, act: str, act_param: float,
+    residual_after_act: bool, gate: Optional[Tensor] = None, out_shuffle_groups: int = 1,
+    stats_counter: Optional[Tensor] = None,
+) -> Tensor:
+    """The native backend's conv + eval-mode BN + act with the BN given as its tensors, for
+    torch.compile on CPU (inference only: no autograd). Taking the module's own tensors, not a
+    scale and bias computed in the graph, lets the extension key its folded, prepacked weight
+    on them, so a compiled model packs once, with or without freezing."""
+    return _native.module().conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                        residual, None, stride, padding, dilation, groups, act, act_param,
+                                        residual_after_act, gate, out_shuffle_groups, stats_counter)
+
+
+@_conv_bn_act_native_op.register_fake
+def _(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
+      groups, act, act_param, residual_after_act, gate=None, out_shuffle_groups=1, stats_counter=None):
+    return _new_output(x, weight, stride, padding, dilation)
+
+
+NATIVE_BN_OP = torch.ops.effops.conv_bn_act_native.default
 
 
 # ----------------------------------------------------------------------------

@@ -620,6 +620,61 @@ def _aggregate_triton_reasons(segments, weight, *rest) -> List[str]:
     return _conv._triton_reasons(segments[0], weight, None, None, None, None)
 
 
+def _aggregate_native_reasons(segments, weight, *rest) -> List[str]:
+    why = _conv.native_reasons(segments[0])
+    if weight.dtype != segments[0].dtype:
+        why.append(f"the native aggregation takes a weight in the input's dtype ({segments[0].dtype}), got {weight.dtype}")
+    return why
+
+
+def _run_aggregate_native(segments, weight, scale, bias, residual, ese_w, ese_b, out, act, act_param):
+    # float32: GEMMs over the segments where they lie (csrc/conv.cpp, no concat), the BN folded
+    # into the weight, bias + activation (+ the residual, without eSE) in the epilogue; bfloat16:
+    # one NHWC concat and oneDNN's 1x1 conv. The eSE gate by the native SE kernels (pool +
+    # excitation, then gate * y + residual in one pass).
+    nat = _conv._native.module()
+    segs = list(segments)
+    res, dst = (residual, out) if ese_w is None else (None, None)
+    if segs[0].dtype == torch.float32:
+        y = nat.conv_scale_bias_act_segments(segs, weight, scale, bias, res, dst, act, float(act_param), True)
+    else:
+        y = nat.conv_scale_bias_act(torch.cat(segs, 1), weight, scale, bias, res, dst, _ONE, _ZERO, _ONE, 1, act,
+                                    float(act_param), True)
+    if ese_w is None:
+        return y
+    gate = nat.se_gate(y, None, None, ese_w, ese_b, "identity", 0.0, "hardsigmoid", 0.0)
+    return nat.se_apply(y, gate, residual, out, "identity", 0.0)
+
+
+def _osa_native_reasons(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, *rest) -> List[str]:
+    why = _conv.native_reasons(x)
+    if agg_w.dtype != x.dtype:
+        why.append(f"the native OSA block takes weights in the input's dtype ({x.dtype}), got {agg_w.dtype}")
+    return why
+
+
+def _run_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
+                act, act_param):
+    # The op form (FusedOSA's CPU inference calls its modules' native paths instead, which
+    # cache the folded weights): each conv through csrc/conv.cpp, one concat, the aggregation.
+    nat = _conv._native.module()
+    feats = [x]
+    y = x
+    if red_w is not None:
+        y = nat.conv_scale_bias_act(y, red_w, red_s, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
+    for i, (w, b) in enumerate(zip(mid_ws, mid_bs)):
+        if dw_ws:
+            y = nat.conv_scale_bias_act(y, dw_ws[i], None, None, None, None, _ONE, _same(dw_ws[i].shape[-1]), _ONE,
+                                        y.shape[1], "identity", 0.0, False)
+        y = nat.conv_scale_bias_act(y, w, mid_ss[i] if mid_ss else None, b, None, None, _ONE, _same(w.shape[-1]),
+                                    _ONE, 1, act, act_param, False)
+        feats.append(y)
+    return _run_aggregate_native(feats, agg_w, agg_s, agg_b, x if identity else None, ese_w, ese_b, None, act,
+                                 act_param)
+
+
+dispatch.register("osa_block", "native", _osa_native_reasons)(_run_native)
+dispatch.register("aggregate", "native", _aggregate_native_reasons)(_run_aggregate_native)
 dispatch.register("aggregate", "triton", _aggregate_triton_reasons)(_run_aggregate_triton)
 dispatch.register("aggregate", "reference")(_run_aggregate_reference)
 

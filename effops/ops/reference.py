@@ -8,6 +8,8 @@ epilogue); float64 inputs stay float64 so tests can build an exact oracle.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -285,12 +287,14 @@ def se_gate(
         return gate(h @ expand_weight.T + expand_bias)
     """
     cd = _compute_dtype(x.dtype)
-    h = x.mean((2, 3), dtype=cd)
-    if reduce_weight is not None:
-        h = F.linear(h, reduce_weight.to(cd).flatten(1), None if reduce_bias is None else reduce_bias.to(cd))
-        h = apply_activation(h, act, act_param)
-    g = F.linear(h, expand_weight.to(cd).flatten(1), None if expand_bias is None else expand_bias.to(cd))
-    return apply_activation(g, gate, gate_param)
+    # In cd even under autocast (which would run the linears in its lower dtype).
+    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext():
+        h = x.mean((2, 3), dtype=cd)
+        if reduce_weight is not None:
+            h = F.linear(h, reduce_weight.to(cd).flatten(1), None if reduce_bias is None else reduce_bias.to(cd))
+            h = apply_activation(h, act, act_param)
+        g = F.linear(h, expand_weight.to(cd).flatten(1), None if expand_bias is None else expand_bias.to(cd))
+        return apply_activation(g, gate, gate_param)
 
 
 def se_apply(x: Tensor, gate: Tensor, residual: Optional[Tensor] = None, act: str = "identity",

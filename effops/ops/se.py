@@ -408,6 +408,16 @@ def _gate_triton_reasons(x, rw, rb, ew, eb, *rest) -> List[str]:
     return why
 
 
+def _native_gate_reasons(x, *rest) -> List[str]:
+    return _conv.native_reasons(x)
+
+
+def _run_gate_native(x, rw, rb, ew, eb, act, act_param, gate, gate_param) -> Tensor:
+    # csrc/se.cpp: an NHWC-vectorised fp32 pool, then both excitation layers, in one call.
+    return _conv._native.module().se_gate(x, rw, rb, ew, eb, act, float(act_param), gate, float(gate_param))
+
+
+dispatch.register("se_gate", "native", _native_gate_reasons)(_run_gate_native)
 dispatch.register("se_gate", "triton", _gate_triton_reasons)(_run_gate_triton)
 dispatch.register("se_gate", "reference")(_run_gate_reference)
 
@@ -484,6 +494,12 @@ def _apply_triton_reasons(x, gate, *rest) -> List[str]:
     return _conv._triton_reasons(x, None, None, None, None, None)
 
 
+def _run_apply_native(x, gate, residual, out, act, act_param) -> Tensor:
+    # csrc/se.cpp: act(x * gate + residual) in one pass, into out's strides when given.
+    return _conv._native.module().se_apply(x, gate, residual, out, act, float(act_param))
+
+
+dispatch.register("se_apply", "native", _native_gate_reasons)(_run_apply_native)
 dispatch.register("se_apply", "triton", _apply_triton_reasons)(_run_apply_triton)
 dispatch.register("se_apply", "reference")(_run_apply_reference)
 

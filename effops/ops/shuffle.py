@@ -148,6 +148,16 @@ def _triton_reasons(x: Tensor, groups: int, out: Optional[Tensor]) -> List[str]:
     return _conv._triton_reasons(x, None, None, None, None, None)
 
 
+def _native_reasons(x: Tensor, groups: int, out: Optional[Tensor]) -> List[str]:
+    return _conv.native_reasons(x)
+
+
+def _run_native(x: Tensor, groups: int, out: Optional[Tensor]) -> Tensor:
+    # csrc/shuffle.cpp: one strided pass (per NHWC pixel, a permutation of its channel vector).
+    return _conv._native.module().channel_shuffle(x, groups, out)
+
+
+dispatch.register("channel_shuffle", "native", _native_reasons)(_run_native)
 dispatch.register("channel_shuffle", "triton", _triton_reasons)(_run_triton)
 dispatch.register("channel_shuffle", "reference")(_run_reference)
 

@@ -3,6 +3,11 @@
 Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter;
 TRITON_INTERPRET must be set before effops (and so its kernels) is imported.
 With a GPU, the kernel tests run on CUDA instead, and the interpreter stays off.
+
+On CPU the suite runs twice (see .ci/run): once as users run effops, CPU tensors on the native
+backend (``csrc/``) and the reference, and once with ``EFFOPS_CPU_BACKEND=triton``, CPU tensors
+on the Triton kernels under the interpreter. The native backend's own test files (which force
+it) run in the first pass only.
 """
 import os
 
@@ -31,3 +36,12 @@ torch.backends.cuda.matmul.allow_tf32 = False
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_NATIVE_ONLY = {"test_native.py", "test_native_kernels.py"}
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in _NATIVE_ONLY and os.environ.get("EFFOPS_CPU_BACKEND") == "triton":
+        return True  # the Triton pass: these files force the native backend, already run in the first pass
+    return None

@@ -22,7 +22,19 @@ import torch.nn.functional as F
 from effops.ops import conv, osa
 from effops.ops.conv import conv_bn_act, needs_int64, tma_eligible
 
-from helpers import KERNEL_DEVICE, device_branch, needs_triton
+from effops import use_backend
+from helpers import KERNEL_DEVICE, TRITON_RUNS, device_branch, needs_triton
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels():
+    """These tests check the Triton kernels' int64 addressing, so they run on the triton backend
+    whatever backend CPU tensors prefer (the native backend's views: tests/test_native.py)."""
+    if TRITON_RUNS:
+        with use_backend("triton"):
+            yield
+    else:
+        yield
 
 pytestmark = needs_triton
 DEV = KERNEL_DEVICE

@@ -1,0 +1,243 @@
+"""The native CPU kernels of csrc/ at real model shapes (batch 1, fp32, 2 threads), each next to
+the PyTorch way a user would write the same block — time, speedup, achieved GB/s.
+
+    pytest benchmarks/test_native_kernels.py
+    pytest benchmarks/test_native_kernels.py -k depthwise
+
+* **depthwise** (``depthwise_nhwc``): a depthwise conv + BN + activation block of MobileNetV2
+  (ReLU6), MobileNetV3 (ReLU / hardswish), EfficientNet-B0 (SiLU, kernel 5) and ShuffleNetV2
+  (no activation, C = 58: a channel tail) at 224² input. ``eager``: ``nn.Conv2d(groups=C)`` +
+  ``nn.BatchNorm2d`` + activation modules in eval mode on a channels_last input; ``onednn``:
+  ``torch.ops.mkldnn._convolution_pointwise`` with the BN folded and the activation fused where
+  oneDNN has it (the primitive csrc/conv.cpp would otherwise use); ``effops``: the native kernel
+  with BN folded into taps and bias, output allocated per call like the others.
+* **se** (``se_gate`` + ``se_apply``): timm's EfficientNet/MobileNetV3 ``SqueezeExcite``
+  (``x * gate(conv_expand(act(conv_reduce(x.mean((2, 3))))))``) on channels_last inputs.
+* **shuffle** (``channel_shuffle``): ShuffleNetV2's ``view → transpose → reshape`` (g=2) and
+  ``torch.channel_shuffle``, plus a ShuffleNetV1-style g=3 case.
+
+GB/s counts the bytes of reading every input tensor and writing the output once (the floor
+for these memory-bound blocks). Times are CPU wall-clock medians, the providers of a case
+timed round-robin so that machine noise hits them alike. Each case first checks effops
+against a float64 computation (``_numerics.py``'s rule).
+"""
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effops.benchmark import randomize_bn, result_rows
+
+from _numerics import check_numerics
+
+DEV = torch.device("cpu")
+ROUNDS = 15
+
+
+def _module():
+    try:
+        from effops import native
+    except ImportError:
+        return None, "effops.native is missing"
+    mod = native.module()
+    return mod, ("" if mod is not None else native.status(load=False)[1])
+
+
+@pytest.fixture(scope="module")
+def m():
+    mod, reason = _module()
+    if mod is None:
+        pytest.skip(f"native CPU extension unavailable: {reason}")
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _time(providers, budget_s=0.25):
+    """Round-robin medians (ms) in the shape effops.benchmark.result_rows takes."""
+    times, errors, per_round = {}, {}, {}
+    live = {}
+    for prov, fn in providers.items():
+        try:
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t0
+            live[prov] = (fn, max(1, min(200, int(budget_s / ROUNDS / max(once, 1e-7)))))
+            per_round[prov] = []
+        except Exception as e:  # noqa: BLE001 - a baseline that can't run is reported, not fatal
+            if prov == "effops":
+                raise
+            errors[prov] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            times[prov] = None
+    for _ in range(ROUNDS):
+        for prov, (fn, reps) in live.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per_round[prov].append((time.perf_counter() - t0) * 1e3 / reps)
+    for prov in live:
+        times[prov] = statistics.median(per_round[prov])
+    none = {p: None for p in times}
+    return times, none, none, errors
+
+
+def _record(results, timed, min_bytes, flops, **fields):
+    results.extend(result_rows(timed, flops=flops, min_bytes=min_bytes, peaks=None, host_graph=False, cuda=False,
+                               dtype="torch.float32", **fields))
+    results.flush()
+
+
+# ---- depthwise conv + BN + act -----------------------------------------------------------------
+
+DEPTHWISE = [
+    # name, C, H=W (input), kernel, stride, activation
+    ("mnv2_s1_112_c96_s2", 96, 112, 3, 2, "relu6"),
+    ("mnv2_56_c144", 144, 56, 3, 1, "relu6"),
+    ("mnv2_56_c144_s2", 144, 56, 3, 2, "relu6"),
+    ("mnv2_28_c192", 192, 28, 3, 1, "relu6"),
+    ("mnv2_14_c576", 576, 14, 3, 1, "relu6"),
+    ("mnv2_7_c960", 960, 7, 3, 1, "relu6"),
+    ("mnv3_112_c16", 16, 112, 3, 1, "relu"),
+    ("mnv3_14_c480_hswish", 480, 14, 3, 1, "hardswish"),
+    ("effb0_56_c144_k5_s2", 144, 56, 5, 2, "silu"),
+    ("effb0_14_c480_k5", 480, 14, 5, 1, "silu"),
+    ("effb0_14_c672_k5_s2", 672, 14, 5, 2, "silu"),
+    ("shv2_28_c58", 58, 28, 3, 1, "identity"),
+]
+_ACT_MODULE = {"relu6": nn.ReLU6, "relu": nn.ReLU, "hardswish": nn.Hardswish, "silu": nn.SiLU, "identity": nn.Identity}
+# oneDNN's fused attribute for each activation (relu6 is hardtanh(0, 6)).
+_ONEDNN_ATTR = {"relu6": ("hardtanh", [0.0, 6.0]), "relu": ("relu", []), "hardswish": ("hardswish", []),
+                "silu": ("swish", []), "identity": ("none", [])}
+
+
+def _depthwise64(x, w, b, stride, pad):
+    """float64 depthwise conv + bias as a sum of strided slices (PyTorch's float64 grouped conv
+    runs one group at a time: minutes at these shapes)."""
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    xp = F.pad(x.double(), (pad, pad, pad, pad))
+    y = b.double().view(1, c, 1, 1).expand(n, c, oh, ow).clone()
+    for i in range(k):
+        for j in range(k):
+            y += xp[:, :, i: i + (oh - 1) * stride + 1: stride, j: j + (ow - 1) * stride + 1: stride] * \
+                w.double()[:, 0, i, j].view(1, c, 1, 1)
+    return y
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: c[0])
+def test_depthwise(case, m, results):
+    name, c, hw, k, s, act = case
+    pad = k // 2
+    block = nn.Sequential(nn.Conv2d(c, c, k, s, pad, groups=c, bias=False), nn.BatchNorm2d(c), _ACT_MODULE[act]())
+    randomize_bn(block).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    conv, bn = block[0], block[1]
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = (bn.bias - bn.running_mean * scale).contiguous()
+        w = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous()
+        taps = w.reshape(c, k * k).t().contiguous()
+    oh = (hw + 2 * pad - k) // s + 1
+    attr, scalars = _ONEDNN_ATTR[act]
+
+    def effops_fn():
+        out = torch.empty(1, c, oh, oh).contiguous(memory_format=torch.channels_last)
+        m.depthwise_nhwc(x, taps, bias, None, False, out, k, k, [s, s], [pad, pad], [1, 1], act, 0.0)
+        return out
+
+    def onednn_fn():
+        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, [pad, pad], [s, s], [1, 1], c, attr, scalars, "")
+
+    with torch.inference_mode():
+        ref64 = _depthwise64(x, w, bias, s, pad)
+        ref64 = {"relu6": F.relu6, "relu": F.relu, "hardswish": F.hardswish, "silu": F.silu,
+                 "identity": lambda t: t}[act](ref64)
+        eager = block(x)
+        errs = check_numerics(effops_fn(), ref64, eager)
+        timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
+    px_in, px_out = hw * hw, oh * oh
+    _record(results, timed, min_bytes=4 * (c * (px_in + px_out) + c * (k * k + 1)), flops=2 * px_out * c * k * k,
+            case=f"dw_{name}", shape=f"1x{c}x{hw}x{hw} k{k} s{s} {act}", **errs)
+
+
+# ---- squeeze-excitation ------------------------------------------------------------------------
+
+SE = [
+    # name, C, H=W, reduced channels, act, gate (EfficientNet-B0 / MobileNetV3-Large SE blocks)
+    ("effb0_112_c32", 32, 112, 8, "silu", "sigmoid"),
+    ("effb0_56_c144", 144, 56, 6, "silu", "sigmoid"),
+    ("effb0_14_c480", 480, 14, 20, "silu", "sigmoid"),
+    ("effb0_7_c1152", 1152, 7, 48, "silu", "sigmoid"),
+    ("mnv3_28_c72", 72, 28, 24, "relu", "hardsigmoid"),
+    ("mnv3_7_c960", 960, 7, 240, "relu", "hardsigmoid"),
+]
+
+
+@pytest.mark.parametrize("case", SE, ids=lambda c: c[0])
+def test_se(case, m, results):
+    timm_blocks = pytest.importorskip("timm.models._efficientnet_blocks", reason="the eager baseline is timm's")
+    name, c, hw, rd, act, gate = case
+    act_layer = {"silu": nn.SiLU, "relu": nn.ReLU}[act]
+    gate_layer = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}[gate]
+    se = timm_blocks.SqueezeExcite(c, rd_channels=rd, act_layer=act_layer, gate_layer=gate_layer).eval()
+    with torch.no_grad():  # a trained SE's magnitude: gates spread over (0, 1)
+        for p in se.parameters():
+            p.copy_(torch.randn_like(p) * (1.0 / p.shape[1] ** 0.5 if p.dim() > 1 else 0.5))
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    w1, b1 = se.conv_reduce.weight, se.conv_reduce.bias
+    w2, b2 = se.conv_expand.weight, se.conv_expand.bias
+
+    def effops_fn():
+        g = m.se_gate(x, w1, b1, w2, b2, act, 0.0, gate, 0.0)
+        return m.se_apply(x, g, None, None, "identity", 0.0)
+
+    with torch.inference_mode():
+        import copy
+
+        ref64 = copy.deepcopy(se).double()(x.double())
+        errs = check_numerics(effops_fn(), ref64, se(x))
+        timed = _time({"eager": lambda: se(x), "effops": effops_fn})
+    weights = sum(p.numel() for p in se.parameters())
+    _record(results, timed, min_bytes=4 * (2 * c * hw * hw + weights), flops=4 * c * rd + 2 * c * hw * hw,
+            case=f"se_{name}", shape=f"1x{c}x{hw}x{hw} rd {rd}", **errs)
+
+
+# ---- channel shuffle ---------------------------------------------------------------------------
+
+SHUFFLE = [
+    # name, C, H=W, groups: ShuffleNetV2 x1.0 stage outputs at 224², and a ShuffleNetV1 g=3 stage
+    ("shv2_28_c116", 116, 28, 2),
+    ("shv2_14_c232", 232, 14, 2),
+    ("shv2_7_c464", 464, 7, 2),
+    ("shv1_28_c240_g3", 240, 28, 3),
+]
+
+
+@pytest.mark.parametrize("case", SHUFFLE, ids=lambda c: c[0])
+def test_shuffle(case, m, results):
+    name, c, hw, g = case
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+
+    def eager_fn():
+        n, cc, h, w = x.shape
+        return x.view(n, g, cc // g, h, w).transpose(1, 2).reshape(n, cc, h, w)
+
+    want = eager_fn()
+    got = m.channel_shuffle(x, g, None)
+    assert torch.equal(got, want), "effops channel_shuffle differs from the view/transpose/reshape shuffle"
+    with torch.inference_mode():
+        timed = _time({"eager": eager_fn, "torch_channel_shuffle": lambda: torch.channel_shuffle(x, g),
+                       "effops": lambda: m.channel_shuffle(x, g, None)})
+    _record(results, timed, min_bytes=4 * 2 * c * hw * hw, flops=0, case=f"shuffle_{name}",
+            shape=f"1x{c}x{hw}x{hw} g{g}", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)

@@ -1,0 +1,247 @@
+"""The native CPU backend (csrc/): its conv path against float64 references, the packed-weight
+cache (what it sees, what it needs effops.refresh() for), dispatch, and the build itself
+(a clean just-in-time build; no compiler: a warning, and the reference runs).
+
+The depthwise, squeeze-excitation and channel-shuffle kernels: tests/test_native_kernels.py.
+"""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effops
+from effops import FusedConvBNAct, native, use_backend
+from effops.activations import ACTIVATIONS, apply_activation
+from effops.ops import conv_bn_act
+from effops.ops.conv import native_bf16
+
+from helpers import assert_matches, randomize_bn
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native backend unavailable: {native.status()[1]}")
+
+
+def _ref(x, w, scale, bias, residual, stride, padding, dilation, groups, act, param, res_after, gate=None):
+    x64 = x.double() if gate is None else x.double() * gate.double()[:, :, None, None]
+    y = F.conv2d(x64, w.double(), None, stride, padding, dilation, groups)
+    y = y * scale.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    if residual is not None and not res_after:
+        y = y + residual.double()
+    y = apply_activation(y, act, param)
+    if residual is not None and res_after:
+        y = y + residual.double()
+    return y
+
+
+def _problem(cin, cout, k, stride, groups, hw=(7, 9), n=2, dtype=torch.float32, layout="nhwc"):
+    x = torch.randn(n, cin, *hw, dtype=dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, k, k, dtype=dtype) / (cin // groups * k * k) ** 0.5
+    scale, bias = torch.rand(cout) + 0.5, torch.randn(cout)
+    oh = (hw[0] + 2 * (k // 2) - k) // stride + 1
+    ow = (hw[1] + 2 * (k // 2) - k) // stride + 1
+    return x, w, scale, bias, (n, cout, oh, ow)
+
+
+SHAPES = [(16, 24, 3, 1, 1), (16, 24, 1, 1, 1), (24, 24, 3, 2, 24), (24, 24, 5, 1, 24), (16, 32, 3, 1, 4),
+          (3, 8, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_conv_every_activation_and_residual(shape, act):
+    cin, cout, k, stride, groups = shape
+    x, w, scale, bias, oshape = _problem(cin, cout, k, stride, groups)
+    pad = [k // 2] * 2
+    for res_after in (None, True, False):
+        r = None if res_after is None else torch.randn(oshape).contiguous(memory_format=torch.channels_last)
+        with use_backend("native"):
+            y = conv_bn_act(x, w, scale, bias, r, stride=stride, padding=pad, groups=groups, act=act, act_param=0.1,
+                                residual_after_act=bool(res_after))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_matches(y, _ref(x, w, scale, bias, r, stride, pad, 1, groups, act, 0.1, bool(res_after)))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw", "view"])
+def test_conv_layouts_views_gate_shuffle_and_out(layout):
+    x, w, scale, bias, oshape = _problem(8, 12, 3, 1, 1, layout="nchw" if layout == "nchw" else "nhwc")
+    if layout == "view":  # a channel view of a wider NHWC buffer, as an OSA stage reads it
+        buf = torch.randn(2, 20, 7, 9).contiguous(memory_format=torch.channels_last)
+        x = buf[:, 5:13]
+    gate = torch.rand(2, 8)
+    out_buf = torch.full((2, 30, 7, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+    out = out_buf[:, 10:22]
+    with use_backend("native"):
+        y = conv_bn_act(x, w, scale, bias, padding=1, act="relu", gate=gate, out=out, out_shuffle_groups=3)
+    assert y.data_ptr() == out.data_ptr()
+    ref = _ref(x, w, scale, bias, None, 1, [1, 1], 1, 1, "relu", 0.0, True, gate)
+    from effops.ops import reference
+    assert_matches(out, reference.channel_shuffle(ref, 3))
+    assert torch.isnan(out_buf[:, :10]).all() and torch.isnan(out_buf[:, 22:]).all()  # nothing else written
+
+
+def test_conv_dilation_and_empty_batch():
+    x, w, scale, bias, _ = _problem(8, 8, 3, 1, 1, hw=(9, 9))
+    with use_backend("native"):
+        y = conv_bn_act(x, w, scale, bias, padding=2, dilation=2, act="silu")
+    assert_matches(y, _ref(x, w, scale, bias, None, 1, [2, 2], 2, 1, "silu", 0.0, True))
+    e = x[:0]
+    with use_backend("native"):
+        assert conv_bn_act(e, w, scale, bias, padding=1, act="relu").shape == (0, 8, 9, 9)
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16 (oneDNN: no AVX512-BF16/AMX)")
+def test_conv_bfloat16():
+    x, w, scale, bias, oshape = _problem(16, 24, 3, 1, 1, dtype=torch.bfloat16)
+    with use_backend("native"):
+        y = conv_bn_act(x, w, scale, bias, padding=1, act="relu")
+    assert y.dtype == torch.bfloat16
+    torch_bf16 = F.relu(F.conv2d(x, (w.float() * scale.view(-1, 1, 1, 1)).bfloat16(), bias.bfloat16(), 1, 1))
+    assert_matches(y, _ref(x, w, scale, bias, None, 1, [1, 1], 1, 1, "relu", 0.0, True), torch_bf16)
+
+
+def test_bad_input_gets_the_same_error_on_every_backend():
+    x, w, scale, bias, _ = _problem(8, 12, 3, 1, 1)
+    msgs = []
+    for backend in ("native", "reference"):
+        with use_backend(backend), pytest.raises(ValueError) as e:
+            conv_bn_act(x[:, :6], w, scale, bias, padding=1, act="relu")
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] and "channels" in msgs[0]
+    with use_backend("native"), pytest.raises(effops.BackendUnavailable, match="float16"):
+        conv_bn_act(x.half(), w.half(), scale, bias, padding=1, act="relu")
+
+
+# -- the packed-weight cache ------------------------------------------------------------------
+
+def _module(act=nn.ReLU):
+    ref = randomize_bn(nn.Sequential(nn.Conv2d(6, 10, 3, padding=1), nn.BatchNorm2d(10), act())).eval()
+    return ref, FusedConvBNAct.from_modules(*copy.deepcopy(list(ref))).eval()
+
+
+def _x(c=6):
+    return torch.randn(2, c, 8, 8).contiguous(memory_format=torch.channels_last)
+
+
+def test_module_packs_once_and_sees_what_pytorch_counts():
+    ref, fused = _module()
+    x = _x()
+    mod = native.module()
+    with torch.no_grad():
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        size = mod.weight_cache_size()
+        with torch.profiler.profile() as prof:
+            fused(x)
+        assert not [e for e in prof.events() if "reorder" in e.name]  # packed once, reused
+        assert mod.weight_cache_size() == size
+        for change in (lambda m: m[0].weight.mul_(2), lambda m: m[1].running_mean.add_(1),
+                       lambda m: setattr(m[0].weight, "data", m[0].weight.data * 0.5),
+                       lambda m: m[1].bias.sub_(0.3)):
+            change(ref), change(nn.Sequential(fused.conv, fused.bn))
+            assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+    # A train-mode forward updates the running statistics without moving their version counters
+    # (num_batches_tracked moves, and is part of the key).
+    ref.train(), fused.train()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+def test_writes_pytorch_cannot_see_need_refresh():
+    ref, fused = _module()
+    x = _x()
+    with torch.no_grad():
+        before = fused(x).clone()
+        for m in (ref[0], fused.conv):
+            m.weight.data.mul_(-1)  # .data in place: no version counter moves
+        torch.testing.assert_close(fused(x), before)  # documented: the packed weight is still used
+        effops.refresh()
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+def test_inference_tensor_weights_are_packed_per_call():
+    with torch.inference_mode():
+        ref, fused = _module()  # parameters created in inference mode: no version counters
+        x = _x()
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        fused.conv.weight.mul_(2), ref[0].weight.mul_(2)
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+def test_autograd_and_compile_paths_still_match():
+    ref, fused = _module(nn.SiLU)
+    x = _x().requires_grad_()
+    y = fused(x)  # a gradient is needed: the registered op (native forward, PyTorch backward)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    copy.deepcopy(ref)(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+# -- the build ---------------------------------------------------------------------------------
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full = dict(os.environ, **{k: v for k, v in env.items() if v is not None})
+    for k, v in env.items():
+        if v is None:
+            full.pop(k, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
+                          timeout=900, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+PREBUILT = any(f.startswith("_native") for f in os.listdir(os.path.dirname(effops.__file__)))
+
+
+@pytest.mark.skipif(PREBUILT, reason="a prebuilt effops._native is installed: it is loaded instead of a build")
+def test_clean_just_in_time_build(tmp_path):
+    r = _python("""
+        import effops, torch
+        ok, detail = effops.native.status()
+        print(ok, detail)
+        assert ok, detail
+        assert "just-in-time" in detail
+        """, EFFOPS_NATIVE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any(tmp_path.rglob("build.ninja"))  # built with ninja
+
+
+@pytest.mark.skipif(PREBUILT, reason="a prebuilt effops._native is installed: it is loaded instead of a build")
+def test_no_compiler_warns_once_and_runs_the_reference(tmp_path):
+    r = _python("""
+        import warnings, torch, effops
+        from torch import nn
+        warnings.simplefilter("always")
+        m = effops.FusedConvBNAct(4, 8, 3).eval()
+        x = torch.randn(1, 4, 6, 6)
+        with warnings.catch_warnings(record=True) as w:
+            with torch.no_grad():
+                y1, y2 = m(x), m(x)
+        msgs = [str(i.message) for i in w if "native CPU backend is unavailable" in str(i.message)]
+        assert len(msgs) == 1, [str(i.message) for i in w]
+        print(msgs[0])
+        ok, why = effops.native.status()
+        assert not ok and "building csrc/ failed" in why, why
+        ref = m.bn(m.conv(x)).relu()
+        torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-5)
+        assert effops.dispatch.select("conv_bn_act", x, m.conv.weight, None, None, None, None,
+                                      [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True).name == "reference"
+        """, EFFOPS_NATIVE_CACHE=str(tmp_path), CXX="/nonexistent/c++", EFFOPS_CPU_BACKEND="native")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "building csrc/ failed" in r.stdout
+
+
+def test_disabled_by_environment():
+    r = _python("""
+        import effops
+        print(effops.native.status())
+        assert effops.native.status() == (False, "disabled by EFFOPS_NATIVE=0")
+        """, EFFOPS_NATIVE="0")
+    assert r.returncode == 0, r.stdout + r.stderr

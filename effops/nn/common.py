@@ -151,6 +151,22 @@ def register_block_rule(rule: BlockRule) -> BlockRule:
     return rule
 
 
+def tensor_slots(module: nn.Module, skip: Optional[nn.Module] = None) -> list:
+    """The ``_parameters`` and ``_buffers`` dicts of ``module`` and its descendants (except
+    ``skip``'s subtree): read with :func:`slot_tensors` on every call, this lists a block's
+    tensors in about a microsecond, where ``parameters()`` + ``buffers()`` walk the module tree
+    (tens of microseconds per block)."""
+    mods = [m for m in module.modules() if skip is None or m is not skip]
+    if skip is not None:
+        inner = set(id(m) for m in skip.modules())
+        mods = [m for m in mods if id(m) not in inner]
+    return [m._parameters for m in mods] + [m._buffers for m in mods]
+
+
+def slot_tensors(slots: list) -> list:
+    return [t for d in slots for t in d.values() if t is not None]
+
+
 _DERIVED: "weakref.WeakSet[DerivedCache]" = weakref.WeakSet()
 
 

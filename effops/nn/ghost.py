@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.conv import _OP, check_gate, check_inputs, native_fast, output_format
-from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, register_block_rule,
+from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, slot_tensors, tensor_slots, hooked, looks_like_batch_norm, register_block_rule,
                      sequential_children)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
 from .repvgg import MergedBranches, conv_bn_branch
@@ -314,6 +314,7 @@ class FusedGhostModule(nn.Module):
     def _refresh(self) -> None:
         """Parse the children again after one was replaced or a conv setting changed; when they no
         longer form a ghost module this class fuses, the original forward runs (warning once)."""
+        self.__dict__["_slots"] = None
         holder = nn.Module()
         for n, c in self.named_children():
             holder.add_module(n, c)
@@ -455,8 +456,12 @@ class FusedGhostModule(nn.Module):
         return parts
 
     def _sources(self) -> list:
-        """Every tensor the fused convs' weights are derived from."""
-        return [t for t in list(self.parameters()) + list(self.buffers())]
+        """Every tensor the fused convs' weights are derived from (the module's parameters and
+        buffers, read through slots collected once per plan)."""
+        slots = self.__dict__.get("_slots")
+        if slots is None:
+            slots = self.__dict__["_slots"] = tensor_slots(self)
+        return slot_tensors(slots)
 
     def _derived_cache(self) -> DerivedCache:
         c = self.__dict__.get("_derived_tensors")

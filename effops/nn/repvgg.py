@@ -25,7 +25,7 @@ from ..ops import reference
 from ..ops.reparam import merge_unchecked
 from ..native import module as native_module
 from ..ops.conv import _OP, check_inputs, native_fast
-from .common import (BlockRule, ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, looks_like_batch_norm,
+from .common import (BlockRule, ChildrenSnapshot, DerivedCache, slot_tensors, tensor_slots, frozen_bn, hook_dicts, hooked, is_batch_norm, looks_like_batch_norm,
                      register_block_rule, sequential_children, timm_bn_act)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _fused_activation, resolve_padding
 
@@ -321,6 +321,7 @@ class FusedRepVGGBlock(nn.Module):
         self._hooks = hook_dicts(list(self.children()))
         self._snapshot = ChildrenSnapshot(list(self.children()))
         self._merged = DerivedCache()
+        self.__dict__["_slots"] = None
         self._fingerprint = self._live_settings()
         self._checked = None
 
@@ -370,9 +371,12 @@ class FusedRepVGGBlock(nn.Module):
         return p.merged.weight_bias(dtype or p.conv.weight.dtype, memory_format)
 
     def _merge_sources(self):
-        """Every tensor the merged conv is computed from (the block's parameters and buffers)."""
-        return [t for m in self.modules() if m is not self.attn for t in
-                list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
+        """Every tensor the merged conv is computed from (the block's parameters and buffers,
+        outside ``attn``), read through slots collected once per plan."""
+        slots = self.__dict__.get("_slots")
+        if slots is None:
+            slots = self.__dict__["_slots"] = tensor_slots(self, skip=self.attn)
+        return slot_tensors(slots)
 
     # -- forward -------------------------------------------------------------------
     def _fusable(self, x: Tensor) -> bool:

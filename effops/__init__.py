@@ -1,11 +1,13 @@
-"""effops: fused GPU kernels for efficient CNN backbones, behind drop-in modules.
+"""effops: fused kernels for efficient CNN backbones (Triton on GPUs, a native C++ backend on
+CPUs), behind drop-in modules.
 
     import effops
     fast = effops.optimize(model.eval())      # swaps fused modules in, keeps weights
     print(fast.effops_report)                 # what was swapped / skipped and why
 
 Importing effops does no GPU work and compiles nothing; kernels are compiled
-(and autotuned on CUDA) on first use.
+(and autotuned on CUDA) on first use, and the native CPU extension is built (about a
+minute, once per torch version) by the first CPU op that runs it.
 """
 from .convert import OptimizeReport, optimize
 from .diagnostics import info

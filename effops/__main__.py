@@ -8,7 +8,7 @@
 
 
 Runs on the best device present (CUDA if available, else CPU, where effops
-uses its reference backend unless TRITON_INTERPRET=1). BatchNorm statistics
+runs its native C++ backend, or the reference when that can't be built). BatchNorm statistics
 are randomised so that folding is really exercised. Exits non-zero when the
 optimized model does not match the original.
 """

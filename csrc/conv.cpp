@@ -367,6 +367,27 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
   return e;
 }
 
+// The cached entry for these source tensors and settings, or a new one (stored unless a source
+// can't be keyed: an inference tensor has no version counter).
+std::shared_ptr<Packed> packed_for(const at::Tensor& x, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
+                                   const FoldFn& fold, const ConvParams& p, Impl impl) {
+  std::shared_ptr<Packed> e = lookup(srcs, p);
+  if (e && e->impl == impl) return e;
+  e = build(x, weight, fold, p, impl);
+  bool keyable = true;
+  e->keys.resize(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
+  if (keyable) store(srcs, e);
+  return e;
+}
+
+// Output height / width of a conv of x.
+std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride,
+                                   const IntVec& padding, const IntVec& dilation) {
+  return {(x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1,
+          (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1};
+}
+
 double best_of(int n, const std::function<void()>& fn) {
   fn();  // warm-up: first-touch of the output, oneDNN's primitive creation
   double best = 1e30;
@@ -429,9 +450,7 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
                     " channels, the weight expects ", weight.size(1) * groups);
   const Act act = parse_act(act_name);
   if (x_in.size(0) == 0 || weight.size(0) == 0) {  // an empty batch: nothing to compute (oneDNN refuses it)
-    const int64_t kh = weight.size(2), kw = weight.size(3);
-    const int64_t oh = (x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-    const int64_t ow = (x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+    const auto [oh, ow] = out_hw(x_in, weight, stride, padding, dilation);
     if (out.has_value()) return *out;
     return at::empty({x_in.size(0), weight.size(0), oh, ow}, x_in.options(),
                      channels_last_ish(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -459,19 +478,11 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
   if (own_dw || gemm) p.in_shape = {};  // taps and GEMM weights don't depend on the input shape
   const Impl impl = own_dw ? Impl::Depthwise : (gemm ? Impl::Gemm : Impl::OneDNN);
 
-  std::shared_ptr<Packed> e = lookup(srcs, p);
-  if (!e || e->impl != impl) {
-    e = build(x, weight, fold, p, impl);
-    bool keyable = true;
-    e->keys.resize(srcs.size());
-    for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
-    if (keyable) store(srcs, e);
-  }
+  std::shared_ptr<Packed> e = packed_for(x, weight, srcs, fold, p, impl);
 
   const bool has_res = residual.has_value() && residual->defined();
   const int64_t kh = weight.size(2), kw = weight.size(3);
-  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const auto [oh, ow] = out_hw(x, weight, stride, padding, dilation);
   const auto fmt = channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 
   at::Tensor y;
@@ -543,14 +554,7 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
     return dst;
   }
   ConvParams p{{1, 1}, {0, 0}, {1, 1}, {}, 1, at::kFloat, eps};
-  std::shared_ptr<Packed> e = lookup(srcs, p);
-  if (!e || e->impl != Impl::Gemm) {
-    e = build(s0, weight, fold, p, Impl::Gemm);
-    bool keyable = true;
-    e->keys.resize(srcs.size());
-    for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
-    if (keyable) store(srcs, e);
-  }
+  std::shared_ptr<Packed> e = packed_for(s0, weight, srcs, fold, p, Impl::Gemm);
   at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
   const at::Tensor r_rows = residual_rows(residual);
   auto run_segments = [&] { gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param); };
@@ -667,14 +671,6 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptT
 int64_t weight_cache_size() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return static_cast<int64_t>(g_size);
-}
-
-void forget(const at::Tensor& weight) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_cache.find(weight.unsafeGetTensorImpl());
-  if (it == g_cache.end()) return;
-  g_size -= it->second.size();
-  g_cache.erase(it);
 }
 
 void clear_weight_cache() {

@@ -70,7 +70,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pointwise_policy", &en::set_pointwise_policy, py::arg("policy"),
         "1x1 stride-1 float32 convs: 0 oneDNN, 1 GEMM, 2 whichever is measured faster per problem (default)");
   m.def("pointwise_policy", &en::pointwise_policy);
-  m.def("forget", &en::forget, py::arg("weight"), "drop the cached packed weights built from this tensor");
   m.def("weight_cache_size", &en::weight_cache_size);
   m.def("clear_weight_cache", &en::clear_weight_cache);
   m.def("set_depthwise_policy", &en::set_depthwise_policy);

@@ -77,7 +77,6 @@ int64_t pointwise_policy();
 // Packed-weight cache: number of entries, and dropping them all.
 int64_t weight_cache_size();
 void clear_weight_cache();
-void forget(const at::Tensor& weight);
 
 // ---- depthwise.cpp: NHWC depthwise conv + bias + activation (+ residual), at::vec ----------
 // x: [N, C, H, W] with channel stride 1 (NHWC or a channel view of one), float32 or bfloat16.

@@ -303,13 +303,11 @@ class FusedConvBNAct(nn.Module):
                 x, w, residual, gate, conv, bn)):
             # torch.compile on CPU, inference: the native op with the BN's own tensors (a scale and
             # bias computed in the graph would be new tensors every call: repacked every call).
-            st = _bn_state(conv, bn)
-            if len(st) == 1:
-                st = (st[0], None, None, None, None, 0.0)
+            st = _native_bn_args(conv, bn)
             act, act_param = settings[-1]
-            return NATIVE_BN_OP(x, w, *st, residual, list(conv.stride), list(resolve_padding(conv)),
+            return NATIVE_BN_OP(x, w, *st[:6], residual, list(conv.stride), list(resolve_padding(conv)),
                                 list(conv.dilation), conv.groups, act, float(act_param), residual_after_act, gate,
-                                out_shuffle_groups, None if bn is None else bn._buffers.get("num_batches_tracked"))
+                                out_shuffle_groups, st[6])
         if not compiling and native_fast(x) and not (torch.is_grad_enabled() and _any_requires_grad(
                 x, w, residual, gate, conv, bn)):
             # CPU inference: the native backend folds the BN into a prepacked weight itself and
@@ -317,14 +315,11 @@ class FusedConvBNAct(nn.Module):
             # computed here per call.
             dst = None if out is None else checked_out(out, x, w, None, None, residual, conv.stride,
                                                        resolve_padding(conv), conv.dilation, gate)
-            st = _bn_state(conv, bn)
-            if len(st) == 1:
-                st = (st[0], None, None, None, None, 0.0)
+            st = _native_bn_args(conv, bn)
             act, act_param = settings[-1]
-            return native_module().conv_bn_act(x, w, *st, residual, dst, conv.stride, resolve_padding(conv),
+            return native_module().conv_bn_act(x, w, *st[:6], residual, dst, conv.stride, resolve_padding(conv),
                                                conv.dilation, conv.groups, act, act_param, residual_after_act,
-                                               gate, out_shuffle_groups,
-                                               None if bn is None else bn._buffers.get("num_batches_tracked"))
+                                               gate, out_shuffle_groups, st[6])
         scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
         act, act_param = settings[-1]
         args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
@@ -348,13 +343,10 @@ class FusedConvBNAct(nn.Module):
         for a 1×1 stride-1 conv in eval: GEMMs over the segments where they lie (no concat), the
         BN folded into a cached weight. Callers check the conditions (FusedOSA, AggregateStep)."""
         conv, bn, act_mod = self._live_modules()
-        st = _bn_state(conv, bn)
-        if len(st) == 1:
-            st = (st[0], None, None, None, None, 0.0)
+        st = _native_bn_args(conv, bn)
         act, act_param = self._settings(conv, bn, act_mod)[-1]
-        return native_module().conv_bn_act_segments(list(segments), conv._parameters["weight"], *st, residual, None,
-                                                    act, act_param, residual_after_act,
-                                                    None if bn is None else bn._buffers.get("num_batches_tracked"))
+        return native_module().conv_bn_act_segments(list(segments), conv._parameters["weight"], *st[:6], residual,
+                                                    None, act, act_param, residual_after_act, st[6])
 
     def _modules_compute_it(self, bn, residual, residual_after_act) -> bool:
         # A timm BatchNormAct2d applies its own activation, so calling it can't put a
@@ -406,6 +398,17 @@ def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:
     bp, bb = bn._parameters, bn._buffers
     return (cb, bp.get("weight", bb.get("weight")), bp.get("bias", bb.get("bias")), bb["running_mean"],
             bb["running_var"], bn.eps)
+
+
+def _native_bn_args(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:
+    """``(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, num_batches_tracked)`` for
+    the native backend's BN entry points (``None``s and eps 0 without a BN). The counter is part of
+    its cache key: a train-mode BN forward updates the running statistics in place without moving
+    their version counters, but it increments the counter."""
+    st = _bn_state(conv, bn)
+    if len(st) == 1:
+        return (st[0], None, None, None, None, 0.0, None)
+    return st + (bn._buffers.get("num_batches_tracked"),)
 
 
 def _scale_bias(conv: nn.Conv2d, bn: Optional[nn.Module], compute_dtype: torch.dtype):

@@ -188,11 +188,8 @@ class AggregateStep(nn.Module):
             # (computing scale and bias here per call would defeat that cache).
             if self._can_aggregate(segs, r) and segs[0].dtype == torch.float32:
                 f = self.fused
-                act = f.activation[0]
-                if r is None or self.residual == "after_act" or act == "identity":
-                    y = f.native_segments(segs, r, True)
-                else:
-                    y = f.native_segments(segs, r, False)
+                after = r is None or self.residual == "after_act" or f.activation[0] == "identity"
+                y = f.native_segments(segs, r, after)
                 for m in self.rest:
                     y = m(y)
                 return y

@@ -913,8 +913,9 @@ def _run_reference(x, weight, scale, bias, residual, out, stride, padding, dilat
     return _deliver(y, out, x, weight, stride, padding, dilation)
 
 
-def native_reasons(x: Tensor) -> List[str]:
-    """Why the native CPU backend can't take input ``x`` (empty: it can). Shared by every op."""
+def native_reasons(x: Tensor, weight: Optional[Tensor] = None) -> List[str]:
+    """Why the native CPU backend can't take input ``x`` (and ``weight``; empty: it can). Shared
+    by every op."""
     if not isinstance(x, Tensor) or x.device.type != "cpu":
         return [f"the native backend runs CPU tensors, got {getattr(x, 'device', type(x).__name__)}"]
     why = []
@@ -923,6 +924,8 @@ def native_reasons(x: Tensor) -> List[str]:
             why.append("this CPU has no native bfloat16 (oneDNN reports no AVX512-BF16/AMX support)")
     elif x.dtype != torch.float32:
         why.append(f"the native backend takes float32 or bfloat16, got {x.dtype}")
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+        why.append(f"the native backend takes weights in the input's dtype ({x.dtype}), got {weight.dtype}")
     if not _native.available():
         why.append(f"the native extension is unavailable: {_native.status(load=False)[1]}")
     return why
@@ -948,10 +951,7 @@ def native_bf16() -> bool:
 
 
 def _native_conv_reasons(x, weight, *rest) -> List[str]:
-    why = native_reasons(x)
-    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
-        why.append(f"the native conv takes a weight in the input's dtype ({x.dtype}), got {weight.dtype}")
-    return why
+    return native_reasons(x, weight)
 
 
 def _run_native(x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,

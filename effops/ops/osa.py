@@ -621,10 +621,7 @@ def _aggregate_triton_reasons(segments, weight, *rest) -> List[str]:
 
 
 def _aggregate_native_reasons(segments, weight, *rest) -> List[str]:
-    why = _conv.native_reasons(segments[0])
-    if weight.dtype != segments[0].dtype:
-        why.append(f"the native aggregation takes a weight in the input's dtype ({segments[0].dtype}), got {weight.dtype}")
-    return why
+    return _conv.native_reasons(segments[0], weight)
 
 
 def _run_aggregate_native(segments, weight, scale, bias, residual, ese_w, ese_b, out, act, act_param):
@@ -647,10 +644,7 @@ def _run_aggregate_native(segments, weight, scale, bias, residual, ese_w, ese_b,
 
 
 def _osa_native_reasons(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, *rest) -> List[str]:
-    why = _conv.native_reasons(x)
-    if agg_w.dtype != x.dtype:
-        why.append(f"the native OSA block takes weights in the input's dtype ({x.dtype}), got {agg_w.dtype}")
-    return why
+    return _conv.native_reasons(x, agg_w)
 
 
 def _run_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,

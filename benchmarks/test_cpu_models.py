@@ -180,8 +180,9 @@ def summarize(records):
             "max_rss_mb": max((r["max_rss_mb"] for r in recs if "max_rss_mb" in r), default=None),
             "process_s": max((r["process_s"] for r in recs if "process_s" in r), default=None),
             "versions": first.get("versions"),
-            "info": {k: first[k] for k in ("effops_backend", "effops_swapped", "effops_skipped", "onnx_exporter",
-                                            "openvino_precision") if k in first},
+            "info": {k: first[k] for k in ("effops_backend", "effops_swapped", "effops_skipped",
+                                            "effops_kept_original", "effops_speed_check", "optimize_s",
+                                            "onnx_exporter", "openvino_precision") if k in first},
             "error": "; ".join(problems),
             "skipped": "; ".join(skipped),
         }

@@ -104,6 +104,7 @@ from .nn.shuffle import ChannelShuffle
 from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, GhostGateStep, SEEpilogueStep,
                         SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
 from .ops.osa import MAX_SEGMENTS
+from .speedcheck import Measurement
 
 
 @dataclass
@@ -118,12 +119,24 @@ class OptimizeReport:
 
     swapped: List[ReportEntry] = field(default_factory=list)
     skipped: List[ReportEntry] = field(default_factory=list)
+    #: The speed check (effops.speedcheck): every converted block timed against its original.
+    measured: List[Measurement] = field(default_factory=list)
+    #: Whether the speed check ran, is pending (first eval-mode call), or why not.
+    speed_check: str = "off"
+
+    def keep_original(self, path: str, why: str) -> None:
+        """The block at ``path`` (``""``: the whole model) stays as it was: its swaps are withdrawn."""
+        inside = (lambda p: True) if not path else (lambda p: p == path or p.startswith(path + "."))
+        self.swapped = [e for e in self.swapped if not inside(e.path)]
+        self.skipped.append(ReportEntry(path or "<model>", f"kept the original: {why}"))
 
     def __str__(self) -> str:
-        lines = [f"effops.optimize: {len(self.swapped)} swapped, {len(self.skipped)} skipped"]
-        width = max([len(e.path) for e in self.swapped + self.skipped] + [4])
+        lines = [f"effops.optimize: {len(self.swapped)} swapped, {len(self.skipped)} skipped; speed check: "
+                 f"{self.speed_check}"]
+        width = max([len(e.path) for e in self.swapped + self.skipped + self.measured] + [4])
         lines += [f"  swapped  {e.path:<{width}}  {e.what}" for e in self.swapped]
         lines += [f"  skipped  {e.path:<{width}}  {e.what}" for e in self.skipped]
+        lines += [f"  timed    {m.path:<{width}}  {m}" for m in self.measured]
         return "\n".join(lines)
 
 
@@ -1018,6 +1031,7 @@ class _Converter:
         for name, child in list(module.named_children()):
             new = self.convert(child, f"{prefix}.{name}" if prefix else name)
             if new is not child:
+                new.training = child.training  # a new module starts in train mode: take the replaced one's
                 setattr(module, name, new)
         if children is None and type(module).forward is not nn.Module.forward:
             self._trace(module, prefix)
@@ -1065,7 +1079,7 @@ def _resolve(module: nn.Module, target: str):
     return obj
 
 
-def optimize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, check_speed="auto") -> nn.Module:
     """Swap effops' fused modules into ``model``; return the optimized model.
 
     With ``inplace=False`` (default) the original is deep-copied first and left
@@ -1073,15 +1087,49 @@ def optimize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     never re-initialised, and the ``state_dict`` keys stay the same. The
     returned model carries ``effops_report`` (an :class:`OptimizeReport`)::
 
-        fast = effops.optimize(model.eval())
+        fast = effops.optimize(model.eval(), example_inputs=(x,))
         print(fast.effops_report)
+
+    The speed check (:mod:`effops.speedcheck`) times every converted block against the module it
+    replaced, on the input the block gets in the model, and keeps the original wherever that measured
+    faster (the report says which and why), so the optimized model is not slower than the original:
+
+    * ``example_inputs`` (a tuple of positional arguments, or a single tensor): the check runs now, on
+      that input; give it in the layout and dtype the model will run (e.g. channels_last).
+    * without it, the check runs on the model's first eval-mode call (its input is the probe; that
+      call takes a few times longer), and the report is completed then.
+    * ``check_speed``: ``"auto"`` (default) checks models on CPU (``EFFOPS_CHECK_SPEED=0`` turns it
+      off, ``=1`` on for every device); ``True`` checks on any device (CUDA timings synchronise);
+      ``False`` never checks: every fusion that applies is kept.
     """
+    from . import speedcheck
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if check_speed not in ("auto", True, False):
+        raise ValueError(f"check_speed must be 'auto', True or False, got {check_speed!r}")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    mode = speedcheck.mode_from_env(check_speed)
     if not inplace:
         model = copy.deepcopy(model)
+    original = speedcheck.structure_copy(model) if mode is not False else None
     conv = _Converter(model)
     out = conv.convert(model)
+    out.training = model.training
     conv.report_leftovers(out)
-    out.effops_report = conv.report
+    report = conv.report
+    if mode is False:
+        report.speed_check = "off"
+    elif example_inputs is not None:
+        why = speedcheck.probe_usable(tuple(example_inputs), {}, cpu_only=mode == "auto")
+        if why is None:
+            out = speedcheck.run(out, original, report, tuple(example_inputs), {}, root_replaceable=True)
+        else:
+            report.speed_check = f"not run: {why}"
+    else:
+        report.speed_check = "pending: runs on the first eval-mode call"
+        out.register_forward_pre_hook(speedcheck.LazyCheck(original, report, cpu_only=mode == "auto"),
+                                      with_kwargs=True)
+    out.effops_report = report
     return out

@@ -1113,7 +1113,12 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
     mode = speedcheck.mode_from_env(check_speed)
     if not inplace:
         model = copy.deepcopy(model)
-    original = speedcheck.structure_copy(model) if mode is not False else None
+    original, copy_error = None, None
+    if mode is not False:
+        try:
+            original = speedcheck.structure_copy(model)
+        except Exception as e:  # noqa: BLE001 - an uncopyable attribute only costs the check, never the conversion
+            copy_error = f"not run: the model's modules can't be deep-copied ({type(e).__name__}: {e})"
     conv = _Converter(model)
     out = conv.convert(model)
     out.training = model.training
@@ -1121,6 +1126,8 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
     report = conv.report
     if mode is False:
         report.speed_check = "off"
+    elif copy_error is not None:
+        report.speed_check = copy_error
     elif example_inputs is not None:
         why = speedcheck.probe_usable(tuple(example_inputs), {}, cpu_only=mode == "auto")
         if why is None:

@@ -264,3 +264,13 @@ def test_measure_pair_interleaves_and_compares_fresh_outputs():
     fa, fb, oa, ob = speedcheck.measure_pair(a, b, (x,), {}, warmup=1, min_reps=3, max_reps=3, budget_s=0)
     assert torch.equal(oa, ob) and fa > 0 and fb > 0
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+
+
+def test_uncopyable_model_is_converted_without_the_check():
+    import threading
+
+    model = make_net()
+    model.lock = threading.Lock()  # deepcopy can't copy a lock
+    fast = effops.optimize(model, example_inputs=(x_in(),), inplace=True, check_speed=True)
+    assert fast.effops_report.speed_check.startswith("not run: the model's modules can't be deep-copied")
+    assert isinstance(fast.stem, effops.FusedConvBNAct)

@@ -11,7 +11,8 @@ from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
 from ..native import module as native_module
-from ..ops.conv import NATIVE_BN_OP, _OP, check_gate, check_inputs, check_shuffle_groups, checked_out, native_fast
+from ..ops.conv import (NATIVE_BN_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups, checked_out,
+                        native_fast, native_first)
 from ..views import ChannelView
 from .common import ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
@@ -187,6 +188,7 @@ class FusedConvBNAct(nn.Module):
         self._snapshot = ChildrenSnapshot([self] + mods)
         self._checked = None
         self._why_unfused = None
+        self._native_plan = None
 
     def _live_modules(self):
         """``(conv, bn, act)`` as registered now (``act`` may be None: identity)."""
@@ -251,6 +253,26 @@ class FusedConvBNAct(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True, *,
                 out: Union[ChannelView, Tensor, None] = None, gate: Optional[Tensor] = None,
                 out_shuffle_groups: int = 1) -> Tensor:
+        plan = self._native_plan
+        if plan is not None and out is None and not torch.compiler.is_compiling():
+            # CPU inference, steady state: a few guards and the native call
+            y = plan.run(x, residual, residual_after_act, gate, out_shuffle_groups, None)
+            if y is not None:
+                return y
+        return self._forward(x, residual, residual_after_act, out, gate, out_shuffle_groups)
+
+    def _into_trusted(self, x: Tensor, dst: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+        """``self(x, out=dst, gate=gate)`` for callers that build ``dst`` themselves as a channel range
+        of a fresh buffer disjoint from ``x`` and ``gate`` (FusedGhostModule): the steady-state native
+        call skips ``out``'s shape and overlap checks, which hold by construction."""
+        plan = self._native_plan
+        if plan is not None and not torch.compiler.is_compiling():
+            y = plan.run(x, None, True, gate, 1, dst)
+            if y is not None:
+                return y
+        return self(x, out=dst, gate=gate)
+
+    def _forward(self, x, residual, residual_after_act, out, gate, out_shuffle_groups):
         if self._snapshot.changed():  # a child was replaced since the last call
             self._watch()
         conv, bn, act_mod = self._live_modules()
@@ -317,6 +339,11 @@ class FusedConvBNAct(nn.Module):
                                                        resolve_padding(conv), conv.dilation, gate)
             st = _native_bn_args(conv, bn)
             act, act_param = settings[-1]
+            if sig is not None and dtype == x.dtype and type(x) is Tensor and not torch.is_autocast_enabled("cpu"):
+                # Everything checked above holds for further calls with this signature while the
+                # plan's guards do: they take the short path.
+                self._native_plan = _NativePlan(self, conv, bn, act_mod, settings, x, w, residual, gate,
+                                                out_shuffle_groups)
             return native_module().conv_bn_act(x, w, *st[:6], residual, dst, conv.stride, resolve_padding(conv),
                                                conv.dilation, conv.groups, act, act_param, residual_after_act,
                                                gate, out_shuffle_groups, st[6])
@@ -378,6 +405,105 @@ class FusedConvBNAct(nn.Module):
         y = nn.BatchNorm2d.forward(bn, y)
         name, param = _fused_activation(bn, act)
         return reference.add_residual_around(y, lambda t: apply_activation(t, name, param), residual, residual_after_act)
+
+
+# Activation modules whose (name, param) follows from their type alone: a plan built with one needs
+# no per-call look at it (replacing the module is seen by the children snapshot).
+_STATIC_ACTS = (type(None), nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid)
+
+
+def _no_plan():
+    return None
+
+
+class _NativePlan:
+    """What an eager CPU inference call of a :class:`FusedConvBNAct` derives from its configuration
+    (resolved padding, activation, the validated input signature, where its tensors live), kept
+    after a full call has checked it all, so the next calls with the same signature are: the guards
+    below, the live tensors read from their dicts, one native call. Any guard that fails (a child
+    replaced, a hook, a changed conv setting or activation parameter, train mode, another input
+    shape or dtype, autocast, gradients, a forced backend, compiling) returns None and the full
+    path runs (and rebuilds the plan). The tensors are read on every call, never held, so
+    parameter replacement and in-place updates are seen as before (the native weight cache keys
+    on identities and versions)."""
+
+    __slots__ = ("snapshot", "hooks", "conv", "bn", "act_mod", "live_act", "frozen", "cp", "bp", "bb", "settings",
+                 "stride", "pad", "dilation", "groups", "act", "act_param", "dtype", "x_shape", "w_shape",
+                 "out_shape", "gate_shape", "shuffle", "kernel_size")
+
+    def __init__(self, owner, conv, bn, act_mod, settings, x, w, residual, gate, out_shuffle_groups):
+        self.snapshot, self.hooks = owner._snapshot, owner._hooks
+        self.conv, self.bn, self.act_mod = conv, bn, act_mod
+        inner = bn._modules.get("act") if bn is not None and timm_bn_act(bn) else None
+        self.live_act = type(act_mod) not in _STATIC_ACTS or type(inner) not in _STATIC_ACTS
+        self.frozen = frozen_bn(bn)
+        self.cp = conv._parameters
+        self.bp, self.bb = (None, None) if bn is None else (bn._parameters, bn._buffers)
+        self.settings = settings[:5]
+        self.stride, self.pad, self.dilation, self.groups = conv.stride, resolve_padding(conv), conv.dilation, \
+            conv.groups
+        self.act, self.act_param = settings[-1]
+        self.dtype, self.x_shape, self.w_shape = x.dtype, x.shape, w.shape
+        oh, ow = _out_hw(x.shape[2], x.shape[3], w.shape[2:], self.stride, self.pad, self.dilation)
+        self.out_shape = (x.shape[0], w.shape[0], oh, ow)
+        self.gate_shape = (x.shape[0], w.shape[1] * conv.groups)
+        self.shuffle = out_shuffle_groups
+        self.kernel_size = conv.kernel_size
+
+    def exact_residual(self, x, r) -> bool:
+        """True when ``r`` is, for certain, a residual of exactly this conv's output shape and ``x``'s
+        dtype (False: not known here; the caller works it out)."""
+        conv = self.conv
+        return type(r) is Tensor and type(x) is Tensor and r.dtype is x.dtype and x.shape == self.x_shape \
+            and r.shape == self.out_shape and not self.snapshot.changed() and conv.kernel_size == self.kernel_size \
+            and (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) == self.settings
+
+    def __reduce__(self):  # copies and pickles of the module rebuild it on their first call
+        return (_no_plan, ())
+
+    def run(self, x, residual, residual_after_act, gate, out_shuffle_groups, out):
+        """The native call's result, or None where the full path must run. Callers check first that
+        torch.compile isn't tracing (it must not trace this)."""
+        if type(x) is not Tensor or x.dtype is not self.dtype or not x.is_cpu or x.shape != self.x_shape \
+                or self.snapshot.changed() or hooked(self.hooks):
+            return None
+        conv = self.conv
+        if (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != self.settings:
+            return None
+        if out_shuffle_groups != self.shuffle or type(out_shuffle_groups) is not int:
+            return None
+        if residual is not None and (type(residual) is not Tensor or residual.dtype is not self.dtype
+                                     or not residual.is_cpu or residual.shape != self.out_shape):
+            return None
+        if gate is not None and (type(gate) is not Tensor or not gate.is_cpu or gate.shape != self.gate_shape
+                                 or (gate.dtype is not torch.float32 and gate.dtype is not self.dtype)):
+            return None
+        w = self.cp["weight"]
+        if w is None or w.dtype is not self.dtype or not w.is_cpu or w.shape != self.w_shape:
+            return None
+        bn = self.bn
+        if self.live_act and _fused_activation(bn, self.act_mod) != (self.act, self.act_param):
+            return None
+        if torch.is_autocast_enabled("cpu") or not native_first():
+            return None
+        if bn is None:
+            cb, bw, bb_, rm, rv, eps, counter = self.cp.get("bias"), None, None, None, None, 0.0, None
+        else:
+            buffers, params = self.bb, self.bp
+            rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+            if rm is None or rv is None or (bn.training and not self.frozen):
+                return None
+            cb = self.cp.get("bias")
+            bw, bb_ = params.get("weight", buffers.get("weight")), params.get("bias", buffers.get("bias"))
+            eps, counter = bn.eps, buffers.get("num_batches_tracked")
+        if torch.is_grad_enabled() and _any_requires_grad(x, w, residual, gate, conv, bn):
+            return None
+        mod = native_module()
+        if mod is None:
+            return None
+        return mod.conv_bn_act(x, w, cb, bw, bb_, rm, rv, eps, residual, out, self.stride, self.pad, self.dilation,
+                               self.groups, self.act, self.act_param, residual_after_act, gate, out_shuffle_groups,
+                               counter)
 
 
 def _any_requires_grad(x, w, residual, gate, conv, bn) -> bool:

@@ -229,7 +229,9 @@ class FusedGhostModule(nn.Module):
       (:class:`FusedConvBNAct` with ``out=``) writes channels ``[0, init)``, and the cheap
       conv-BN-act reads them in place and writes ``[init, out_chs)``, computing only those
       channels: its weight and its BN scale and bias (computed per call from the live modules)
-      are sliced to them. For ratio 2, ghost channel ``c`` reads intrinsic channel ``c``.
+      are sliced to them (on the native CPU backend, when every cheap channel is kept, the cheap
+      conv runs as its own FusedConvBNAct into the buffer: nothing to slice). For ratio 2,
+      ghost channel ``c`` reads intrinsic channel ``c``.
       GhostModuleV3's training-form branches are merged into one conv per step on every call
       (:class:`~effops.nn.repvgg.MergedBranches`, in float64 from the live modules). The
       V2/V3 gate branch runs its conv-BN pairs fused and multiplies the buffer in place.
@@ -303,6 +305,7 @@ class FusedGhostModule(nn.Module):
         self._snapshot = ChildrenSnapshot(list(self.children()))
         self._fingerprint = self._live_settings()
         self._checked = None
+        self.__dict__["_native_plan"] = None
 
     def _live_settings(self) -> tuple:
         p = self._plan
@@ -345,6 +348,11 @@ class FusedGhostModule(nn.Module):
         return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters())))
 
     def forward(self, x: Tensor, *, gate: Optional[Tensor] = None) -> Tensor:
+        fast = self.__dict__.get("_native_plan")
+        if fast is not None and not torch.compiler.is_compiling():  # CPU inference, steady state: see _GhostPlan
+            y = fast.run(x, gate)
+            if y is not None:
+                return y
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedGhostModule expected a 4-D input (N, C, H, W), got {got}")
@@ -395,7 +403,12 @@ class FusedGhostModule(nn.Module):
         if x.shape[0] == 0:
             return buf
         self._intrinsics_into(x, buf[:, :p.init_chs], dtype, compiling, gate)
-        self._ghosts_into(buf, dtype, compiling)
+        whole = self._ghosts_into(buf, dtype, compiling)
+        if whole and p.short is None and p.primary.unit is not None and type(x) is Tensor and dtype == x.dtype \
+                and not torch.is_autocast_enabled("cpu"):
+            # Both convs ran through their FusedConvBNAct's native path: later calls with this
+            # input signature may go straight to their plans.
+            self.__dict__["_native_plan"] = _GhostPlan(self, x, buf)
         if p.short is not None:
             gate = self._gate(x, (oh, ow))
             # In place unless the gate is wider (autocast can leave it float32): then PyTorch's
@@ -409,7 +422,7 @@ class FusedGhostModule(nn.Module):
         ``gate`` scales the conv's input channels as it loads them."""
         step = self._plan.primary
         if step.unit is not None:
-            step.unit(x, out=dst, **({} if gate is None else {"gate": gate}))
+            step.unit._into_trusted(x, dst, gate)  # dst: a channel range of _run's fresh buffer
             return
         conv = step.conv
         if not compiling and native_fast(x):  # stable derived tensors: the native conv's packing cache hits
@@ -418,28 +431,36 @@ class FusedGhostModule(nn.Module):
             w, _, b = step.weight_scale_bias(dtype)
         _conv_into(x, w, None, b, dst, conv, conv.groups, step.activation, compiling, gate)
 
-    def _ghosts_into(self, buf: Tensor, dtype: torch.dtype, compiling: bool) -> None:
+    def _ghosts_into(self, buf: Tensor, dtype: torch.dtype, compiling: bool) -> bool:
         """The cheap conv-BN-act for output channels ``[init, out_keep)`` only, reading the intrinsic
         channels of ``buf`` in place. Cheap output channel ``j`` is in group ``j // C_out_g`` and reads
         intrinsic channels ``[g * C_in_g, (g + 1) * C_in_g)`` (ratio 2: channel ``j``), so the kept
         channels are the whole groups ``[0, gf)`` (one grouped conv on the first ``gf * C_in_g``
-        channels) and, if the slice cuts a group, the first ``r`` outputs of group ``gf`` (one more conv)."""
+        channels) and, if the slice cuts a group, the first ``r`` outputs of group ``gf`` (one more conv).
+        Returns whether the whole cheap conv ran as its FusedConvBNAct (native CPU inference)."""
         p = self._plan
         keep = p.out_keep - p.init_chs
         if keep == 0:
-            return
+            return False
         conv = p.cheap.conv
-        if not compiling and native_fast(buf):  # stable derived tensors: the native conv's packing cache hits
+        native = not compiling and native_fast(buf)
+        if native and p.cheap.unit is not None and keep == conv.out_channels:
+            # Every cheap output is kept: the unit's own native path (BN folded into its cached
+            # weight), reading and writing disjoint channel ranges of buf.
+            p.cheap.unit._into_trusted(buf[:, :p.init_chs], buf[:, p.init_chs:p.out_keep])
+            return True
+        if native:  # stable derived tensors: the native conv's packing cache hits
             for (i0, i1, o0, o1, groups), (w, scale, bias) in self._derived_cache().get(
                     self._sources(), lambda: self._derived(dtype), dtype)[1]:
                 _conv_into(buf[:, i0:i1], w, scale, bias, buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
                            p.cheap.activation, compiling)
-            return
+            return False
         w_full, scale, bias = p.cheap.weight_scale_bias(dtype)
         for o0, o1, i0, i1, groups in self._cheap_parts():
             _conv_into(buf[:, i0:i1], w_full[o0:o1], None if scale is None else scale[o0:o1],
                        None if bias is None else bias[o0:o1], buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
                        p.cheap.activation, compiling)
+        return False
 
     def _cheap_parts(self) -> list:
         """``(o0, o1, i0, i1, groups)`` of the (at most two) convs computing the kept cheap outputs."""
@@ -517,6 +538,49 @@ class FusedGhostModule(nn.Module):
             return out[:, :self.out_chs, :, :] * F.interpolate(
                 self.gate_fn(res), size=(out.shape[-2], out.shape[-1]), mode="nearest")
         return out[:, :getattr(self, "out_chs", getattr(self, "oup", None)), :, :]
+
+
+def _no_plan():
+    return None
+
+
+class _GhostPlan:
+    """The steady state of a ghost module whose two convs both run as their FusedConvBNAct's native
+    CPU path (no gate branch): the input signature it was built for, and then the two units'
+    own plans (:class:`~effops.nn.conv_bn_act._NativePlan`), which check everything about their
+    convs, BNs, activations, grad mode, autocast, compiling and the forced backend. Guards here:
+    the input's signature, the module's children snapshot and hooks (on the containers too).
+    When a guard fails, ``run`` returns None and the full forward runs: it re-parses the children
+    if they changed, warns, falls back, and rebuilds the plan."""
+
+    __slots__ = ("owner", "snapshot", "hooks", "primary", "cheap", "x_shape", "dtype", "shape", "init", "keep",
+                 "takes_gate")
+
+    def __init__(self, owner: "FusedGhostModule", x: Tensor, buf: Tensor):
+        p = owner._plan
+        self.owner, self.snapshot, self.hooks = owner, owner._snapshot, owner._hooks
+        self.primary, self.cheap = p.primary.unit, p.cheap.unit
+        self.x_shape, self.dtype, self.shape = x.shape, x.dtype, tuple(buf.shape)
+        self.init, self.keep = p.init_chs, p.out_keep
+        self.takes_gate = owner.takes_gate()
+
+    def __reduce__(self):  # copies and pickles of the module rebuild it on their first call
+        return (_no_plan, ())
+
+    def run(self, x: Tensor, gate: Optional[Tensor]) -> Optional[Tensor]:
+        if type(x) is not Tensor or x.dtype is not self.dtype or x.shape != self.x_shape \
+                or (gate is not None and not self.takes_gate) or self.snapshot.changed() or hooked(self.hooks):
+            return None
+        pp, cp = self.primary._native_plan, self.cheap._native_plan
+        if pp is None or cp is None:
+            return None
+        buf = torch.empty(self.shape, dtype=self.dtype, device="cpu", memory_format=output_format(x))
+        if pp.run(x, None, True, gate, 1, buf.narrow(1, 0, self.init)) is None:
+            return None
+        if cp.run(buf.narrow(1, 0, self.init), None, True, None, 1,
+                  buf.narrow(1, self.init, self.keep - self.init)) is None:
+            return None
+        return buf
 
 
 def _conv_into(x: Tensor, w: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], dst: Tensor, conv: nn.Conv2d,

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..activations import activation_of, apply_activation, check_activation, make_activation
 from ..ops.se import APPLY_OP, GATE_OP, check_se_apply_inputs, check_se_gate_inputs, se_gate_from_sums
+from ..native import module as native_module
+from ..ops.conv import native_fast, native_first
 from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, register_block_rule
+from .conv_bn_act import _STATIC_ACTS
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class SqueezeExcite(nn.Module):
         self._hooks = hook_dicts(list(self.children()))
         self._snapshot = ChildrenSnapshot([self])
         self._checked = self._checked_apply = None
+        self.__dict__["_native_gate"] = None
 
     # -- the live structure ----------------------------------------------------------
     def _child(self, name: Optional[str]) -> Optional[nn.Module]:
@@ -308,6 +312,8 @@ class SqueezeExcite(nn.Module):
         if sig != self._checked:  # eager: validate each new signature once
             check_se_gate_inputs(*args[:5], act, gate)
             self._checked = sig
+        if native_fast(x) and type(x) is Tensor and not torch.is_autocast_enabled("cpu"):
+            self.__dict__["_native_gate"] = _GatePlan(self, plan, x)
         # Eager inference: the op's implementation without the torch.library layers.
         return dispatch.run("se_gate", *args)
 
@@ -338,6 +344,11 @@ class SqueezeExcite(nn.Module):
         math, differentiable, cast to float32. For callers that apply the gate themselves, e.g.
         folded into the next conv's operand load (``FusedConvBNAct(..., gate=se.gate_of(x))``).
         """
+        fast = self.__dict__.get("_native_gate")
+        if fast is not None and not torch.compiler.is_compiling():  # CPU inference, steady state: see _GatePlan
+            g = fast.run(x)
+            if g is not None:
+                return g
         self._check_input(x)
         plan = self._fused_plan()
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -419,6 +430,71 @@ class SqueezeExcite(nn.Module):
                                              gate_param=g_param)
                     return self._fused_apply(x, gate, residual, act, act_param)
         return self.forward_residual(x, residual, act, act_param)
+
+
+def _no_plan():
+    return None
+
+
+class _GatePlan:
+    """What :meth:`SqueezeExcite.gate_of` derives from the children on the native CPU path (the
+    activations, the layout checks of ``_plan()``, the validated signature), kept after a full call
+    checked it: later calls with the same input signature check the guards below, read the fc
+    tensors live and make one native call. A failed guard (a child replaced or reconfigured, a hook,
+    train mode, another input, autocast, gradients, compiling, a forced backend) returns None: the
+    full path runs and rebuilds the plan."""
+
+    __slots__ = ("owner", "snapshot", "hooks", "plan", "live_act", "key", "rp", "ep", "x_shape", "dtype", "sig")
+
+    def __init__(self, owner: "SqueezeExcite", plan, x: Tensor):
+        L, mods = owner._layout, owner._modules
+        self.owner, self.snapshot, self.hooks, self.plan = owner, owner._snapshot, owner._hooks, plan
+        acts = [mods[L.gate]] + ([mods[L.act]] if L.act is not None else [])
+        self.live_act = any(type(a) not in _STATIC_ACTS for a in acts)
+        self.key = self._key()
+        reduce = owner._child(L.reduce)
+        self.rp, self.ep = (None if reduce is None else reduce._parameters), mods[L.expand]._parameters
+        self.x_shape, self.dtype = x.shape, x.dtype
+        self.sig = self._tensor_sig()
+
+    def __reduce__(self):  # copies and pickles of the module rebuild it on their first call
+        return (_no_plan, ())
+
+    def _key(self) -> tuple:
+        """Every child setting ``_plan()`` reads that a children snapshot doesn't see."""
+        owner = self.owner
+        L, mods = owner._layout, owner._modules
+        key = [] if L.pool is None else [mods[L.pool].output_size]
+        for conv in (owner._child(L.reduce), mods[L.expand]):
+            if conv is not None:
+                key += [conv.kernel_size, conv.groups, conv.padding, conv.in_channels, conv.out_channels]
+        return tuple(key)
+
+    def _tensor_sig(self) -> tuple:
+        rw, rb, ew, eb = self.owner._weights()
+        return (None if rw is None else (rw.shape, rw.dtype)), rb is None, ew.shape, ew.dtype, eb is None
+
+    def run(self, x: Tensor) -> Optional[Tensor]:
+        owner = self.owner
+        if type(x) is not Tensor or x.dtype is not self.dtype or not x.is_cpu or x.shape != self.x_shape \
+                or owner.training or self.snapshot.changed() or hooked(self.hooks) or self._key() != self.key:
+            return None
+        if self.live_act and owner._plan() != self.plan:
+            return None
+        if torch.is_autocast_enabled("cpu") or not native_first():
+            return None
+        rp, ep = self.rp, self.ep
+        rw, rb = (None, None) if rp is None else (rp.get("weight"), rp.get("bias"))
+        ew, eb = ep["weight"], ep.get("bias")
+        if ((None if rw is None else (rw.shape, rw.dtype)), rb is None, ew.shape, ew.dtype, eb is None) != self.sig:
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, rw, rb, ew, eb)):
+            return None
+        mod = native_module()
+        if mod is None:
+            return None
+        act, act_param, gate, gate_param = self.plan
+        return mod.se_gate(x, rw, rb, ew, eb, act, float(act_param), gate, float(gate_param))
 
 
 # -- the converter's block rule ------------------------------------------------------------

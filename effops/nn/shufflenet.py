@@ -335,8 +335,8 @@ class FusedShuffleV2Block(nn.Module):
     def _branch(runs: List[FusedConvBNAct], y: Tensor, dst: Tensor, direct: bool) -> None:
         for f in runs[:-1]:
             y = f(y)
-        if direct:
-            runs[-1](y, out=dst)
+        if direct:  # dst: a channel view of the unit's fresh output, disjoint from y
+            runs[-1]._into_trusted(y, dst)
         else:  # autocast, stride 1: branch2 computed in the autocast dtype, stored promoted
             dst.copy_(runs[-1](y))
 

@@ -102,6 +102,10 @@ class FusedStep(nn.Module):
         return y if out_shuffle_groups == 1 else reference.channel_shuffle(y, out_shuffle_groups)
 
     def _exact_residual(self, x: Tensor, r: Tensor) -> bool:
+        plan = self.fused._native_plan
+        # The common case, answered from the conv's plan; anything else is worked out below.
+        if plan is not None and not torch.compiler.is_compiling() and plan.exact_residual(x, r):
+            return True
         conv = self.fused.conv
         if not isinstance(r, Tensor) or r.dim() != 4 or x.dim() != 4:
             return False

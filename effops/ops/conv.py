@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -935,11 +936,30 @@ def native_fast(x) -> bool:
     """Whether an eager CPU call with input ``x`` goes to the native backend (modules then call
     it directly, skipping the dispatcher): CPU float32 (bfloat16 where the CPU has it), native
     preferred or forced, and the extension built."""
-    if not isinstance(x, Tensor) or x.device.type != "cpu" or not dispatch.native_first():
+    if not isinstance(x, Tensor) or x.device.type != "cpu" or not native_first():
         return False
     if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and native_bf16()):
         return False
     return _native.available()
+
+
+# os.environ.get() encodes the key and walks the Mapping layers (~0.7 us); the raw dict behind
+# os.environ answers the common case (variable unset) in tens of ns. Anything else asks dispatch.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(_ENVIRON, "_data", None)
+try:
+    _ENV_KEY = _ENVIRON.encodekey("EFFOPS_BACKEND")  # type: ignore[attr-defined]
+except AttributeError:
+    _ENV_DATA = None
+
+
+def native_first() -> bool:
+    """:func:`effops.dispatch.native_first`, answered without reading the environment through
+    ``os.environ.get`` when no backend is forced (the per-call question of every module)."""
+    if dispatch._FORCED.get() is None and dispatch.CPU_PREFERENCE == "native" and _ENV_DATA is not None \
+            and os.environ is _ENVIRON and _ENV_DATA.get(_ENV_KEY) is None:
+        return True
+    return dispatch.native_first()
 
 
 @functools.lru_cache(maxsize=None)

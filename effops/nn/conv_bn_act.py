@@ -272,6 +272,39 @@ class FusedConvBNAct(nn.Module):
                 return y
         return self(x, out=dst, gate=gate)
 
+    def _compiled_native(self, x: Tensor, gate: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Under torch.compile, CPU inference: ``self(x, gate=gate)`` as the functional native op, for
+        an owner that watches this unit's children and hooks itself (FusedGhostModule: its snapshot
+        and hook registries cover them), so the trace carries no second copy of those checks (each
+        is a guard evaluated on every call). None where another path of ``forward`` applies."""
+        a = self._compiled_native_args(x, gate)
+        if a is None:
+            return None
+        w, st, stride, padding, dilation, groups, act, act_param = a
+        return NATIVE_BN_OP(x, w, *st[:6], None, stride, padding, dilation, groups, act, act_param, True, gate, 1,
+                            st[6])
+
+    def _compiled_native_args(self, x: Tensor, gate: Optional[Tensor] = None, check: bool = True) -> Optional[tuple]:
+        """``(weight, bn args, stride, padding, dilation, groups, act, act_param)`` of
+        :meth:`_compiled_native`, or None; ``check=False``: ``x``'s shape was settled by the owner
+        (FusedGhostModule's cheap conv, reading the primary conv's output)."""
+        conv, bn, act_mod = self._live_modules()
+        if why_not_fusable(conv, bn, act_mod) is not None or not self._folds(bn):
+            return None
+        w = conv._parameters["weight"]
+        if not native_fast(x) or w.dtype != x.dtype or torch.is_autocast_enabled("cpu") \
+                or (torch.is_grad_enabled() and _any_requires_grad(x, w, None, gate, conv, bn)):
+            return None
+        settings = self._settings(conv, bn, act_mod)
+        if check:
+            check_inputs(x, w, None, None, None, conv.stride, resolve_padding(conv), conv.dilation, conv.groups,
+                         settings[-1][0])
+        if gate is not None:
+            check_gate(gate, x, w.shape[1] * conv.groups)
+        act, act_param = settings[-1]
+        return (w, _native_bn_args(conv, bn), list(conv.stride), list(resolve_padding(conv)), list(conv.dilation),
+                conv.groups, act, float(act_param))
+
     def _forward(self, x, residual, residual_after_act, out, gate, out_shuffle_groups):
         if self._snapshot.changed():  # a child was replaced since the last call
             self._watch()
@@ -301,9 +334,11 @@ class FusedConvBNAct(nn.Module):
             None if residual is None else (residual.shape, residual.dtype, residual.device),
             None if gate is None else (gate.shape, gate.dtype, gate.device), out_shuffle_groups)
         if sig is None or sig != self._checked:  # eager: validate each new signature once
-            self._why_unfused = why_not_fusable(conv, bn, act_mod)
-            if self._why_unfused is not None:
-                warnings.warn(f"effops.FusedConvBNAct runs unfused: {self._why_unfused}", stacklevel=2)
+            why = why_not_fusable(conv, bn, act_mod)
+            if not compiling:  # (an attribute written while compiling is a side effect replayed every call)
+                self._why_unfused = why
+            if why is not None:
+                warnings.warn(f"effops.FusedConvBNAct runs unfused: {why}", stacklevel=2)
             else:
                 check_inputs(x, _cast(w, dtype), None, None, residual, conv.stride, resolve_padding(conv),
                              conv.dilation, conv.groups, settings[-1][0])
@@ -313,10 +348,11 @@ class FusedConvBNAct(nn.Module):
                 check_shuffle_groups(out_shuffle_groups, w.shape[0])
             if sig is not None:
                 self._checked = sig
-        if self._why_unfused is not None:
+        else:
+            why = self._why_unfused
+        if why is not None:
             if not self._modules_compute_it(bn, residual, residual_after_act):
-                raise ValueError(f"effops.FusedConvBNAct can't add a residual before the activation here: "
-                                 f"{self._why_unfused}")
+                raise ValueError(f"effops.FusedConvBNAct can't add a residual before the activation here: {why}")
             return _into(self._forward_modules(_gated(x, gate), residual, residual_after_act), out, out_shuffle_groups)
         if not self._folds(bn):
             return _into(self._forward_unfused(_gated(x, gate), _cast(w, dtype), residual, residual_after_act), out,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
-from ..ops.conv import _OP, check_gate, check_inputs, native_fast, output_format
+from ..ops.conv import _OP, GHOST_NATIVE_OP, check_gate, check_inputs, native_fast, output_format
 from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, slot_tensors, tensor_slots, hooked, looks_like_batch_norm, register_block_rule,
                      sequential_children)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
@@ -390,14 +390,38 @@ class FusedGhostModule(nn.Module):
         sig = (x.shape, x.dtype, x.device, pc.weight.dtype, pc.weight.device, dtype)
         if compiling or sig != self._checked:  # eager: validate each new signature once
             w = _cast(pc.weight, dtype)
-            self._out_hw = check_inputs(x, w, None, None, None, pc.stride, resolve_padding(pc), pc.dilation,
+            out_hw = check_inputs(x, w, None, None, None, pc.stride, resolve_padding(pc), pc.dilation,
                                         pc.groups, p.primary.activation[0])
             if cc.weight.device != x.device:
                 raise ValueError(f"cheap_operation's weight is on {cc.weight.device} but the input is on "
                                  f"{x.device}; expected the same device")
-            if not compiling:
-                self._checked = sig
-        oh, ow = self._out_hw
+            if not compiling:  # (an attribute written while compiling is a side effect replayed every call)
+                self._checked, self._out_hw = sig, out_hw
+        else:
+            out_hw = self._out_hw
+        oh, ow = out_hw
+        if compiling and x.shape[0] != 0 and p.short is None and p.primary.unit is not None \
+                and p.cheap.unit is not None and native_fast(x) and dtype == x.dtype \
+                and pc.weight.dtype == dtype and cc.weight.dtype == dtype and not torch.is_autocast_enabled("cpu"):
+            # torch.compile on CPU, inference: both convs as the functional native op with their
+            # BNs' own tensors (the extension's folded, packed weights stay cached), concatenated
+            # by the graph: no writes into views of an empty buffer for functionalization to copy.
+            keep = p.out_keep - p.init_chs
+            a1 = p.primary.unit._compiled_native_args(x, gate)
+            a2 = None if a1 is None or keep != cc.out_channels else p.cheap.unit._compiled_native_args(x, None, False)
+            if a2 is not None:  # every cheap output is kept: one node writing one buffer
+                w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
+                w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
+                return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,
+                                       w2, *st2[:6], st2[6], pad2, dil2, g2, act2, ap2)
+            x1 = p.primary.unit._compiled_native(x, gate)
+            if x1 is not None:
+                x2 = p.cheap.unit._compiled_native(x1)
+                if x2 is None:
+                    x2 = p.cheap.unit(x1)
+                if x2.shape[1] != p.out_keep - p.init_chs:
+                    x2 = x2[:, :p.out_keep - p.init_chs]
+                return torch.cat([x1, x2], 1)
         buf = torch.empty((x.shape[0], p.out_keep, oh, ow), dtype=dtype, device=x.device,
                           memory_format=output_format(x))
         if x.shape[0] == 0:

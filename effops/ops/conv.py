@@ -940,6 +940,14 @@ def native_fast(x) -> bool:
         return False
     if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and native_bf16()):
         return False
+    return _native_loaded()
+
+
+@torch._dynamo.assume_constant_result
+def _native_loaded() -> bool:
+    # Under torch.compile, Dynamo calls this while tracing and bakes in the answer: loading the
+    # extension takes a lock and hashes the sources, which it can't trace (a graph break in the
+    # first fused module of a model compiled before any eager call). Eager calls run it as is.
     return _native.available()
 
 
@@ -1128,6 +1136,46 @@ def _(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, 
 
 
 NATIVE_BN_OP = torch.ops.effops.conv_bn_act_native.default
+
+
+@torch.library.custom_op("effops::ghost_native", mutates_args=())
+def _ghost_native_op(
+    x: Tensor, gate: Optional[Tensor],
+    w1: Tensor, cb1: Optional[Tensor], bw1: Optional[Tensor], bb1: Optional[Tensor], rm1: Optional[Tensor],
+    rv1: Optional[Tensor], eps1: float, counter1: Optional[Tensor], stride1: List[int], padding1: List[int],
+    dilation1: List[int], groups1: int, act1: str, act_param1: float,
+    w2: Tensor, cb2: Optional[Tensor], bw2: Optional[Tensor], bb2: Optional[Tensor], rm2: Optional[Tensor],
+    rv2: Optional[Tensor], eps2: float, counter2: Optional[Tensor], padding2: List[int], dilation2: List[int],
+    groups2: int, act2: str, act_param2: float,
+) -> Tensor:
+    """A ghost module on the native backend, for torch.compile on CPU (inference only): the primary
+    conv + BN + act (input gate ``gate``) into channels ``[0, C1)`` of one new buffer, then the
+    stride-1 cheap conv + BN + act reading them in place into ``[C1, C1 + C2)``: one node, where two
+    native ops and a cat would copy both halves into the concatenation. BNs as their own tensors,
+    as in ``conv_bn_act_native`` (the extension's folded, packed weights stay cached)."""
+    buf = _ghost_output(x, w1, w2, stride1, padding1, dilation1)
+    init, mod = w1.shape[0], _native.module()
+    x1 = buf.narrow(1, 0, init)
+    mod.conv_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, None, x1, stride1, padding1, dilation1, groups1, act1,
+                    act_param1, True, gate, 1, counter1)
+    mod.conv_bn_act(x1, w2, cb2, bw2, bb2, rm2, rv2, eps2, None, buf.narrow(1, init, w2.shape[0]), [1, 1], padding2,
+                    dilation2, groups2, act2, act_param2, True, None, 1, counter2)
+    return buf
+
+
+def _ghost_output(x, w1, w2, stride1, padding1, dilation1) -> Tensor:
+    oh, ow = _out_hw(x.shape[2], x.shape[3], w1.shape[2:], stride1, padding1, dilation1)
+    return torch.empty((x.shape[0], w1.shape[0] + w2.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=output_format(x))
+
+
+@_ghost_native_op.register_fake
+def _(x, gate, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, stride1, padding1, dilation1, groups1, act1, act_param1,
+      w2, cb2, bw2, bb2, rm2, rv2, eps2, counter2, padding2, dilation2, groups2, act2, act_param2):
+    return _ghost_output(x, w1, w2, stride1, padding1, dilation1)
+
+
+GHOST_NATIVE_OP = torch.ops.effops.ghost_native.default
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""torch.compile over modules on the native CPU backend: what the trace holds (functional native ops,
+no graph breaks) and the numerics of the compiled result."""
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+import effops
+from effops import native as _native
+from effops.nn.ghost import FusedGhostModule
+from effops.ops.conv import GHOST_NATIVE_OP, NATIVE_BN_OP
+
+from helpers import assert_matches, randomize_bn
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native CPU backend unavailable")
+
+
+def _recording_backend(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("out_chs,gated", [(16, False), (16, True), (15, False)])
+def test_compiled_ghost_module_is_functional_native_ops(out_chs, gated):
+    """Under compile a ghost module traces to one functional ghost op when every cheap channel is
+    kept, else to the native conv op twice and a cat (BN tensors as inputs, no scale/bias math):
+    never a preallocated buffer written through views."""
+    timm = pytest.importorskip("timm")
+    from timm.models.ghostnet import GhostModule
+
+    torch._dynamo.reset()
+    ref = randomize_bn(GhostModule(8, out_chs)).eval()
+    fused = FusedGhostModule.from_module(ref).eval()
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    g = torch.rand(2, 8) if gated else None
+    graphs = []
+    with torch.no_grad():
+        y = torch.compile(fused, fullgraph=True, backend=_recording_backend(graphs))(x, gate=g)
+    assert len(graphs) == 1
+    targets = _targets(graphs[0])
+    if out_chs == 16:
+        assert targets.count(GHOST_NATIVE_OP) == 1 and NATIVE_BN_OP not in targets, targets
+    else:
+        assert targets.count(NATIVE_BN_OP) == 2 and targets.count(torch.cat) == 1, targets
+    assert torch.empty not in targets and torch.ops.effops.conv_bn_act.default not in targets, targets
+    xg = x.double() if g is None else x.double() * g.double()[:, :, None, None]
+    assert y.shape == (2, out_chs, 9, 7)
+    assert_matches(y, ref.double()(xg))
+
+
+@pytest.mark.slow
+def test_ghostnet_inductor_freezing_one_graph_and_numerics():
+    """A whole optimized GhostNet under inductor with freezing: one graph, fp32 within 1e-5 of fp64."""
+    timm = pytest.importorskip("timm")
+    torch._dynamo.reset()
+    model = randomize_bn(timm.create_model("ghostnet_050", num_classes=10)).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        y = torch.compile(fast, fullgraph=True)(x)
+    assert_matches(y, model.double()(x.double()))
+
+
+def test_compile_before_the_extension_is_loaded_has_no_graph_break():
+    """Loading the extension (a lock, hashing the sources) can't be traced: a model compiled before
+    any eager native call still traces as one graph."""
+    model = randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                                             torch.nn.BatchNorm2d(8), torch.nn.ReLU())).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    _native._reset_for_tests()
+    graphs = []
+    with torch.no_grad():
+        y = torch.compile(fast, fullgraph=True, backend=_recording_backend(graphs))(x)
+    assert len(graphs) == 1 and NATIVE_BN_OP in _targets(graphs[0])
+    assert_matches(y, model.double()(x.double()))

@@ -209,11 +209,16 @@ def _atomic(m: nn.Module) -> bool:
     return _is_fused_module(m)
 
 
+def _decided_whole(live: nn.Module, orig: nn.Module) -> bool:
+    """A converted block whose insides are not looked at: an effops module, or one of another type."""
+    return _atomic(live) or type(live) is not type(orig)
+
+
 def _candidates(live: nn.Module, orig: nn.Module, path: str, out: List[str]) -> None:
     """Paths of converted blocks (pre-order), for recording their probe inputs."""
     if _changed(live, orig):
         out.append(path)
-        if _atomic(live) or type(live) is not type(orig):
+        if _decided_whole(live, orig):
             return
     for name, child in live.named_children():
         o = orig._modules.get(name)
@@ -275,8 +280,7 @@ def _breaks_ancestor(ancestors: List[nn.Module]) -> bool:
 
 
 class _Checker:
-    def __init__(self, live_root: nn.Module, orig_root: nn.Module, report, probes, root_replaceable: bool,
-                 measure: Callable):
+    def __init__(self, report, probes, root_replaceable: bool, measure: Callable):
         self.report = report
         self.probes = probes
         self.root_replaceable = root_replaceable
@@ -288,7 +292,7 @@ class _Checker:
         label = path or "<model>"
         if _changed(live, orig):
             kept = self._decide_one(live, orig, path, label, parent, name, ancestors)
-            if kept == "original" or _atomic(live) or type(live) is not type(orig):
+            if kept == "original" or _decided_whole(live, orig):
                 return
         for child_name, child in list(live.named_children()):
             o = orig._modules.get(child_name)
@@ -396,7 +400,7 @@ def run(live_root: nn.Module, orig_root: nn.Module, report, args, kwargs, *, roo
             return live_root
         with torch.no_grad():
             probes = _record_inputs(orig_root, paths, args, kwargs)
-            checker = _Checker(live_root, orig_root, report, probes, root_replaceable, measure)
+            checker = _Checker(report, probes, root_replaceable, measure)
             checker.decide(live_root, orig_root, "", None, "", [])
     finally:
         # Every module gets its mode back; an original put back in gets its own mode from before.

@@ -612,6 +612,13 @@ FoldFn bn_fold(const OptTensor& conv_bias, const OptTensor& bn_weight, const Opt
 
 }  // namespace
 
+std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride,
+                                        const IntVec& padding, const IntVec& dilation) {
+  return out_hw(x, weight, stride, padding, dilation);
+}
+
+bool prefers_channels_last(const at::Tensor& x) { return channels_last_ish(x); }
+
 at::Tensor conv_bn_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
                                 const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                 const OptTensor& running_mean, const OptTensor& running_var, double eps,

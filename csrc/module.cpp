@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include "native.h"
 
@@ -40,9 +41,67 @@ at::Tensor conv_bn_act_native_cpu(const at::Tensor& x, const at::Tensor& weight,
                          act_param, residual_after_act, gate, out_shuffle_groups, stats_counter);
 }
 
+// effops::ghost_native's CPU kernel (defined in effops/ops/conv.py, whose Python version it
+// mirrors): the primary conv into channels [0, C1) of one buffer, the cheap conv reading them in
+// place into [C1, C1 + C2).
+at::Tensor ghost_native_cpu(const at::Tensor& x, const en::OptTensor& gate, const at::Tensor& w1,
+                            const en::OptTensor& cb1, const en::OptTensor& bw1, const en::OptTensor& bb1,
+                            const en::OptTensor& rm1, const en::OptTensor& rv1, double eps1,
+                            const en::OptTensor& counter1, c10::IntArrayRef stride1, c10::IntArrayRef padding1,
+                            c10::IntArrayRef dilation1, int64_t groups1, c10::string_view act1, double act_param1,
+                            const at::Tensor& w2, const en::OptTensor& cb2, const en::OptTensor& bw2,
+                            const en::OptTensor& bb2, const en::OptTensor& rm2, const en::OptTensor& rv2, double eps2,
+                            const en::OptTensor& counter2, c10::IntArrayRef padding2, c10::IntArrayRef dilation2,
+                            int64_t groups2, c10::string_view act2, double act_param2) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && w1.dim() == 4 && w2.dim() == 4, "effops ghost_native: expected 4-D x and weights");
+  const auto [oh, ow] = en::conv_out_hw(x, w1, stride1.vec(), padding1.vec(), dilation1.vec());
+  const int64_t init = w1.size(0);
+  at::Tensor buf = at::empty({x.size(0), init + w2.size(0), oh, ow}, x.options(),
+                             en::prefers_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor x1 = buf.narrow(1, 0, init);
+  en::conv_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, std::nullopt, x1, stride1.vec(), padding1.vec(),
+                  dilation1.vec(), groups1, std::string(act1), act_param1, true, gate, 1, counter1);
+  en::conv_bn_act(x1, w2, cb2, bw2, bb2, rm2, rv2, eps2, std::nullopt, buf.narrow(1, init, w2.size(0)), {1, 1},
+                  padding2.vec(), dilation2.vec(), groups2, std::string(act2), act_param2, true, std::nullopt, 1,
+                  counter2);
+  return buf;
+}
+
+// effops::se_gate_native / se_apply_native (effops/ops/se.py): the SE ops of compiled CPU inference.
+at::Tensor se_gate_native_cpu(const at::Tensor& x, const en::OptTensor& rw, const en::OptTensor& rb,
+                              const at::Tensor& ew, const en::OptTensor& eb, c10::string_view act, double act_param,
+                              c10::string_view gate, double gate_param) {
+  return en::se_gate(x, rw, rb, ew, eb, en::parse_act(std::string(act)), act_param,
+                     en::parse_act(std::string(gate)), gate_param);
+}
+
+at::Tensor se_apply_native_cpu(const at::Tensor& x, const at::Tensor& gate, const en::OptTensor& residual,
+                               c10::string_view act, double act_param) {
+  // The layout of effops.ops.conv.output_format(x), which the op's fake implementation promises.
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(en::prefers_channels_last(x)
+                                                                      ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous));
+  return en::se_apply(x, gate, residual, out, en::parse_act(std::string(act)), act_param);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(effops, CPU, m) { m.impl("conv_bn_act_native", &conv_bn_act_native_cpu); }
+TORCH_LIBRARY_IMPL(effops, CPU, m) {
+  m.impl("se_gate_native", &se_gate_native_cpu);
+  m.impl("se_apply_native", &se_apply_native_cpu);
+  m.impl("conv_bn_act_native", &conv_bn_act_native_cpu);
+  m.impl("ghost_native", &ghost_native_cpu);
+}
+
+// These ops are inference-only. This C++ autograd kernel replaces the Python one that
+// torch.library.custom_op registers (about 10 us per call: a pytree walk over every argument
+// looking for requires_grad); like it, it makes a backward through the op an error.
+TORCH_LIBRARY_IMPL(effops, Autograd, m) {
+  m.impl("conv_bn_act_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("ghost_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("se_gate_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("se_apply_native", torch::autograd::autogradNotImplementedFallback());
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "effops native CPU kernels";

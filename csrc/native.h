@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace effops_native {
@@ -76,6 +77,10 @@ int64_t pointwise_policy();
 
 // Packed-weight cache: number of entries, and dropping them all.
 int64_t weight_cache_size();
+// A conv's output height and width; whether its output is NHWC (x is NHWC or a channel view of it).
+std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride,
+                                        const IntVec& padding, const IntVec& dilation);
+bool prefers_channels_last(const at::Tensor& x);
 void clear_weight_cache();
 
 // ---- depthwise.cpp: NHWC depthwise conv + bias + activation (+ residual), at::vec ----------

@@ -23,11 +23,13 @@ def refresh() -> None:
     """Make every fused module re-derive what the native CPU backend derived from its parameters
     (BN-folded prepacked conv weights, merged RepVGG convs). Needed only after a write PyTorch
     does not count as a change: ``param.data.mul_(...)``, writes through numpy or DLPack. In-place
-    ops, optimizer steps, ``param.data = t`` and replaced modules are seen without it."""
-    from .nn.common import clear_derived_caches
+    ops, optimizer steps, ``param.data = t`` and replaced modules are seen without it, except modules written straight
+    into ``_modules`` or removed with ``del``."""
+    from .nn.common import clear_derived_caches, structure_changed
 
     native.refresh()
     clear_derived_caches()
+    structure_changed()
 
 __version__ = "0.1.0"
 

@@ -94,7 +94,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation_of, make_activation
-from .nn.common import BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, sequential_children, timm_bn_act
+from .nn.common import (BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, revalidate_snapshots,
+                        sequential_children, timm_bn_act)
 from .nn.conv_bn_act import FusedConvBNAct, resolve_padding, why_not_fusable
 from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
@@ -1139,4 +1140,5 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
         out.register_forward_pre_hook(speedcheck.LazyCheck(original, report, cpu_only=mode == "auto"),
                                       with_kwargs=True)
     out.effops_report = report
+    revalidate_snapshots()  # so a torch.compile that comes next traces the cheap structure check
     return out

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .nn.common import revalidate_snapshots, structure_changed
 from .nn.traced import traced_forward_of
 
 ENV = "EFFOPS_CHECK_SPEED"
@@ -259,6 +260,7 @@ def _put_child(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> 
     that child as it is (a plain call, not absorbed into a fused step), the graph is re-pointed at
     the new child too, so it stays in use instead of falling back to the class forward."""
     parent._modules[name] = new
+    structure_changed()  # a direct _modules write: the registration hook does not see it
     tf = traced_forward_of(parent)
     if tf is None or tf.children_at_trace.get(name) is not old:
         return
@@ -274,7 +276,7 @@ def _breaks_ancestor(ancestors: List[nn.Module]) -> bool:
     """Whether a rewritten forward above now sees a child replaced under it (and would run unfused)."""
     for a in ancestors:
         tf = traced_forward_of(a)
-        if tf is not None and (a._modules != tf.children_at_trace or tf.absorbed.changed()):
+        if tf is not None and tf.structure_moved():
             return True
     return False
 
@@ -365,6 +367,7 @@ class _TwoForms:
             self.live.__dict__["forward"] = fwd
         self.live._modules.clear()
         self.live._modules.update(children)
+        structure_changed()
 
     def to_fused(self) -> None:
         self._set(self.fused)
@@ -442,6 +445,7 @@ class LazyCheck:
             return None
         try:
             run(module, self.orig_root, self.report, args, kwargs, root_replaceable=False)
+            revalidate_snapshots()
         except Exception as e:  # noqa: BLE001 - a failed check must never fail the user's forward
             warnings.warn(f"effops.optimize: the speed check failed ({type(e).__name__}: {e}); the model runs "
                           "as converted", RuntimeWarning, stacklevel=2)

@@ -83,3 +83,48 @@ def test_compile_before_the_extension_is_loaded_has_no_graph_break():
         y = torch.compile(fast, fullgraph=True, backend=_recording_backend(graphs))(x)
     assert len(graphs) == 1 and NATIVE_BN_OP in _targets(graphs[0])
     assert_matches(y, model.double()(x.double()))
+
+
+class _Residual(torch.nn.Module):
+    """A hand-written forward: optimize installs a traced, fused forward on it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)) + x)
+
+
+def test_child_replaced_after_compile_is_seen():
+    """A compiled, optimized model whose child is replaced afterwards runs the new child: the
+    structure check traced into the graph is two integers, and the replacement moves one of them,
+    so dynamo's guard fails and the model is traced again."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(randomize_bn(_Residual(8)), randomize_bn(_Residual(8))).eval()
+    fast = effops.optimize(model, check_speed=False)
+    assert effops.nn.traced.traced_forward_of(fast[0]) is not None
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        assert_matches(compiled(x), model.double()(x.double()))
+        new = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        fast[0].conv = new
+        model[0].conv = new
+        with pytest.warns(UserWarning, match="replaced after optimize"):
+            y = compiled(x)
+    assert_matches(y, model.double()(x.double()))
+
+
+def test_native_ops_have_no_backward():
+    """The native ops are inference-only: a backward through them is an error, never a silent zero."""
+    _native.module()  # registers the C++ kernels
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 1, 1, requires_grad=True)
+    y = NATIVE_BN_OP(x, w, None, None, None, None, None, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, "relu", 0.0, True,
+                     None, 1, None)
+    assert_matches(y, torch.relu(torch.nn.functional.conv2d(x.double(), w.double())))
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()

@@ -230,3 +230,43 @@ def test_se_gate_plan_sees_changes():
     with torch.no_grad():
         torch.testing.assert_close(se.gate_of(x), expected)
     assert seen == [1]
+
+
+class _ComparingRaises(dict):
+    """A snapshot copy that fails the test if the snapshot compares it with the live dict."""
+
+    def __eq__(self, other):
+        raise AssertionError("the snapshot compared its dicts")
+
+    __ne__ = __eq__
+
+
+def test_snapshot_compares_only_after_a_child_is_registered():
+    """The children snapshot compares its dicts only when the structure epoch moved: a child
+    registered on a watched module (setattr, ``add_module``) moves it, anything else does not."""
+    f, x = _fused(), _nhwc(1, 8, 6, 6)
+    _warm(f, x)
+    f._snapshot._copies = tuple(_ComparingRaises(d) for d in f._snapshot._copies)
+    with torch.no_grad():
+        f(x)  # no registration since the last check: no comparison
+        nn.Sequential(nn.Conv2d(1, 1, 1))  # modules nobody watches getting children: still none
+        f(x)
+        f.bn = copy.deepcopy(f.bn)
+        with pytest.raises(AssertionError, match="compared its dicts"):
+            f(x)
+
+
+def test_child_written_into_modules_directly_is_seen_after_refresh():
+    """``m._modules[k] = v`` bypasses torch's registration hook; ``effops.refresh()`` makes every
+    snapshot compare again."""
+    import effops
+
+    f, x = _fused(), _nhwc(1, 8, 6, 6)
+    _warm(f, x)
+    bn = randomize_bn(nn.BatchNorm2d(12)).eval()
+    f._modules["bn"] = bn
+    effops.refresh()
+    with torch.no_grad():
+        y = f(x)
+    assert f.bn is bn
+    assert_matches(y, _modules_ref(f.conv, bn, f.act, x))

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, apply_activation, check_activation, make_activation
-from ..ops.se import APPLY_OP, GATE_OP, check_se_apply_inputs, check_se_gate_inputs, se_gate_from_sums
+from ..ops.se import (APPLY_NATIVE_OP, APPLY_OP, GATE_NATIVE_OP, GATE_OP, check_se_apply_inputs, check_se_gate_inputs,
+                      se_gate_from_sums)
 from ..native import module as native_module
 from ..ops.conv import native_fast, native_first
 from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, register_block_rule
@@ -302,10 +303,12 @@ class SqueezeExcite(nn.Module):
         rw, rb, ew, eb = self._weights()
         act, act_param, gate, gate_param = plan
         args = (x, rw, rb, ew, eb, act, act_param, gate, gate_param)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in args[:5])):
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
+        if torch.compiler.is_compiling() or needs_grad:
             if not torch.compiler.is_compiling():
                 check_se_gate_inputs(*args[:5], act, gate)
+            elif not needs_grad and native_fast(x):
+                return GATE_NATIVE_OP(*args)  # compiled CPU inference: straight into C++
             return GATE_OP(*args)  # the registered op: traceable, differentiable
         sig = (x.shape, x.dtype, x.device, ew.shape, ew.dtype, None if rw is None else (rw.shape, rw.dtype),
                rb is None, eb is None, act, gate)
@@ -318,10 +321,12 @@ class SqueezeExcite(nn.Module):
         return dispatch.run("se_gate", *args)
 
     def _fused_apply(self, x: Tensor, g: Tensor, residual: Optional[Tensor], act: str, act_param: float) -> Tensor:
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, g, residual))):
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, residual))
+        if torch.compiler.is_compiling() or needs_grad:
             if not torch.compiler.is_compiling():
                 check_se_apply_inputs(x, g, residual, act)
+            elif not needs_grad and native_fast(x) and g.dtype == torch.float32:
+                return APPLY_NATIVE_OP(x, g, residual, act, float(act_param))  # compiled CPU inference
             return APPLY_OP(x, g, residual, act, float(act_param))
         sig = (x.shape, x.dtype, x.device, None if residual is None else (residual.shape, residual.dtype,
                                                                            residual.device), act)

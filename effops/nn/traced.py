@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
+from . import common
 from ..activations import apply_activation
 from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
@@ -500,13 +501,32 @@ class TracedForward:
         # conv3's conv and BN, a child's traced conv): replacing one of those falls back too.
         self.absorbed = ChildrenSnapshot(list(absorbed))
         self.warned = False
+        common.watch(owner)
+        self._seen = common.structure_epoch()
+        common._EPOCH_USERS.add(self)
+
+    def structure_moved(self) -> bool:
+        """Whether a child of the owner, or of a container a fused step absorbed, was replaced
+        since the trace (dict equality: modules compare by identity); compared only when the
+        structure epoch moved (see ``common.ChildrenSnapshot``)."""
+        if self._seen == common._EPOCH:
+            return False
+        if self.owner._modules != self.children_at_trace or self.absorbed.changed():
+            return True
+        if not torch.compiler.is_compiling():
+            self._seen = common._EPOCH
+        return False
+
+    def __setstate__(self, state):  # deepcopy / unpickle: compared once, then tracked
+        self.__dict__.update(state)
+        self._seen = -1
+        common._EPOCH_USERS.add(self)
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
         if owner.training:
             return type(owner).forward(owner, *args, **kwargs)
-        # dict equality: modules compare by identity
-        if owner._modules != self.children_at_trace or self.absorbed.changed():
+        if self.structure_moved():
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"effops: a child of {type(owner).__name__} (or of a container it fused) was replaced "

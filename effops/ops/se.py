@@ -613,6 +613,40 @@ def _(x, gate, residual, act, act_param, out):
 # The OpOverloads themselves: calling them skips CustomOpDef.__call__'s Python layer.
 GATE_OP = torch.ops.effops.se_gate.default
 APPLY_OP = torch.ops.effops.se_apply.default
+
+
+# Compile-only forms for CPU inference on the native backend, like ``effops::conv_bn_act_native``:
+# C++ CPU and autograd kernels are registered in csrc/module.cpp, so a compiled graph calls into
+# C++ with no Python layer (the generic ops above run a Python autograd kernel and effops'
+# dispatcher on every call: about 10-18 us each). No backward: the modules use the ops above
+# whenever a gradient is needed.
+@torch.library.custom_op("effops::se_gate_native", mutates_args=())
+def _se_gate_native_op(x: Tensor, reduce_weight: Optional[Tensor], reduce_bias: Optional[Tensor],
+                       expand_weight: Tensor, expand_bias: Optional[Tensor], act: str, act_param: float, gate: str,
+                       gate_param: float) -> Tensor:
+    """``effops::se_gate`` on the native backend, inference only (its C++ kernel is the one that runs)."""
+    return _run_gate_native(x, reduce_weight, reduce_bias, expand_weight, expand_bias, act, act_param, gate,
+                            gate_param)
+
+
+@_se_gate_native_op.register_fake
+def _(x, reduce_weight, reduce_bias, expand_weight, expand_bias, act, act_param, gate, gate_param):
+    return _new_gate(x, expand_weight.shape[0])
+
+
+@torch.library.custom_op("effops::se_apply_native", mutates_args=())
+def _se_apply_native_op(x: Tensor, gate: Tensor, residual: Optional[Tensor], act: str, act_param: float) -> Tensor:
+    """``effops::se_apply`` on the native backend, inference only (its C++ kernel is the one that runs)."""
+    return _run_apply_native(x, gate, residual, _new_output(x), act, act_param)
+
+
+@_se_apply_native_op.register_fake
+def _(x, gate, residual, act, act_param):
+    return _new_output(x)
+
+
+GATE_NATIVE_OP = torch.ops.effops.se_gate_native.default
+APPLY_NATIVE_OP = torch.ops.effops.se_apply_native.default
 APPLY_OUT_OP = torch.ops.effops.se_apply_out.default
 
 

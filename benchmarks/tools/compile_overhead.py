@@ -1,0 +1,82 @@
+"""What torch.compile adds to an effops-optimized model on the CPU, measured in one process.
+
+    python benchmarks/tools/compile_overhead.py                                  # the mobile nets
+    python benchmarks/tools/compile_overhead.py --models ghostnet_100,mobilenet_v2 --rounds 3
+
+Per model: ``effops.optimize`` of the channels_last model (speed check on the benchmark input),
+the same object compiled with inductor and ``freezing=True``, then rounds that time the eager and
+the compiled model one after the other (median of ``--runs`` calls each), so drift on a shared
+machine hits both alike. Prints one line per model with every round's medians, eager / compiled,
+in ms.
+``benchmarks/test_cpu_models.py`` is the number of record (one process per provider); this tool
+isolates the compiled path's own cost (guards, the wrapper, one dispatcher call per op).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the effops of this checkout
+sys.path.insert(0, str(HERE.parent))  # cpu_run
+
+import torch  # noqa: E402
+
+import cpu_run  # noqa: E402
+
+MODELS = ["mobilenet_v2", "ghostnet_100", "mobilenetv3_large_100", "efficientnet_b0", "shufflenet_v2_x1_0"]
+
+
+def _median_ms(fn, runs: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(name: str, threads: int, rounds: int, runs: int) -> dict:
+    import torch._inductor.config as inductor_config
+
+    import effops
+
+    torch.set_num_threads(threads)
+    cl = torch.channels_last
+    model = cpu_run.build_model(name).eval().to(memory_format=cl)
+    x = cpu_run.make_input(1).contiguous(memory_format=cl)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        fast = effops.optimize(model, example_inputs=(x,))
+        compiled = torch.compile(fast)
+        compiled(x)
+        eager, comp = [], []
+        for _ in range(rounds):
+            eager.append(_median_ms(lambda: fast(x), runs))
+            comp.append(_median_ms(lambda: compiled(x), runs))
+    return {"model": name, "eager_ms": eager, "compiled_ms": comp}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=30)
+    args = ap.parse_args(argv)
+    for name in args.models.split(","):
+        r = measure(name, args.threads, args.rounds, args.runs)
+        e, c = statistics.median(r["eager_ms"]), statistics.median(r["compiled_ms"])
+        rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["eager_ms"], r["compiled_ms"]))
+        print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -128,3 +128,22 @@ def test_native_ops_have_no_backward():
     assert_matches(y, torch.relu(torch.nn.functional.conv2d(x.double(), w.double())))
     with pytest.raises(RuntimeError, match="not implemented"):
         y.sum().backward()
+
+
+def test_opcheck_native_ops():
+    """The compile-only native ops: schema, fake kernels (shapes, strides, dtypes) against the C++ kernels."""
+    from effops.ops.se import APPLY_NATIVE_OP, GATE_NATIVE_OP
+
+    _native.module()
+    x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    w, bw, bb, rm, rv = torch.randn(6, 6, 1, 1), torch.rand(6), torch.rand(6), torch.rand(6), torch.rand(6) + 0.5
+    torch.library.opcheck(NATIVE_BN_OP, (x, w, None, bw, bb, rm, rv, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, "relu",
+                                         0.0, True, None, 1, None))
+    dw = torch.randn(6, 1, 3, 3)
+    torch.library.opcheck(GHOST_NATIVE_OP, (x, None, w, None, bw, bb, rm, rv, 1e-5, None, [1, 1], [0, 0], [1, 1], 1,
+                                            "relu", 0.0, dw, None, bw, bb, rm, rv, 1e-5, None, [1, 1], [1, 1], 6,
+                                            "relu", 0.0))
+    rw, rb, ew, eb = torch.randn(2, 6), torch.randn(2), torch.randn(6, 2), torch.randn(6)
+    torch.library.opcheck(GATE_NATIVE_OP, (x, rw, rb, ew, eb, "relu", 0.0, "sigmoid", 0.0))
+    torch.library.opcheck(APPLY_NATIVE_OP, (x, torch.rand(2, 6), torch.randn_like(x), "relu", 0.0))
+    torch.library.opcheck(APPLY_NATIVE_OP, (x.contiguous(), torch.rand(2, 6), None, "identity", 0.0))

@@ -147,3 +147,26 @@ def test_opcheck_native_ops():
     torch.library.opcheck(GATE_NATIVE_OP, (x, rw, rb, ew, eb, "relu", 0.0, "sigmoid", 0.0))
     torch.library.opcheck(APPLY_NATIVE_OP, (x, torch.rand(2, 6), torch.randn_like(x), "relu", 0.0))
     torch.library.opcheck(APPLY_NATIVE_OP, (x.contiguous(), torch.rand(2, 6), None, "identity", 0.0))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_compiled_shufflenet_unit_is_functional_native_ops(stride):
+    """Under compile a ShuffleNetV2 unit traces to the native conv op per conv and one interleave
+    (stack + flatten, one inductor copy kernel): no writes into channel views of a buffer."""
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    from effops.nn.shufflenet import FusedShuffleV2Block
+
+    torch._dynamo.reset()
+    cin = 16 if stride == 1 else 8
+    ref = randomize_bn(InvertedResidual(cin, 16, stride)).eval()
+    fused = FusedShuffleV2Block.from_module(ref).eval()
+    x = torch.randn(2, cin, 8, 6).contiguous(memory_format=torch.channels_last)
+    graphs = []
+    with torch.no_grad():
+        y = torch.compile(fused, fullgraph=True, backend=_recording_backend(graphs))(x)
+    targets = _targets(graphs[0])
+    assert targets.count(NATIVE_BN_OP) == (3 if stride == 1 else 5), targets
+    assert torch.ops.effops.conv_bn_act.default not in targets and torch.empty not in targets, targets
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, ref.double()(x.double()))

@@ -321,15 +321,28 @@ class FusedShuffleV2Block(nn.Module):
             return self.forward_unfused(x)  # shapes that don't interleave: PyTorch's own forward (and error)
         if n == 0:  # nothing to compute; PyTorch's forward gives the empty result (and its dtype checks)
             return self.forward_unfused(x)
+        half = p.in_ch // 2
+        if torch.compiler.is_compiling() and out_dtype == dtype:
+            # Under torch.compile: the branches as functional ops and the interleave as one expression,
+            # which inductor lowers to a single copy kernel (writes into channel views of a fresh
+            # buffer would be functionalised into extra copies).
+            b = self._branch_value(p.right, x[:, half:] if p.stride == 1 else x)
+            a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
+            return torch.stack((a, b), dim=2).flatten(1, 2).contiguous(memory_format=output_format(x))
         out = _new_output((n, p.out_ch) + hw, out_dtype, x)
         even, odd = out[:, 0::2], out[:, 1::2]
-        half = p.in_ch // 2
         self._branch(p.right, x[:, half:] if p.stride == 1 else x, odd, out_dtype == dtype)
         if p.stride == 1:
             even.copy_(x[:, :half])
         else:
             self._branch(p.left, x, even, True)
         return out
+
+    @staticmethod
+    def _branch_value(runs: List[FusedConvBNAct], y: Tensor) -> Tensor:
+        for f in runs:
+            y = f(y)
+        return y
 
     @staticmethod
     def _branch(runs: List[FusedConvBNAct], y: Tensor, dst: Tensor, direct: bool) -> None:

@@ -3,7 +3,8 @@
 // Inductor's CPU freezing path emits), plus effops' own NHWC depthwise kernel.
 //
 // The BN-folded, prepacked weight is cached. An entry is valid while every tensor it was built
-// from is the same live TensorImpl with the same data pointer and version counter, so in-place
+// from is the same live TensorImpl with the same data pointer and version counter (or, for the
+// small BN and bias tensors, while their values are equal), so in-place
 // updates, optimizer steps, `param.data = ...` and replaced modules are seen on the next call.
 // Writes PyTorch does not count (`param.data.mul_()`, numpy, DLPack) are not: after such a
 // write, call effops.refresh() (docs/architecture.md, "Native CPU backend").
@@ -17,6 +18,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <tuple>
@@ -34,18 +36,33 @@ struct TensorKey {
   const c10::TensorImpl* raw = nullptr;
   const void* data = nullptr;
   int64_t version = 0;
+  // The small sources (BN vectors, conv bias, the BN's batch counter; never the weight) also keep
+  // their values: a different tensor with equal values matches. Inductor with freezing inlines
+  // constants of up to 8 elements into its wrapper, so an 8-channel BN arrives as new tensors on
+  // every call, which would otherwise repack the weight on every call.
+  std::vector<char> bytes;
+  at::ScalarType dtype = at::kFloat;
+  int64_t numel = 0;
 };
 
-// False when the tensor can't be keyed (an inference tensor has no version counter): the
-// caller then packs for this call only.
-bool make_key(const OptTensor& t, TensorKey& k) {
+constexpr int64_t kMaxValueKeyBytes = 64 * 1024;
+
+// False when the tensor can't be keyed (an inference tensor has no version counter, and a large
+// one is not kept by value): the caller then packs for this call only.
+bool make_key(const OptTensor& t, TensorKey& k, bool by_value) {
   if (!t.has_value() || !t->defined()) {
     k.raw = nullptr;
     return true;
   }
-  if (t->is_inference()) return false;
-  k.impl = c10::weak_intrusive_ptr<c10::TensorImpl>(t->getIntrusivePtr());
   k.raw = t->unsafeGetTensorImpl();
+  if (by_value && t->is_contiguous() && t->numel() * static_cast<int64_t>(t->element_size()) <= kMaxValueKeyBytes) {
+    const char* p = static_cast<const char*>(t->data_ptr());
+    k.bytes.assign(p, p + t->numel() * t->element_size());
+    k.dtype = t->scalar_type();
+    k.numel = t->numel();
+  }
+  if (t->is_inference()) return !k.bytes.empty();
+  k.impl = c10::weak_intrusive_ptr<c10::TensorImpl>(t->getIntrusivePtr());
   k.data = t->data_ptr();
   k.version = t->_version();
   return true;
@@ -53,8 +70,12 @@ bool make_key(const OptTensor& t, TensorKey& k) {
 
 bool key_matches(const TensorKey& k, const OptTensor& t) {
   if (!t.has_value() || !t->defined()) return k.raw == nullptr;
-  if (k.raw != t->unsafeGetTensorImpl() || !k.impl || k.impl->expired()) return false;
-  return k.data == t->data_ptr() && !t->is_inference() && k.version == t->_version();
+  if (k.raw == nullptr) return false;
+  if (k.raw == t->unsafeGetTensorImpl() && k.impl && !k.impl->expired() && k.data == t->data_ptr() &&
+      !t->is_inference() && k.version == t->_version())
+    return true;
+  return !k.bytes.empty() && t->scalar_type() == k.dtype && t->numel() == k.numel && t->is_contiguous() &&
+         std::memcmp(t->data_ptr(), k.bytes.data(), k.bytes.size()) == 0;
 }
 
 struct ConvParams {
@@ -376,7 +397,7 @@ std::shared_ptr<Packed> packed_for(const at::Tensor& x, const at::Tensor& weight
   e = build(x, weight, fold, p, impl);
   bool keyable = true;
   e->keys.resize(srcs.size());
-  for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i]);
+  for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i], /*by_value=*/i > 0);
   if (keyable) store(srcs, e);
   return e;
 }

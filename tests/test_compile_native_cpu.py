@@ -170,3 +170,34 @@ def test_compiled_shufflenet_unit_is_functional_native_ops(stride):
     assert torch.ops.effops.conv_bn_act.default not in targets and torch.empty not in targets, targets
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches(y, ref.double()(x.double()))
+
+
+def test_equal_valued_new_bn_tensors_reuse_the_packed_weight():
+    """Inductor with freezing inlines constants of up to 8 elements, so an 8-channel BN reaches the
+    native op as new tensors on every call: equal values must reuse the folded, packed weight (a
+    repack per call would cost a oneDNN reorder), and changed values must not."""
+    from torch.profiler import profile
+
+    _native.module()
+    x = torch.randn(1, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3)
+    bn = [torch.rand(8), torch.rand(8), torch.rand(8), torch.rand(8) + 0.5]
+
+    def call(bn_tensors):
+        return NATIVE_BN_OP(x, w, None, *bn_tensors, 1e-5, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True, None,
+                            1, torch.tensor(0))
+
+    def reorders(fn):
+        with profile() as p:
+            fn()
+        return sum(e.name == "aten::mkldnn_reorder_conv2d_weight" for e in p.events())
+
+    with torch.no_grad():
+        call(bn)
+        assert reorders(lambda: call([t.clone() for t in bn])) == 0
+        changed = [bn[0] * 2] + [t.clone() for t in bn[1:]]
+        y = call(changed)
+    g, b, m, v = (t.double() for t in changed)
+    ref = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x.double(), w.double(), padding=1), m, v, g, b,
+                                         False, 0.0, 1e-5)
+    assert_matches(y, torch.relu(ref))

@@ -409,15 +409,28 @@ std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight
           (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1};
 }
 
-double best_of(int n, const std::function<void()>& fn) {
-  fn();  // warm-up: first-touch of the output, oneDNN's primitive creation
-  double best = 1e30;
-  for (int i = 0; i < n; ++i) {
+// Whether a runs at most as long as b: the best of n timed calls each, alternated a b b a ...
+// after one untimed call of each (first touch of the output, oneDNN's primitive creation), so a
+// burst of load on a shared machine hits both sides rather than deciding the choice by itself.
+bool first_is_faster(const std::function<void()>& a, const std::function<void()>& b, int n = 5) {
+  a();
+  b();
+  double ta = 1e30, tb = 1e30;
+  auto time = [](const std::function<void()>& fn, double& best) {
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  };
+  for (int i = 0; i < n; ++i) {
+    if (i % 2 == 0) {
+      time(a, ta);
+      time(b, tb);
+    } else {
+      time(b, tb);
+      time(a, ta);
+    }
   }
-  return best;
+  return ta <= tb;
 }
 
 
@@ -448,14 +461,15 @@ bool gemm_measured_faster(const at::Tensor& x, const at::Tensor& x_rows, const a
   const bool pre = has_res && (!residual_after_act || act == Act::Identity);
   OptTensor res_pre;
   if (pre) res_pre = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  const double tg = best_of(3, [&] { gemm_rows({x_rows}, *eg, y_rows, r_rows, residual_after_act, act, act_param); });
-  const double to = best_of(3, [&] {
-    at::Tensor y = run_onednn(xd, *eo, res_pre, act, act_param);
-    if (has_res && !pre) y.add_(*residual);
-  });
+  const bool gemm = first_is_faster(
+      [&] { gemm_rows({x_rows}, *eg, y_rows, r_rows, residual_after_act, act, act_param); },
+      [&] {
+        at::Tensor y = run_onednn(xd, *eo, res_pre, act, act_param);
+        if (has_res && !pre) y.add_(*residual);
+      });
   std::lock_guard<std::mutex> lock(g_choice_mutex);
-  g_gemm_faster[key] = tg <= to;
-  return tg <= to;
+  g_gemm_faster[key] = gemm;
+  return gemm;
 }
 
 at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
@@ -598,9 +612,7 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
       concat_free = it->second;
     } else {
       lock.unlock();
-      const double ts = best_of(3, run_segments);
-      const double tc = best_of(3, [&] { run_concat(); });
-      concat_free = ts <= tc;
+      concat_free = first_is_faster(run_segments, [&] { run_concat(); });
       lock.lock();
       g_segments_faster[key] = concat_free;
     }

@@ -36,9 +36,14 @@ at::Tensor conv_bn_act_native_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   c10::IntArrayRef dilation, int64_t groups, c10::string_view act, double act_param,
                                   bool residual_after_act, const en::OptTensor& gate, int64_t out_shuffle_groups,
                                   const en::OptTensor& stats_counter) {
-  return en::conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-                         std::nullopt, stride.vec(), padding.vec(), dilation.vec(), groups, std::string(act),
-                         act_param, residual_after_act, gate, out_shuffle_groups, stats_counter);
+  // Always NHWC with exactly the strides of the op's fake implementation (effops/ops/conv.py,
+  // _native_nhwc_output), whatever x's layout: the compiled graph asserts them.
+  // (every kernel path already writes a fresh NHWC tensor for NHWC input; copied only otherwise).
+  at::Tensor y = en::conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
+                                 std::nullopt, stride.vec(), padding.vec(), dilation.vec(), groups, std::string(act),
+                                 act_param, residual_after_act, gate, out_shuffle_groups, stats_counter);
+  if (y.strides() == c10::IntArrayRef(c10::get_channels_last_strides_2d(y.sizes()))) return y;
+  return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
 }
 
 // effops::ghost_native's CPU kernel (defined in effops/ops/conv.py, whose Python version it
@@ -56,8 +61,8 @@ at::Tensor ghost_native_cpu(const at::Tensor& x, const en::OptTensor& gate, cons
   TORCH_CHECK_VALUE(x.dim() == 4 && w1.dim() == 4 && w2.dim() == 4, "effops ghost_native: expected 4-D x and weights");
   const auto [oh, ow] = en::conv_out_hw(x, w1, stride1.vec(), padding1.vec(), dilation1.vec());
   const int64_t init = w1.size(0);
-  at::Tensor buf = at::empty({x.size(0), init + w2.size(0), oh, ow}, x.options(),
-                             en::prefers_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  // NHWC whatever x's layout, as the op's fake implementation promises (effops/ops/conv.py).
+  at::Tensor buf = at::empty({x.size(0), init + w2.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
   at::Tensor x1 = buf.narrow(1, 0, init);
   en::conv_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, std::nullopt, x1, stride1.vec(), padding1.vec(),
                   dilation1.vec(), groups1, std::string(act1), act_param1, true, gate, 1, counter1);

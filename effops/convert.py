@@ -1113,7 +1113,11 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
         example_inputs = (example_inputs,)
     mode = speedcheck.mode_from_env(check_speed)
     if not inplace:
-        model = copy.deepcopy(model)
+        # Outside inference mode: a copy made inside it would hold inference tensors, which have no
+        # version counter, so the native CPU backend could not cache their folded weights (a fold
+        # and repack on every call).
+        with torch.inference_mode(False):
+            model = copy.deepcopy(model)
     original, copy_error = None, None
     if mode is not False:
         try:

@@ -149,6 +149,44 @@ def test_opcheck_native_ops():
     torch.library.opcheck(APPLY_NATIVE_OP, (x.contiguous(), torch.rand(2, 6), None, "identity", 0.0))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nchw_channel_view", "one_pixel", "empty_batch"])
+@pytest.mark.parametrize("kernel", ["pointwise", "depthwise", "dense3x3"])
+def test_native_ops_output_nhwc_whatever_the_input_layout(layout, kernel):
+    """The native ops' outputs are NHWC for any input layout, with exactly the strides their fake
+    kernels promise: oneDNN with a prepacked weight writes NHWC even for an NCHW input, and a compiled
+    graph asserts every output's strides (an NCHW model compiled after optimize failed there)."""
+    _native.module()
+    x = {"nchw": lambda: torch.randn(2, 8, 5, 5), "nchw_channel_view": lambda: torch.randn(1, 16, 5, 5)[:, 8:],
+         "one_pixel": lambda: torch.randn(1, 8, 1, 1), "empty_batch": lambda: torch.randn(0, 8, 5, 5)}[layout]()
+    k, g = {"pointwise": (1, 1), "depthwise": (3, 8), "dense3x3": (3, 1)}[kernel]
+    w = torch.randn(8, 8 // g, k, k)
+    bn = (torch.rand(8), torch.rand(8), torch.rand(8), torch.rand(8) + 0.5)
+    for shuffle in (1, 2):
+        args = (x, w, None, *bn, 1e-5, None, [1, 1], [k // 2] * 2, [1, 1], g, "relu", 0.0, True, None, shuffle,
+                torch.tensor(0))
+        torch.library.opcheck(NATIVE_BN_OP, args)
+        y = NATIVE_BN_OP(*args)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(GHOST_NATIVE_OP, (x, None, torch.randn(8, 8, 1, 1), None, *bn, 1e-5, None, [1, 1], [0, 0],
+                                            [1, 1], 1, "relu", 0.0, torch.randn(8, 1, 3, 3), None, *bn, 1e-5, None,
+                                            [1, 1], [1, 1], 8, "relu", 0.0))
+
+
+def test_compiled_nchw_model_after_optimize():
+    """An NCHW model and input through optimize and inductor with freezing: the native ops' NHWC
+    outputs are what the compiled graph expects, and the numerics hold."""
+    torch._dynamo.reset()
+    model = randomize_bn(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 1, bias=False), torch.nn.BatchNorm2d(16))).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        y = torch.compile(fast)(x)
+    assert_matches(y, model.double()(x.double()))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_compiled_shufflenet_unit_is_functional_native_ops(stride):
     """Under compile a ShuffleNetV2 unit traces to the native conv op per conv and one interleave

@@ -196,3 +196,15 @@ def test_timm_ese_vovnet19b_dw_through_the_kernels():
     fast = _check_model(timm.create_model("ese_vovnet19b_dw", pretrained=False, num_classes=10),
                         torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
     assert sum(isinstance(m, FusedOSA) and m.depthwise and m.has_ese for m in fast.modules()) == 4
+
+
+def test_optimize_inside_inference_mode_copies_normal_tensors():
+    """``optimize`` called inside ``torch.inference_mode()`` copies the model outside it: inference
+    tensors have no version counter, and the native backend would fold their weights on every call."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.inference_mode():
+        fast = effops.optimize(model, check_speed=False)
+    assert not any(t.is_inference() for t in list(fast.parameters()) + list(fast.buffers()))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        assert_matches(fast(x), model.double()(x.double()))

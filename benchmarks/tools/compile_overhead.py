@@ -51,7 +51,8 @@ def measure(name: str, threads: int, rounds: int, runs: int) -> dict:
     model = cpu_run.build_model(name).eval().to(memory_format=cl)
     x = cpu_run.make_input(1).contiguous(memory_format=cl)
     torch._dynamo.reset()
-    with torch.no_grad(), inductor_config.patch(freezing=True):
+    # inference_mode, as benchmarks/cpu_run.py times every provider
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
         fast = effops.optimize(model, example_inputs=(x,))
         compiled = torch.compile(fast)
         compiled(x)

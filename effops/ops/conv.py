@@ -1124,15 +1124,26 @@ def _conv_bn_act_native_op(
     torch.compile on CPU (inference only: no autograd). Taking the module's own tensors, not a
     scale and bias computed in the graph, lets the extension key its folded, prepacked weight
     on them, so a compiled model packs once, with or without freezing."""
-    return _native.module().conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                        residual, None, stride, padding, dilation, groups, act, act_param,
-                                        residual_after_act, gate, out_shuffle_groups, stats_counter)
+    y = _native.module().conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                     residual, None, stride, padding, dilation, groups, act, act_param,
+                                     residual_after_act, gate, out_shuffle_groups, stats_counter)
+    out = _native_nhwc_output(x, weight.shape[0], stride, padding, dilation, weight.shape[2:])
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+def _native_nhwc_output(x: Tensor, channels: int, stride, padding, dilation, kernel) -> Tensor:
+    """The output of the native compile-only ops: always NHWC, whatever ``x``'s layout (oneDNN with a
+    prepacked weight, the GEMM and the depthwise kernel all write NHWC; the C++ kernels make the
+    strides exactly these)."""
+    oh, ow = _out_hw(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
+    return torch.empty((x.shape[0], channels, oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 @_conv_bn_act_native_op.register_fake
 def _(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
       groups, act, act_param, residual_after_act, gate=None, out_shuffle_groups=1, stats_counter=None):
-    return _new_output(x, weight, stride, padding, dilation)
+    return _native_nhwc_output(x, weight.shape[0], stride, padding, dilation, weight.shape[2:])
 
 
 NATIVE_BN_OP = torch.ops.effops.conv_bn_act_native.default
@@ -1164,9 +1175,7 @@ def _ghost_native_op(
 
 
 def _ghost_output(x, w1, w2, stride1, padding1, dilation1) -> Tensor:
-    oh, ow = _out_hw(x.shape[2], x.shape[3], w1.shape[2:], stride1, padding1, dilation1)
-    return torch.empty((x.shape[0], w1.shape[0] + w2.shape[0], oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=output_format(x))
+    return _native_nhwc_output(x, w1.shape[0] + w2.shape[0], stride1, padding1, dilation1, w1.shape[2:])
 
 
 @_ghost_native_op.register_fake

@@ -4,7 +4,8 @@
     python benchmarks/tools/compile_overhead.py --models ghostnet_100,mobilenet_v2 --rounds 3
 
 Per model: ``effops.optimize`` of the channels_last model (speed check on the benchmark input),
-the same object compiled with inductor and ``freezing=True``, then rounds that time the eager and
+the same object compiled with inductor and ``freezing=True`` (called in ``torch.inference_mode()``,
+as ``benchmarks/cpu_run.py`` times every provider), then rounds that time the eager and
 the compiled model one after the other (median of ``--runs`` calls each), so drift on a shared
 machine hits both alike. Prints one line per model with every round's medians, eager / compiled,
 in ms.
@@ -51,9 +52,9 @@ def measure(name: str, threads: int, rounds: int, runs: int) -> dict:
     model = cpu_run.build_model(name).eval().to(memory_format=cl)
     x = cpu_run.make_input(1).contiguous(memory_format=cl)
     torch._dynamo.reset()
-    # inference_mode, as benchmarks/cpu_run.py times every provider
-    with torch.inference_mode(), inductor_config.patch(freezing=True):
+    with torch.no_grad():  # as benchmarks/cpu_run.py prepares and then times every provider
         fast = effops.optimize(model, example_inputs=(x,))
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
         compiled = torch.compile(fast)
         compiled(x)
         eager, comp = [], []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,14 +31,11 @@ MODELS = ["mobilenet_v2", "ghostnet_100", "mobilenetv3_large_100", "efficientnet
 
 
 def _median_ms(fn, runs: int) -> float:
-    for _ in range(3):
+    from effops.benchmark import time_ms
+
+    for _ in range(2):
         fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_ms(fn, torch.device("cpu"), cpu_iters=runs)
 
 
 def measure(name: str, threads: int, rounds: int, runs: int) -> dict:

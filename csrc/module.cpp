@@ -37,8 +37,8 @@ at::Tensor conv_bn_act_native_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   bool residual_after_act, const en::OptTensor& gate, int64_t out_shuffle_groups,
                                   const en::OptTensor& stats_counter) {
   // Always NHWC with exactly the strides of the op's fake implementation (effops/ops/conv.py,
-  // _native_nhwc_output), whatever x's layout: the compiled graph asserts them.
-  // (every kernel path already writes a fresh NHWC tensor for NHWC input; copied only otherwise).
+  // _native_nhwc_output), whatever x's layout: the compiled graph asserts them. Every kernel path
+  // already returns such a tensor in practice; anything else is copied.
   at::Tensor y = en::conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
                                  std::nullopt, stride.vec(), padding.vec(), dilation.vec(), groups, std::string(act),
                                  act_param, residual_after_act, gate, out_shuffle_groups, stats_counter);

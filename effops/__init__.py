@@ -22,9 +22,9 @@ from . import dispatch, models, native, ops, tuning
 def refresh() -> None:
     """Make every fused module re-derive what the native CPU backend derived from its parameters
     (BN-folded prepacked conv weights, merged RepVGG convs). Needed only after a write PyTorch
-    does not count as a change: ``param.data.mul_(...)``, writes through numpy or DLPack. In-place
-    ops, optimizer steps, ``param.data = t`` and replaced modules are seen without it, except modules written straight
-    into ``_modules`` or removed with ``del``."""
+    does not count as a change: ``param.data.mul_(...)``, writes through numpy or DLPack, and a
+    child module written straight into ``_modules`` or removed with ``del``. In-place ops,
+    optimizer steps, ``param.data = t`` and replaced modules are seen without it."""
     from .nn.common import clear_derived_caches, structure_changed
 
     native.refresh()

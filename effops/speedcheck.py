@@ -276,7 +276,7 @@ def _breaks_ancestor(ancestors: List[nn.Module]) -> bool:
     """Whether a rewritten forward above now sees a child replaced under it (and would run unfused)."""
     for a in ancestors:
         tf = traced_forward_of(a)
-        if tf is not None and tf.structure_moved():
+        if tf is not None and tf.changed():
             return True
     return False
 

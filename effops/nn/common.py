@@ -112,17 +112,12 @@ def hooked(dicts: tuple) -> bool:
 # seen only after ``structure_changed()`` (``effops.refresh()`` calls it).
 _EPOCH = 0
 _WATCHED_FLAG = "_effops_watched"  # in a watched module's __dict__: survives deepcopy and pickling
-_SNAPSHOTS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def structure_changed() -> None:
-    """Make every snapshot compare its dicts again on its next check."""
+    """Make every structure check compare again on its next call."""
     global _EPOCH
     _EPOCH += 1
-
-
-def structure_epoch() -> int:
-    return _EPOCH
 
 
 def _on_child_registered(module, name, submodule):
@@ -139,11 +134,41 @@ def watch(module: nn.Module) -> None:
     module.__dict__[_WATCHED_FLAG] = True
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+class EpochChecked:
+    """A structure check gated on the epoch: ``changed()`` runs the subclass's ``_differs()`` only
+    when the epoch moved since the check last found nothing changed. Subclasses call ``_track``
+    when built and when copied or unpickled (``seen=-1``: compare once)."""
+
+    __slots__ = ()
+
+    def _differs(self) -> bool:
+        raise NotImplementedError
+
+    def changed(self) -> bool:
+        if self._seen == _EPOCH:
+            return False
+        if self._differs():
+            return True
+        if not torch.compiler.is_compiling():  # no attribute writes while dynamo traces (replayed every call)
+            self._seen = _EPOCH
+        return False
+
+    def _track(self, seen: int) -> None:
+        self._seen = seen
+        _CHECKS.add(self)
 
 
-class ChildrenSnapshot:
+_CHECKS: "weakref.WeakSet[EpochChecked]" = weakref.WeakSet()
+
+
+def revalidate_snapshots() -> None:
+    """Let every unchanged structure check see the current epoch, so a model compiled next traces
+    the two-integer check instead of the dict comparisons (``optimize`` calls it before returning)."""
+    for check in list(_CHECKS):
+        check.changed()
+
+
+class ChildrenSnapshot(EpochChecked):
     """Which module sits in every child slot of ``modules`` and their descendants, as it was
     when the snapshot was taken. ``changed()`` compares the live ``_modules`` dicts with
     copies (dict equality compares values by identity for modules: a few hundred ns for a
@@ -159,37 +184,17 @@ class ChildrenSnapshot:
             watch(m)
         self._live = tuple(m._modules for m in mods)
         self._copies = tuple(dict(d) for d in self._live)
-        self._seen = _EPOCH
-        _SNAPSHOTS.add(self)
+        self._track(_EPOCH)
 
-    def changed(self) -> bool:
-        if self._seen == _EPOCH:
-            return False
-        if self._live != self._copies:
-            return True
-        if not _compiling():  # no attribute writes while dynamo traces (they would replay on every call)
-            self._seen = _EPOCH
-        return False
+    def _differs(self) -> bool:
+        return self._live != self._copies
 
     def __getstate__(self):
         return {"_live": self._live, "_copies": self._copies}
 
-    def __setstate__(self, state):  # deepcopy / unpickle: a new object, compared once, then tracked
-        self._live, self._copies, self._seen = state["_live"], state["_copies"], -1
-        _SNAPSHOTS.add(self)
-
-
-def revalidate_snapshots() -> None:
-    """Let every unchanged snapshot see the current epoch, so a model compiled next traces the
-    two-integer check instead of the dict comparisons (``optimize`` calls it before returning)."""
-    for snap in list(_SNAPSHOTS):
-        snap.changed()
-    for fwd in list(_EPOCH_USERS):
-        fwd.structure_moved()
-
-
-# Other objects with a ``structure_moved()`` check gated on the epoch (the rewritten forwards).
-_EPOCH_USERS: "weakref.WeakSet" = weakref.WeakSet()
+    def __setstate__(self, state):
+        self._live, self._copies = state["_live"], state["_copies"]
+        self._track(-1)
 
 
 # -- block rules ------------------------------------------------------------------

@@ -346,8 +346,7 @@ class FusedShuffleV2Block(nn.Module):
 
     @staticmethod
     def _branch(runs: List[FusedConvBNAct], y: Tensor, dst: Tensor, direct: bool) -> None:
-        for f in runs[:-1]:
-            y = f(y)
+        y = FusedShuffleV2Block._branch_value(runs[:-1], y)
         if direct:  # dst: a channel view of the unit's fresh output, disjoint from y
             runs[-1]._into_trusted(y, dst)
         else:  # autocast, stride 1: branch2 computed in the autocast dtype, stored promoted

@@ -484,7 +484,7 @@ class SEEpilogueStep(nn.Module):
             padding=resolve_padding(conv), dilation=conv.dilation, groups=conv.groups, act=act, act_param=act_param)
 
 
-class TracedForward:
+class TracedForward(common.EpochChecked):
     """The instance-level ``forward`` effops.optimize installs on a module with a
     hand-written forward: the fused ``graph_module`` in eval, the class's own
     forward in train. Not an ``nn.Module``, so nothing in it is registered on
@@ -502,31 +502,23 @@ class TracedForward:
         self.absorbed = ChildrenSnapshot(list(absorbed))
         self.warned = False
         common.watch(owner)
-        self._seen = common.structure_epoch()
-        common._EPOCH_USERS.add(self)
+        self._track(common._EPOCH)
 
-    def structure_moved(self) -> bool:
-        """Whether a child of the owner, or of a container a fused step absorbed, was replaced
-        since the trace (dict equality: modules compare by identity); compared only when the
-        structure epoch moved (see ``common.ChildrenSnapshot``)."""
-        if self._seen == common._EPOCH:
-            return False
-        if self.owner._modules != self.children_at_trace or self.absorbed.changed():
-            return True
-        if not torch.compiler.is_compiling():
-            self._seen = common._EPOCH
-        return False
+    def _differs(self) -> bool:
+        """Whether a child of the owner, or of a container a fused step absorbed, was replaced since
+        the trace (dict equality: modules compare by identity); ``changed()`` asks only when the
+        structure epoch moved (see ``common.EpochChecked``)."""
+        return self.owner._modules != self.children_at_trace or self.absorbed.changed()
 
     def __setstate__(self, state):  # deepcopy / unpickle: compared once, then tracked
         self.__dict__.update(state)
-        self._seen = -1
-        common._EPOCH_USERS.add(self)
+        self._track(-1)
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
         if owner.training:
             return type(owner).forward(owner, *args, **kwargs)
-        if self.structure_moved():
+        if self.changed():
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"effops: a child of {type(owner).__name__} (or of a container it fused) was replaced "

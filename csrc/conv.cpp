@@ -17,6 +17,7 @@
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -26,6 +27,8 @@
 #include <functional>
 #include <mutex>
 #include <unordered_map>
+
+#include <unistd.h>
 
 namespace effops_native {
 namespace {
@@ -89,14 +92,17 @@ struct ConvParams {
   }
 };
 
-enum class Impl { OneDNN, Depthwise, Gemm };
+enum class Impl { OneDNN, Depthwise, Gemm, Winograd };
+const char* const kImplNames[] = {"onednn", "depthwise", "gemm", "winograd"};
+std::atomic<int64_t> g_impl_calls[4];  // convs run per implementation (conv_impl_counts)
 
 struct Packed {
   std::vector<TensorKey> keys;
   ConvParams params;
   Impl impl;
   at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
-                      // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32
+                      // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32;
+                      // Winograd: [36, C_in, C_out] float32 (winograd.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
 
@@ -259,8 +265,11 @@ at::Tensor run_onednn(const at::Tensor& x, const Packed& e, const OptTensor& res
 int g_depthwise_policy = 2;  // 0: oneDNN, 1: own kernel, 2: own kernel where stride <= 2 and k <= 5
 // 1x1 stride-1 float32 convs: 0 = oneDNN, 1 = GEMM, 2 = whichever measured faster for the problem.
 int g_pointwise_policy = 2;
+// 3x3 stride-1 float32 convs on NHWC: 0 = oneDNN, 1 = Winograd, 2 = whichever measured faster.
+int g_winograd_policy = 2;
 std::mutex g_choice_mutex;
-std::map<std::tuple<int64_t, int64_t, int64_t, bool, int64_t, int>, bool> g_gemm_faster;  // problem -> GEMM won
+// (implementation, N, C, H, W, C_out, padding, residual, activation, threads) -> it beat oneDNN
+std::map<std::tuple<Impl, IntVec, int64_t, IntVec, bool, int64_t, int>, bool> g_alt_faster;
 // aggregation problem -> the concat-free GEMMs beat concat + 1x1 conv
 std::map<std::tuple<int64_t, std::vector<int64_t>, int64_t, bool, int64_t, int>, bool> g_segments_faster;
 
@@ -380,6 +389,8 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
     e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
   } else if (impl == Impl::Gemm) {
     e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
+  } else if (impl == Impl::Winograd) {
+    e->weight = winograd_weight(w32);
   } else {
     at::Tensor wd = w32.to(p.dtype).contiguous();
     e->weight = at::mkldnn_reorder_conv2d_weight(wd.to_mkldnn(), p.padding, p.stride, p.dilation, p.groups,
@@ -409,14 +420,32 @@ std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight
           (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1};
 }
 
+// Evicts the caches: writes a buffer of twice the last-level cache (at least 64 MB).
+void evict_caches() {
+  static std::vector<char> buf([] {
+    long l3 = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return static_cast<size_t>(std::max<long>(64L << 20, 2 * l3));
+  }());
+  static char value = 0;
+  std::memset(buf.data(), ++value, buf.size());
+}
+
 // Whether a runs at most as long as b: the best of n timed calls each, alternated a b b a ...
 // after one untimed call of each (first touch of the output, oneDNN's primitive creation), so a
 // burst of load on a shared machine hits both sides rather than deciding the choice by itself.
-bool first_is_faster(const std::function<void()>& a, const std::function<void()>& b, int n = 5) {
+// `cold`: the caches are evicted before every timed call, as a conv's weights are when it runs in
+// a model (the previous layers' weights and activations have gone through the cache since its
+// last call); otherwise its weights stay in the cache and a path that reads more weight bytes
+// wins here and loses in the model.
+bool first_is_faster(const std::function<void()>& a, const std::function<void()>& b, int n = 5, bool cold = false) {
   a();
   b();
   double ta = 1e30, tb = 1e30;
-  auto time = [](const std::function<void()>& fn, double& best) {
+  auto time = [cold](const std::function<void()>& fn, double& best) {
+    if (cold) evict_caches();
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -434,42 +463,79 @@ bool first_is_faster(const std::function<void()>& a, const std::function<void()>
 }
 
 
-// Which of GEMM and oneDNN runs this 1x1 conv faster, measured once per problem (pixels,
-// channels, residual, activation, threads) on the call's own tensors: the GEMM path has no fixed
-// per-call cost to speak of and wins small problems; oneDNN's blocked kernels win many large ones.
-bool gemm_measured_faster(const at::Tensor& x, const at::Tensor& x_rows, const at::Tensor& weight, const FoldFn& fold,
-                          const IntVec& stride, const IntVec& padding, const IntVec& dilation, double eps,
-                          const OptTensor& residual, bool residual_after_act, Act act, double act_param) {
+// Runs the conv with entry e's implementation. The GEMM, depthwise and Winograd paths write into
+// `direct` when it is defined and channel-minor (a channel view of a block buffer, say) and return
+// it; otherwise, and always for oneDNN, the result is a new tensor (NHWC for channel-minor x).
+at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& weight, const OptTensor& residual,
+                      bool residual_after_act, Act act, double act_param, const at::Tensor& direct) {
+  const auto& p = e.params;
   const bool has_res = residual.has_value() && residual->defined();
-  const auto key = std::make_tuple(x_rows.size(0), x_rows.size(1), weight.size(0), has_res,
+  const auto [oh, ow] = out_hw(x, weight, p.stride, p.padding, p.dilation);
+  auto fresh = [&, oh = oh, ow = ow] {
+    return at::empty({x.size(0), weight.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
+  };
+  switch (e.impl) {
+    case Impl::Gemm: {
+      at::Tensor dst = direct.defined() && as_rows(direct).defined() ? direct : fresh();
+      at::Tensor y_rows = as_rows(dst);
+      gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
+      return dst;
+    }
+    case Impl::Depthwise:
+    case Impl::Winograd: {
+      const bool writable = direct.defined() && direct.stride(1) == 1 &&
+                            (e.impl == Impl::Depthwise || direct.scalar_type() == at::kFloat);
+      at::Tensor dst = writable ? direct : fresh();
+      OptTensor res = residual;
+      if (has_res && (residual->stride(1) != 1 || residual->scalar_type() != x.scalar_type()))
+        res = residual->to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+      if (e.impl == Impl::Depthwise)
+        depthwise_nhwc(x, e.weight, e.bias, res, residual_after_act, dst, weight.size(2), weight.size(3), p.stride,
+                       p.padding, p.dilation, act, act_param);
+      else
+        winograd_nhwc(x, e.weight, e.bias, res, residual_after_act, dst, p.padding, act, act_param);
+      return dst;
+    }
+    case Impl::OneDNN: break;
+  }
+  const bool pre = has_res && (!residual_after_act || act == Act::Identity);
+  OptTensor res_pre;
+  if (pre)
+    res_pre = residual->contiguous(channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor y = run_onednn(x, e, res_pre, act, act_param);
+  if (has_res && !pre) y.add_(*residual);
+  return y;
+}
+
+// Whether `alt` (GEMM for a 1x1 conv, Winograd for a 3x3 one) runs this conv faster than oneDNN,
+// measured once per problem (shapes, residual, activation, threads) on the call's own tensors.
+// GEMM has no fixed per-call cost to speak of and wins small 1x1 problems, oneDNN's blocked
+// kernels many large ones; Winograd does 4x fewer multiplies but reads a 4x larger weight, and
+// loses where the weight outweighs the pixels (7x7 maps with 512 channels).
+bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight, const FoldFn& fold,
+                         const ConvParams& p_alt, const OptTensor& residual, bool residual_after_act, Act act,
+                         double act_param) {
+  const bool has_res = residual.has_value() && residual->defined();
+  const auto key = std::make_tuple(alt, x.sizes().vec(), weight.size(0), p_alt.padding, has_res,
                                    static_cast<int64_t>(act), at::get_num_threads());
   {
     std::lock_guard<std::mutex> lock(g_choice_mutex);
-    auto it = g_gemm_faster.find(key);
-    if (it != g_gemm_faster.end()) return it->second;
+    auto it = g_alt_faster.find(key);
+    if (it != g_alt_faster.end()) return it->second;
   }
   at::NoGradGuard no_grad;
   const at::Tensor xd = dense_input(x);
-  ConvParams pg{stride, padding, dilation, {}, 1, at::kFloat, eps};
-  ConvParams po{stride, padding, dilation, xd.sizes().vec(), 1, at::kFloat, eps};
-  auto eg = build(x, weight, fold, pg, Impl::Gemm);
+  ConvParams po = p_alt;
+  po.in_shape = xd.sizes().vec();
+  auto ea = build(x, weight, fold, p_alt, alt);
   auto eo = build(xd, weight, fold, po, Impl::OneDNN);
-  at::Tensor dst = at::empty({x.size(0), weight.size(0), x.size(2), x.size(3)}, x.options(),
-                             at::MemoryFormat::ChannelsLast);
-  at::Tensor y_rows = as_rows(dst);
-  const at::Tensor r_rows = residual_rows(residual);
-  const bool pre = has_res && (!residual_after_act || act == Act::Identity);
-  OptTensor res_pre;
-  if (pre) res_pre = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  const bool gemm = first_is_faster(
-      [&] { gemm_rows({x_rows}, *eg, y_rows, r_rows, residual_after_act, act, act_param); },
-      [&] {
-        at::Tensor y = run_onednn(xd, *eo, res_pre, act, act_param);
-        if (has_res && !pre) y.add_(*residual);
-      });
+  const bool faster = first_is_faster(
+      [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
+      [&] { run_packed(xd, *eo, weight, residual, residual_after_act, act, act_param, at::Tensor()); }, 5,
+      /*cold=*/alt == Impl::Winograd);
   std::lock_guard<std::mutex> lock(g_choice_mutex);
-  g_gemm_faster[key] = gemm;
-  return gemm;
+  g_alt_faster[key] = faster;
+  return faster;
 }
 
 at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
@@ -496,56 +562,30 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
   // effops' depthwise kernel reads any channel-minor strides (channel views included); oneDNN
   // wants a dense NCHW or NHWC tensor.
   const bool own_dw = use_own_depthwise(x, weight, groups, stride) && channels_last_ish(x) && x.stride(1) == 1;
-  // A float32 1x1 stride-1 conv on NHWC rows is one GEMM (MKL through at::mm): measured faster
-  // than oneDNN's convolution, whose fixed cost per call (~20 us) dominates small problems, and
-  // it reads and writes channel views in place.
-  at::Tensor x_rows;
+  // A float32 1x1 stride-1 conv on NHWC rows is one GEMM (MKL through at::mm), which reads and
+  // writes channel views in place; a float32 3x3 stride-1 conv on NHWC can run Winograd
+  // (winograd.cpp). Either runs where it is measured faster than oneDNN for the problem.
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride[0] == 1 && stride[1] == 1 &&
                          padding[0] == 0 && padding[1] == 0 && groups == 1 && x.scalar_type() == at::kFloat &&
-                         g_pointwise_policy != 0;
-  if (pointwise) x_rows = as_rows(x);
-  bool gemm = x_rows.defined();
-  if (gemm && g_pointwise_policy == 2)
-    gemm = gemm_measured_faster(x, x_rows, weight, fold, stride, padding, dilation, eps, residual, residual_after_act,
-                                act, act_param);
-  if (!own_dw && !gemm) x = dense_input(x);
-  ConvParams p{stride, padding, dilation, x.sizes().vec(), groups, x.scalar_type(), eps};
-  if (own_dw || gemm) p.in_shape = {};  // taps and GEMM weights don't depend on the input shape
-  const Impl impl = own_dw ? Impl::Depthwise : (gemm ? Impl::Gemm : Impl::OneDNN);
-
+                         g_pointwise_policy != 0 && as_rows(x).defined();
+  const bool winograd = !pointwise && g_winograd_policy != 0 && winograd_applies(x, weight, stride, dilation, groups);
+  Impl impl = own_dw ? Impl::Depthwise : (pointwise ? Impl::Gemm : (winograd ? Impl::Winograd : Impl::OneDNN));
+  ConvParams p{stride, padding, dilation, {}, groups, x.scalar_type(), eps};  // in_shape: oneDNN's only
+  const int policy = impl == Impl::Gemm ? g_pointwise_policy : g_winograd_policy;
+  if ((impl == Impl::Gemm || impl == Impl::Winograd) && policy == 2 &&
+      !alt_measured_faster(impl, x, weight, fold, p, residual, residual_after_act, act, act_param))
+    impl = Impl::OneDNN;
+  if (impl == Impl::OneDNN) {
+    x = dense_input(x);
+    p.in_shape = x.sizes().vec();
+  }
   std::shared_ptr<Packed> e = packed_for(x, weight, srcs, fold, p, impl);
 
-  const bool has_res = residual.has_value() && residual->defined();
-  const int64_t kh = weight.size(2), kw = weight.size(3);
-  const auto [oh, ow] = out_hw(x, weight, stride, padding, dilation);
+  const at::Tensor direct = out.has_value() && shuffle == 1 ? *out : at::Tensor();
+  at::Tensor y = run_packed(x, *e, weight, residual, residual_after_act, act, act_param, direct);
+  g_impl_calls[static_cast<int>(impl)].fetch_add(1, std::memory_order_relaxed);
+  if (direct.defined() && y.is_same(direct)) return *out;
   const auto fmt = channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-
-  at::Tensor y;
-  if (impl == Impl::Gemm) {
-    at::Tensor out_rows = out.has_value() && shuffle == 1 ? as_rows(*out) : at::Tensor();
-    at::Tensor dst = out_rows.defined()
-                         ? *out
-                         : at::empty({x.size(0), weight.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
-    at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
-    gemm_rows({x_rows}, *e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
-    if (out_rows.defined()) return *out;
-    y = dst;
-  } else if (impl == Impl::Depthwise) {
-    const bool direct = out.has_value() && shuffle == 1 && out->stride(1) == 1;
-    at::Tensor dst = direct ? *out : at::empty({x.size(0), weight.size(0), oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
-    OptTensor res = residual;
-    if (has_res && residual->stride(1) != 1) res = residual->contiguous(at::MemoryFormat::ChannelsLast);
-    depthwise_nhwc(x, e->weight, e->bias, res, residual_after_act, dst, kh, kw, stride, padding, dilation, act,
-                   act_param);
-    if (direct) return *out;
-    y = dst;
-  } else {
-    const bool pre = has_res && (!residual_after_act || act == Act::Identity);
-    OptTensor res_pre;
-    if (pre) res_pre = residual->contiguous(fmt);
-    y = run_onednn(x, *e, res_pre, act, act_param);
-    if (has_res && !pre) y.add_(*residual);
-  }
   if (!out.has_value()) {
     if (shuffle == 1) return y;
     return at::channel_shuffle(y, shuffle).contiguous(fmt);
@@ -619,6 +659,7 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   }
   if (!concat_free) return run_concat();
   run_segments();
+  g_impl_calls[static_cast<int>(Impl::Gemm)].fetch_add(1, std::memory_order_relaxed);
   if (out.has_value() && !out_rows.defined()) {
     out->copy_(dst);
     return *out;
@@ -680,6 +721,12 @@ void set_pointwise_policy(int64_t policy) {
 }
 int64_t pointwise_policy() { return g_pointwise_policy; }
 
+void set_winograd_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "winograd policy: 0 (oneDNN), 1 (Winograd) or 2 (measured), got ", policy);
+  g_winograd_policy = static_cast<int>(policy);
+}
+int64_t winograd_policy() { return g_winograd_policy; }
+
 void set_depthwise_policy(int64_t policy) { g_depthwise_policy = static_cast<int>(policy); }
 int64_t depthwise_policy() { return g_depthwise_policy; }
 
@@ -706,6 +753,13 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptT
                      fold, eps,
                      residual, out, stride, padding, dilation, groups, act, act_param, residual_after_act, gate,
                      out_shuffle_groups);
+}
+
+std::map<std::string, int64_t> conv_impl_counts(bool reset) {
+  std::map<std::string, int64_t> counts;
+  for (int i = 0; i < 4; ++i)
+    counts[kImplNames[i]] = reset ? g_impl_calls[i].exchange(0) : g_impl_calls[i].load();
+  return counts;
 }
 
 int64_t weight_cache_size() {

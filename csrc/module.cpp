@@ -134,6 +134,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pointwise_policy", &en::set_pointwise_policy, py::arg("policy"),
         "1x1 stride-1 float32 convs: 0 oneDNN, 1 GEMM, 2 whichever is measured faster per problem (default)");
   m.def("pointwise_policy", &en::pointwise_policy);
+  m.def("set_winograd_policy", &en::set_winograd_policy, py::arg("policy"),
+        "3x3 stride-1 float32 NHWC convs: 0 oneDNN, 1 Winograd F(4x4, 3x3), 2 whichever is measured faster per "
+        "problem (default)");
+  m.def("winograd_policy", &en::winograd_policy);
+  m.def("conv_impl_counts", &en::conv_impl_counts, py::arg("reset") = false,
+        "convs run so far per implementation: onednn, depthwise, gemm, winograd");
   m.def("weight_cache_size", &en::weight_cache_size);
   m.def("clear_weight_cache", &en::clear_weight_cache);
   m.def("set_depthwise_policy", &en::set_depthwise_policy);

@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,6 +76,10 @@ at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments,
 void set_pointwise_policy(int64_t policy);
 int64_t pointwise_policy();
 
+// Convs run so far per implementation ("onednn", "depthwise", "gemm", "winograd"; an aggregation
+// counts as one "gemm" run, or as the 1x1 conv that follows its concat); reset: zero them.
+std::map<std::string, int64_t> conv_impl_counts(bool reset);
+
 // Packed-weight cache: number of entries, and dropping them all.
 int64_t weight_cache_size();
 // A conv's output height and width; whether its output is NHWC (x is NHWC or a channel view of it).
@@ -82,6 +87,20 @@ std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& w
                                         const IntVec& padding, const IntVec& dilation);
 bool prefers_channels_last(const at::Tensor& x);
 void clear_weight_cache();
+
+// ---- winograd.cpp: Winograd F(4x4, 3x3) for dense 3x3 stride-1 float32 convs, NHWC ---------
+// Whether the kernel can run this conv: 3x3, stride 1, dilation 1, groups 1, float32, channel-minor x.
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride, const IntVec& dilation,
+                      int64_t groups);
+// The transformed weight U = G w G^T of a float32 [K, C, 3, 3] weight, packed for winograd_nhwc.
+at::Tensor winograd_weight(const at::Tensor& w32);
+// out = act(conv3x3(x, w, padding) + bias [+ residual]) [+ residual], with U = winograd_weight(w).
+// x, out and residual: channel-minor (NHWC or channel views of one); out is written, never read.
+void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, const OptTensor& residual,
+                   bool residual_after_act, at::Tensor& out, const IntVec& padding, Act act, double act_param);
+// 0: 3x3 stride-1 float32 convs run oneDNN; 1: Winograd where it applies; 2: whichever is measured faster.
+void set_winograd_policy(int64_t policy);
+int64_t winograd_policy();
 
 // ---- depthwise.cpp: NHWC depthwise conv + bias + activation (+ residual), at::vec ----------
 // x: [N, C, H, W] with channel stride 1 (NHWC or a channel view of one), float32 or bfloat16.

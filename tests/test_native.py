@@ -118,6 +118,118 @@ def test_bad_input_gets_the_same_error_on_every_backend():
         conv_bn_act(x.half(), w.half(), scale, bias, padding=1, act="relu")
 
 
+# -- Winograd F(4x4, 3x3) (csrc/winograd.cpp) ---------------------------------------------------
+
+@pytest.fixture
+def winograd_policy():
+    """Sets the native 3x3 policy for the test (0 oneDNN, 1 Winograd, 2 measured); restores it."""
+    mod = native.module()
+    before = mod.winograd_policy()
+    yield mod.set_winograd_policy
+    mod.set_winograd_policy(before)
+
+
+def _runs(impl, fn):
+    """fn()'s result, after checking that its convs ran the implementation `impl` and no other."""
+    mod = native.module()
+    mod.conv_impl_counts(reset=True)
+    y = fn()
+    counts = {k: v for k, v in mod.conv_impl_counts(reset=True).items() if v}
+    assert set(counts) == {impl}, counts
+    return y
+
+
+# (C_in, C_out, H, W, padding, N): channel tails of both vector widths (C_out 33, 17, 5 are not
+# multiples of the 32-column panels; C_in 5, 20 not of 16 lanes), outputs that are not multiples
+# of the 4x4 tile, padding 0 and 2, one-pixel and one-tile outputs, a batch of 3.
+WINOGRAD_SHAPES = [(16, 24, 9, 7, 1, 2), (20, 33, 5, 6, 1, 1), (5, 17, 8, 8, 0, 1), (64, 64, 13, 13, 2, 1),
+                   (17, 5, 4, 4, 1, 3), (8, 40, 3, 3, 0, 1), (48, 96, 14, 14, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_winograd_matches_float64(shape, winograd_policy):
+    cin, cout, h, w_, pad, n = shape
+    winograd_policy(1)
+    x, w, scale, bias, _ = _problem(cin, cout, 3, 1, 1, hw=(h, w_), n=n)
+    oshape = (n, cout, h + 2 * pad - 2, w_ + 2 * pad - 2)
+    for act, res_after in (("relu", None), ("silu", True), ("relu6", False), ("identity", False)):
+        r = None if res_after is None else torch.randn(oshape).contiguous(memory_format=torch.channels_last)
+        with use_backend("native"):
+            y = _runs("winograd", lambda: conv_bn_act(x, w, scale, bias, r, padding=pad, act=act,
+                                                       residual_after_act=bool(res_after)))
+        assert y.shape == oshape and y.is_contiguous(memory_format=torch.channels_last)
+        assert_matches(y, _ref(x, w, scale, bias, r, 1, [pad, pad], 1, 1, act, 0.0, bool(res_after)))
+
+
+def test_winograd_reads_and_writes_channel_views(winograd_policy):
+    """An OSA stage conv: input a channel slice of one block buffer, output written in place into
+    a channel slice of another, nothing around it touched."""
+    winograd_policy(1)
+    _, w, scale, bias, _ = _problem(16, 24, 3, 1, 1)
+    buf = torch.randn(2, 40, 11, 10).contiguous(memory_format=torch.channels_last)
+    x = buf[:, 7:23]
+    out_buf = torch.full((2, 64, 11, 10), float("nan")).contiguous(memory_format=torch.channels_last)
+    out = out_buf[:, 20:44]
+    r = torch.randn(2, 30, 11, 10).contiguous(memory_format=torch.channels_last)[:, 6:]  # a view as well
+    with use_backend("native"):
+        y = _runs("winograd", lambda: conv_bn_act(x, w, scale, bias, r, padding=1, act="relu", out=out))
+    assert y.data_ptr() == out.data_ptr()
+    assert_matches(out, _ref(x, w, scale, bias, r, 1, [1, 1], 1, 1, "relu", 0.0, False))
+    assert torch.isnan(out_buf[:, :20]).all() and torch.isnan(out_buf[:, 44:]).all()
+
+
+def test_winograd_only_where_it_applies(winograd_policy):
+    """Stride 2, dilation, groups, NCHW input and bfloat16 run oneDNN (or the depthwise kernel),
+    with policy 1 as well; policy 0 never runs Winograd."""
+    winograd_policy(1)
+    x, w, scale, bias, _ = _problem(16, 16, 3, 1, 1, hw=(9, 9))
+    cases = [dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(padding=1, groups=4)]
+    for kw in cases:
+        wk = w[:, : 16 // kw.get("groups", 1)].contiguous()
+        with use_backend("native"):
+            y = _runs("onednn", lambda: conv_bn_act(x, wk, scale, bias, act="relu", **kw))
+        assert_matches(y, _ref(x, wk, scale, bias, None, kw.get("stride", 1), [kw["padding"]] * 2,
+                               kw.get("dilation", 1), kw.get("groups", 1), "relu", 0.0, True))
+    with use_backend("native"):
+        y = _runs("onednn", lambda: conv_bn_act(x.contiguous(), w, scale, bias, padding=1, act="relu"))
+    assert_matches(y, _ref(x, w, scale, bias, None, 1, [1, 1], 1, 1, "relu", 0.0, True))
+    winograd_policy(0)
+    with use_backend("native"):
+        _runs("onednn", lambda: conv_bn_act(x, w, scale, bias, padding=1, act="relu"))
+    with pytest.raises(ValueError, match="winograd policy"):
+        winograd_policy(3)
+
+
+def test_winograd_measured_choice_is_correct(winograd_policy):
+    """Policy 2 (the default) times Winograd against oneDNN once per problem (with the caches
+    evicted) and runs the faster: either way, the same numbers."""
+    winograd_policy(2)
+    x, w, scale, bias, _ = _problem(64, 64, 3, 1, 1, hw=(28, 28), n=1)
+    with use_backend("native"):
+        native.module().conv_impl_counts(reset=True)
+        ys = [conv_bn_act(x, w, scale, bias, padding=1, act="relu") for _ in range(2)]
+    counts = {k: v for k, v in native.module().conv_impl_counts(reset=True).items() if v}
+    assert len(counts) == 1 and set(counts) <= {"winograd", "onednn"} and sum(counts.values()) == 2, counts
+    for y in ys:
+        assert_matches(y, _ref(x, w, scale, bias, None, 1, [1, 1], 1, 1, "relu", 0.0, True))
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "resnet18"])
+def test_winograd_whole_model(name, winograd_policy):
+    """Every 3x3 stride-1 conv of a timm model through Winograd: float64-reference accuracy of the
+    whole network within the float32 rule."""
+    timm = pytest.importorskip("timm")
+    winograd_policy(1)
+    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    fast = effops.optimize(model)
+    with torch.no_grad():
+        native.module().conv_impl_counts(reset=True)
+        y = fast(x)
+        assert native.module().conv_impl_counts(reset=True)["winograd"] >= 6
+        assert_matches(y, copy.deepcopy(model).double()(x.double()))
+
+
 # -- the packed-weight cache ------------------------------------------------------------------
 
 def _module(act=nn.ReLU):

@@ -9,8 +9,8 @@
 // the transforms (additions and small constant multiples) aside.
 //
 // The three passes per chunk of tiles:
-//   1. input transform  x (NHWC, zero padding) -> V [36][tiles][C]     (at::vec over channels)
-//   2. 36 GEMMs          V @ U -> M [36][tiles][K]                      (MKL through at::bmm)
+//   1. input transform  x (NHWC, zero padding) -> V [tiles][36][C]     (at::vec over channels)
+//   2. 36 GEMMs          V[:, e] @ U[e] -> M [tiles][36][K]             (batched_gemm below)
 //   3. output transform  M -> A^T M A + bias, activation, residual -> out (NHWC, any channel view)
 // U [36][C][K] = G g G^T is computed once per weight (in float64, then rounded) and cached with
 // the BN-folded weight by conv.cpp.
@@ -120,20 +120,20 @@ inline void gemm_tail(int64_t rows, const float* v, int64_t ldv, const float* up
   }
 }
 
-// M[e][t][k] = sum_c V[e][t][c] U[e][c][k] for t < T, with U packed by winograd_weight.
+// M[t][e][k] = sum_c V[t][e][c] U[e][c][k] for t < T, with U packed by winograd_weight.
 void batched_gemm(const float* V, int64_t T, int64_t C, const float* Up, int64_t K, float* M) {
-  const int64_t KP = (K + kNR - 1) / kNR;
+  const int64_t KP = (K + kNR - 1) / kNR, ldv = kElems * C, ldm = kElems * K;
   // One work item per (element, panel): consecutive items share V[e], which stays in the cache.
   at::parallel_for(0, kElems * KP, 1, [&](int64_t a, int64_t b) {
     for (int64_t w = a; w < b; ++w) {
       const int64_t e = w / KP, kp = w % KP;
-      const float* ve = V + e * T * C;
+      const float* ve = V + e * C;
       const float* up = Up + w * C * kNR;
-      float* me = M + e * T * K + kp * kNR;
+      float* me = M + e * K + kp * kNR;
       const int64_t nk = std::min(kNR, K - kp * kNR);
       int64_t t = 0;
-      for (; t + kMR <= T; t += kMR) gemm_block<kMR>(ve + t * C, C, up, C, me + t * K, K, nk);
-      if (t < T) gemm_tail<kMR - 1>(T - t, ve + t * C, C, up, C, me + t * K, K, nk);
+      for (; t + kMR <= T; t += kMR) gemm_block<kMR>(ve + t * ldv, ldv, up, C, me + t * ldm, ldm, nk);
+      if (t < T) gemm_tail<kMR - 1>(T - t, ve + t * ldv, ldv, up, C, me + t * ldm, ldm, nk);
     }
   });
 }
@@ -142,11 +142,11 @@ struct Geometry {
   int64_t N, C, H, W, K, OH, OW, TH, TW, pad_h, pad_w;
 };
 
-// Pass 1 for tiles [t0, t1): V[e][t - t0][c] = (B^T d B)[e] of the 6x6 patch at the tile, zero
-// outside the image.
-void input_transform(const float* x, const int64_t* xs, const Geometry& g, int64_t t0, int64_t t1, float* V,
-                     int64_t tiles_in_chunk) {
-  const int64_t ldv = g.C, estride = tiles_in_chunk * g.C;
+// Pass 1 for tiles [t0, t1): V[t - t0][e][c] = (B^T d B)[e] of the 6x6 patch at the tile, zero
+// outside the image. Tile-major: each tile's 36 rows are one contiguous block, written (and in
+// pass 3 read) as one stream rather than 36 streams a chunk apart, whose cache sets collide.
+void input_transform(const float* x, const int64_t* xs, const Geometry& g, int64_t t0, int64_t t1, float* V) {
+  const int64_t ldv = kElems * g.C;
   at::parallel_for(t0, t1, std::max<int64_t>(1, 512 / std::max<int64_t>(g.C, 1)), [&](int64_t a, int64_t b) {
     Vec d[kPatch], tmp[kPatch][kPatch], col[kPatch], out[kPatch];
     for (int64_t t = a; t < b; ++t) {
@@ -172,7 +172,7 @@ void input_transform(const float* x, const int64_t* xs, const Geometry& g, int64
         for (int64_t j = 0; j < kPatch; ++j) {  // columns: B^T (d B)
           for (int64_t i = 0; i < kPatch; ++i) col[i] = tmp[i][j];
           bt6(col, out);
-          for (int64_t i = 0; i < kPatch; ++i) store_f(vt + (i * kPatch + j) * estride + c, out[i], nc);
+          for (int64_t i = 0; i < kPatch; ++i) store_f(vt + (i * kPatch + j) * g.C + c, out[i], nc);
         }
       }
     }
@@ -181,10 +181,9 @@ void input_transform(const float* x, const int64_t* xs, const Geometry& g, int64
 
 // Pass 3 for tiles [t0, t1): out = act(A^T M A + bias [+ residual]) [+ residual], the tile's
 // pixels inside the output only.
-void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t t1, int64_t tiles_in_chunk,
+void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t t1,
                       const float* bias, const float* res, const int64_t* rs, bool residual_after_act, float* y,
                       const int64_t* ys, Act act, float act_param) {
-  const int64_t estride = tiles_in_chunk * g.K;
   dispatch_act(act, [&](auto a_) {
     constexpr Act A = decltype(a_)::value;
     at::parallel_for(t0, t1, std::max<int64_t>(1, 512 / std::max<int64_t>(g.K, 1)), [&](int64_t a, int64_t b) {
@@ -194,12 +193,12 @@ void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t t1,
         const int64_t n = t / (g.TH * g.TW), rem = t % (g.TH * g.TW);
         const int64_t oh0 = (rem / g.TW) * kTile, ow0 = (rem % g.TW) * kTile;
         const int64_t rows = std::min(kTile, g.OH - oh0), cols = std::min(kTile, g.OW - ow0);
-        const float* mt = M + (t - t0) * g.K;
+        const float* mt = M + (t - t0) * kElems * g.K;
         for (int64_t k = 0; k < g.K; k += kVecSize) {
           const int64_t nk = std::min<int64_t>(kVecSize, g.K - k);
           const Vec bv = load_f(bias + k, nk);
           for (int64_t i = 0; i < kPatch; ++i) {  // rows: m A
-            for (int64_t j = 0; j < kPatch; ++j) m[j] = load_f(mt + (i * kPatch + j) * estride + k, nk);
+            for (int64_t j = 0; j < kPatch; ++j) m[j] = load_f(mt + (i * kPatch + j) * g.K + k, nk);
             at6(m, tmp[i]);
           }
           for (int64_t j = 0; j < cols; ++j) {  // columns: A^T (m A)
@@ -278,9 +277,9 @@ void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& b
 
   for (int64_t t0 = 0; t0 < T; t0 += tc) {
     const int64_t t1 = std::min(T, t0 + tc), nt = t1 - t0;
-    input_transform(x.data_ptr<float>(), xs, g, t0, t1, vbuf, nt);
+    input_transform(x.data_ptr<float>(), xs, g, t0, t1, vbuf);
     batched_gemm(vbuf, nt, g.C, U.data_ptr<float>(), g.K, mbuf);
-    output_transform(mbuf, g, t0, t1, nt, bias.data_ptr<float>(), res.defined() ? res.data_ptr<float>() : nullptr, rs,
+    output_transform(mbuf, g, t0, t1, bias.data_ptr<float>(), res.defined() ? res.data_ptr<float>() : nullptr, rs,
                      residual_after_act, out.data_ptr<float>(), ys, act, static_cast<float>(act_param));
   }
 }

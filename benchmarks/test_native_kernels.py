@@ -11,6 +11,14 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   ``torch.ops.mkldnn._convolution_pointwise`` with the BN folded and the activation fused where
   oneDNN has it (the primitive csrc/conv.cpp would otherwise use); ``effops``: the native kernel
   with BN folded into taps and bias, output allocated per call like the others.
+* **winograd** (``winograd_nhwc`` through ``conv_scale_bias_act`` with ``set_winograd_policy(1)``):
+  dense 3x3 stride-1 conv + BN + ReLU blocks of VoVNet-39, ResNet-50 and RepVGG-A2 at 224² input.
+  ``eager``: ``nn.Conv2d`` + ``nn.BatchNorm2d`` + ``nn.ReLU`` in eval mode, channels_last;
+  ``onednn``: ``torch.ops.mkldnn._convolution_pointwise`` with the BN folded, the weight
+  prepacked and ReLU fused (the primitive Inductor's freezing path emits); ``effops``: Winograd
+  F(4x4, 3x3). The weights stay in the cache between calls here; in a model they do not, which
+  costs Winograd's 4x larger transformed weight more (the measured per-problem choice in
+  csrc/conv.cpp evicts the caches for that reason). GFLOP/s count a direct conv's 2*9*C*K*H*W.
 * **se** (``se_gate`` + ``se_apply``): timm's EfficientNet/MobileNetV3 ``SqueezeExcite``
   (``x * gate(conv_expand(act(conv_reduce(x.mean((2, 3))))))``) on channels_last inputs.
 * **shuffle** (``channel_shuffle``): ShuffleNetV2's ``view → transpose → reshape`` (g=2) and
@@ -21,6 +29,7 @@ for these memory-bound blocks). Times are CPU wall-clock medians, the providers 
 timed round-robin so that machine noise hits them alike. Each case first checks effops
 against a float64 computation (``_numerics.py``'s rule).
 """
+import copy
 import statistics
 import time
 
@@ -171,6 +180,56 @@ def test_depthwise(case, m, results):
             case=f"dw_{name}", shape=f"1x{c}x{hw}x{hw} k{k} s{s} {act}", **errs)
 
 
+# ---- dense 3x3 conv + BN + ReLU: Winograd F(4x4, 3x3) --------------------------------------------
+
+DENSE3X3 = [
+    # name, C_in, C_out, H=W
+    ("vovnet39_56_c128", 128, 128, 56),
+    ("vovnet39_28_c160", 160, 160, 28),
+    ("vovnet39_14_c192", 192, 192, 14),
+    ("vovnet39_7_c224", 224, 224, 7),
+    ("resnet50_56_c64", 64, 64, 56),
+    ("resnet50_14_c256", 256, 256, 14),
+    ("resnet50_7_c512", 512, 512, 7),
+    ("repvgg_a2_14_c384", 384, 384, 14),
+]
+
+
+@pytest.mark.parametrize("case", DENSE3X3, ids=lambda c: c[0])
+def test_winograd(case, m, results):
+    name, c, k, hw = case
+    block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 3, 1, 1, bias=False), nn.BatchNorm2d(k), nn.ReLU())).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    bn = block[1]
+    with torch.no_grad():
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
+        bias = (bn.bias - bn.running_mean * scale).contiguous()
+        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+    conv_w = block[0].weight.detach()
+
+    def effops_fn():
+        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True)
+
+    def onednn_fn():
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+
+    before = m.winograd_policy()
+    m.set_winograd_policy(1)
+    try:
+        with torch.inference_mode():
+            m.conv_impl_counts(True)
+            out = effops_fn()
+            assert m.conv_impl_counts(True)["winograd"] == 1, "the Winograd kernel did not run"
+            ref64 = copy.deepcopy(block).double()(x.double())
+            errs = check_numerics(out, ref64, block(x))
+            timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
+    finally:
+        m.set_winograd_policy(before)
+    _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k + k), flops=2 * 9 * c * k * hw * hw,
+            case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}", **errs)
+
+
 # ---- squeeze-excitation ------------------------------------------------------------------------
 
 SE = [
@@ -203,8 +262,6 @@ def test_se(case, m, results):
         return m.se_apply(x, g, None, None, "identity", 0.0)
 
     with torch.inference_mode():
-        import copy
-
         ref64 = copy.deepcopy(se).double()(x.double())
         errs = check_numerics(effops_fn(), ref64, se(x))
         timed = _time({"eager": lambda: se(x), "effops": effops_fn})

@@ -5,7 +5,8 @@
 
 1. depthwise convs: oneDNN (policy 0) against effops' NHWC kernel (policy 2), whole models;
 2. 1x1 convs: oneDNN (0), GEMM (1), measured per problem (2, the default), whole models;
-3. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
+3. dense 3x3 stride-1 convs: oneDNN (0), Winograd F(4x4, 3x3) (1), measured (2, the default);
+4. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
    the segments against an NHWC concat + oneDNN's 1x1 conv (and the concat alone).
 
 Whole-model rows alternate the variants call by call (after a warm-up per variant), so drift on
@@ -28,7 +29,7 @@ import effops
 from effops.benchmark import device_stamp, randomize_bn
 
 MODELS = ["mobilenet_v2", "efficientnet_b0", "ghostnet_100", "shufflenet_v2_x1_0", "mobilenetv3_large_100",
-          "resnet50", "vovnet39"]
+          "resnet50", "vovnet39", "repvgg_a2"]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -87,9 +88,13 @@ def main() -> None:
         pw = side_by_side(fm, x, {"1x1 oneDNN": lambda: nat.set_pointwise_policy(0),
                                   "1x1 GEMM": lambda: nat.set_pointwise_policy(1),
                                   "1x1 measured": lambda: nat.set_pointwise_policy(2)}, args.reps)
+        wg = side_by_side(fm, x, {"3x3 oneDNN": lambda: nat.set_winograd_policy(0),
+                                  "3x3 Winograd": lambda: nat.set_winograd_policy(1),
+                                  "3x3 measured": lambda: nat.set_winograd_policy(2)}, args.reps)
         nat.set_depthwise_policy(2)
         nat.set_pointwise_policy(2)
-        for k, v in {**dw, **pw}.items():
+        nat.set_winograd_policy(2)
+        for k, v in {**dw, **pw, **wg}.items():
             rows.append({"study": "whole model", "case": name, "variant": k, "ms": round(v, 3)})
             print(f"{name:24s} {k:18s} {v:8.2f} ms", flush=True)
     for hw, cin, cs, cout in [(56, 128, 128, 256), (28, 256, 160, 512), (14, 512, 192, 768), (7, 768, 224, 1024)]:

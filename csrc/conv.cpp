@@ -420,18 +420,20 @@ std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight
           (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1};
 }
 
-// Evicts the caches: writes a buffer of twice the last-level cache (at least 64 MB).
-void evict_caches() {
-  static std::vector<char> buf([] {
+// Evicts the caches by writing a buffer of twice the last-level cache (at least 64 MB), which
+// lives only as long as the measurement that needs it.
+struct CacheEvictor {
+  std::vector<char> buf;
+  char value = 0;
+  CacheEvictor() {
     long l3 = 0;
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-    return static_cast<size_t>(std::max<long>(64L << 20, 2 * l3));
-  }());
-  static char value = 0;
-  std::memset(buf.data(), ++value, buf.size());
-}
+    buf.resize(static_cast<size_t>(std::max<long>(64L << 20, 2 * l3)));
+  }
+  void operator()() { std::memset(buf.data(), ++value, buf.size()); }
+};
 
 // Whether a runs at most as long as b: the best of n timed calls each, alternated a b b a ...
 // after one untimed call of each (first touch of the output, oneDNN's primitive creation), so a
@@ -444,8 +446,10 @@ bool first_is_faster(const std::function<void()>& a, const std::function<void()>
   a();
   b();
   double ta = 1e30, tb = 1e30;
-  auto time = [cold](const std::function<void()>& fn, double& best) {
-    if (cold) evict_caches();
+  std::optional<CacheEvictor> evict;
+  if (cold) evict.emplace();
+  auto time = [&evict](const std::function<void()>& fn, double& best) {
+    if (evict) (*evict)();
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

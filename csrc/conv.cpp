@@ -19,16 +19,21 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
 #include <tuple>
 #include <optional>
 #include <functional>
 #include <mutex>
 #include <unordered_map>
 
-#include <unistd.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#include <sys/mman.h>
 
 namespace effops_native {
 namespace {
@@ -401,11 +406,13 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
 
 // The cached entry for these source tensors and settings, or a new one (stored unless a source
 // can't be keyed: an inference tensor has no version counter).
+// `built`: an entry already packed for exactly this (a per-problem measurement packs both sides).
 std::shared_ptr<Packed> packed_for(const at::Tensor& x, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
-                                   const FoldFn& fold, const ConvParams& p, Impl impl) {
+                                   const FoldFn& fold, const ConvParams& p, Impl impl,
+                                   std::shared_ptr<Packed> built = nullptr) {
   std::shared_ptr<Packed> e = lookup(srcs, p);
   if (e && e->impl == impl) return e;
-  e = build(x, weight, fold, p, impl);
+  e = built && built->impl == impl && built->params == p ? built : build(x, weight, fold, p, impl);
   bool keyable = true;
   e->keys.resize(srcs.size());
   for (size_t i = 0; i < srcs.size(); ++i) keyable = keyable && make_key(srcs[i], e->keys[i], /*by_value=*/i > 0);
@@ -420,36 +427,50 @@ std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight
           (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1};
 }
 
-// Evicts the caches by writing a buffer of twice the last-level cache (at least 64 MB), which
-// lives only as long as the measurement that needs it.
+// Makes a measurement see what a conv sees inside a model: its weights come from memory, since
+// the other layers' weights and activations pass through the cache between two calls of it.
+// Writes 64 MB (twice this machine's 32 MB L3; sysconf reports a whole multi-die L3 here,
+// 320 MB, which would take a second per measurement) and flushes `cold`'s cache lines
+// explicitly, so they are out of the cache whatever its size. The buffer lives only as long as
+// the measurement that needs it.
 struct CacheEvictor {
-  std::vector<char> buf;
+  static constexpr size_t kBytes = size_t(64) << 20;
+  // 2 MB aligned and advised as huge pages: first touching 16k small pages costs about 100 ms on
+  // a VM, 32 huge ones a few.
+  std::unique_ptr<char, decltype(&std::free)> buf{static_cast<char*>(std::aligned_alloc(size_t(2) << 20, kBytes)),
+                                                  &std::free};
+  CacheEvictor(const CacheEvictor&) = delete;
+  at::Tensor cold;
   char value = 0;
-  CacheEvictor() {
-    long l3 = 0;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  explicit CacheEvictor(at::Tensor cold_) : cold(std::move(cold_)) {
+    TORCH_CHECK(buf, "effops: out of memory for the cache-eviction buffer");
+#if defined(MADV_HUGEPAGE)
+    madvise(buf.get(), kBytes, MADV_HUGEPAGE);
 #endif
-    buf.resize(static_cast<size_t>(std::max<long>(64L << 20, 2 * l3)));
   }
-  void operator()() { std::memset(buf.data(), ++value, buf.size()); }
+  void operator()() {
+    std::memset(buf.get(), ++value, kBytes);
+#if defined(__x86_64__) || defined(_M_X64)
+    const char* p = static_cast<const char*>(cold.data_ptr());
+    for (size_t i = 0; i < cold.nbytes(); i += 64) _mm_clflush(p + i);
+    _mm_mfence();
+#endif
+  }
 };
 
 // Whether a runs at most as long as b: the best of n timed calls each, alternated a b b a ...
 // after one untimed call of each (first touch of the output, oneDNN's primitive creation), so a
 // burst of load on a shared machine hits both sides rather than deciding the choice by itself.
-// `cold`: the caches are evicted before every timed call, as a conv's weights are when it runs in
-// a model (the previous layers' weights and activations have gone through the cache since its
-// last call); otherwise its weights stay in the cache and a path that reads more weight bytes
-// wins here and loses in the model.
-bool first_is_faster(const std::function<void()>& a, const std::function<void()>& b, int n = 5, bool cold = false) {
+// `before_each` runs before every timed call, untimed (the Winograd choice evicts the caches
+// there: timed back to back, a conv's weights stay in the cache and the path that reads more
+// weight bytes wins here and loses in the model).
+bool first_is_faster(const std::function<void()>& a, const std::function<void()>& b, int n = 5,
+                     const std::function<void()>& before_each = nullptr) {
   a();
   b();
   double ta = 1e30, tb = 1e30;
-  std::optional<CacheEvictor> evict;
-  if (cold) evict.emplace();
-  auto time = [&evict](const std::function<void()>& fn, double& best) {
-    if (evict) (*evict)();
+  auto time = [&before_each](const std::function<void()>& fn, double& best) {
+    if (before_each) before_each();
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -516,9 +537,10 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
 // GEMM has no fixed per-call cost to speak of and wins small 1x1 problems, oneDNN's blocked
 // kernels many large ones; Winograd does 4x fewer multiplies but reads a 4x larger weight, and
 // loses where the weight outweighs the pixels (7x7 maps with 512 channels).
+// `winner`: set to the winning side's packed entry when this call measured (null on a known problem).
 bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight, const FoldFn& fold,
                          const ConvParams& p_alt, const OptTensor& residual, bool residual_after_act, Act act,
-                         double act_param) {
+                         double act_param, std::shared_ptr<Packed>& winner) {
   const bool has_res = residual.has_value() && residual->defined();
   const auto key = std::make_tuple(alt, x.sizes().vec(), weight.size(0), p_alt.padding, has_res,
                                    static_cast<int64_t>(act), at::get_num_threads());
@@ -533,10 +555,14 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
   po.in_shape = xd.sizes().vec();
   auto ea = build(x, weight, fold, p_alt, alt);
   auto eo = build(xd, weight, fold, po, Impl::OneDNN);
+  std::optional<CacheEvictor> evict;
+  if (alt == Impl::Winograd) evict.emplace(ea->weight);  // the transformed weight: 4x the conv's
   const bool faster = first_is_faster(
       [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
-      [&] { run_packed(xd, *eo, weight, residual, residual_after_act, act, act_param, at::Tensor()); }, 5,
-      /*cold=*/alt == Impl::Winograd);
+      [&] { run_packed(xd, *eo, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
+      // cold: best of 3 each (each eviction writes 64 MB; Winograd's wins are mostly wide)
+      evict ? 3 : 5, evict ? std::function<void()>([&] { (*evict)(); }) : std::function<void()>());
+  winner = faster ? ea : eo;
   std::lock_guard<std::mutex> lock(g_choice_mutex);
   g_alt_faster[key] = faster;
   return faster;
@@ -576,14 +602,15 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
   Impl impl = own_dw ? Impl::Depthwise : (pointwise ? Impl::Gemm : (winograd ? Impl::Winograd : Impl::OneDNN));
   ConvParams p{stride, padding, dilation, {}, groups, x.scalar_type(), eps};  // in_shape: oneDNN's only
   const int policy = impl == Impl::Gemm ? g_pointwise_policy : g_winograd_policy;
+  std::shared_ptr<Packed> measured;
   if ((impl == Impl::Gemm || impl == Impl::Winograd) && policy == 2 &&
-      !alt_measured_faster(impl, x, weight, fold, p, residual, residual_after_act, act, act_param))
+      !alt_measured_faster(impl, x, weight, fold, p, residual, residual_after_act, act, act_param, measured))
     impl = Impl::OneDNN;
   if (impl == Impl::OneDNN) {
     x = dense_input(x);
     p.in_shape = x.sizes().vec();
   }
-  std::shared_ptr<Packed> e = packed_for(x, weight, srcs, fold, p, impl);
+  std::shared_ptr<Packed> e = packed_for(x, weight, srcs, fold, p, impl, measured);
 
   const at::Tensor direct = out.has_value() && shuffle == 1 ? *out : at::Tensor();
   at::Tensor y = run_packed(x, *e, weight, residual, residual_after_act, act, act_param, direct);

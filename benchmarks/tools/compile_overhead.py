@@ -2,6 +2,7 @@
 
     python benchmarks/tools/compile_overhead.py                                  # the mobile nets
     python benchmarks/tools/compile_overhead.py --models ghostnet_100,mobilenet_v2 --rounds 3
+    python benchmarks/tools/compile_overhead.py --models resnet50 --batch 8 --runs 5
 
 Per model: ``effops.optimize`` of the channels_last model (speed check on the benchmark input),
 the same object compiled with inductor and ``freezing=True`` (called in ``torch.inference_mode()``,
@@ -38,7 +39,7 @@ def _median_ms(fn, runs: int) -> float:
     return time_ms(fn, torch.device("cpu"), cpu_iters=runs)
 
 
-def measure(name: str, threads: int, rounds: int, runs: int) -> dict:
+def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1) -> dict:
     import torch._inductor.config as inductor_config
 
     import effops
@@ -46,7 +47,7 @@ def measure(name: str, threads: int, rounds: int, runs: int) -> dict:
     torch.set_num_threads(threads)
     cl = torch.channels_last
     model = cpu_run.build_model(name).eval().to(memory_format=cl)
-    x = cpu_run.make_input(1).contiguous(memory_format=cl)
+    x = cpu_run.make_input(batch).contiguous(memory_format=cl)
     torch._dynamo.reset()
     with torch.no_grad():  # as benchmarks/cpu_run.py prepares and then times every provider
         fast = effops.optimize(model, example_inputs=(x,))
@@ -66,9 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
     for name in args.models.split(","):
-        r = measure(name, args.threads, args.rounds, args.runs)
+        r = measure(name, args.threads, args.rounds, args.runs, args.batch)
         e, c = statistics.median(r["eager_ms"]), statistics.median(r["compiled_ms"])
         rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["eager_ms"], r["compiled_ms"]))
         print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}",

@@ -107,7 +107,7 @@ struct Packed {
   Impl impl;
   at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
                       // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32;
-                      // Winograd: [36, C_in, C_out] float32 (winograd.cpp)
+                      // Winograd: G w G^T, [36][C_out / 32][C_in][32] float32 panels (winograd.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
 
@@ -512,8 +512,10 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
                             (e.impl == Impl::Depthwise || direct.scalar_type() == at::kFloat);
       at::Tensor dst = writable ? direct : fresh();
       OptTensor res = residual;
-      if (has_res && (residual->stride(1) != 1 || residual->scalar_type() != x.scalar_type()))
-        res = residual->to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+      // depthwise reads float32 or bfloat16 residuals; Winograd float32 ones
+      const bool convert = has_res && e.impl == Impl::Winograd && residual->scalar_type() != at::kFloat;
+      if (has_res && (residual->stride(1) != 1 || convert))
+        res = (convert ? residual->to(at::kFloat) : *residual).contiguous(at::MemoryFormat::ChannelsLast);
       if (e.impl == Impl::Depthwise)
         depthwise_nhwc(x, e.weight, e.bias, res, residual_after_act, dst, weight.size(2), weight.size(3), p.stride,
                        p.padding, p.dilation, act, act_param);

@@ -12,8 +12,8 @@
 //   1. input transform  x (NHWC, zero padding) -> V [tiles][36][C]     (at::vec over channels)
 //   2. 36 GEMMs          V[:, e] @ U[e] -> M [tiles][36][K]             (batched_gemm below)
 //   3. output transform  M -> A^T M A + bias, activation, residual -> out (NHWC, any channel view)
-// U [36][C][K] = G g G^T is computed once per weight (in float64, then rounded) and cached with
-// the BN-folded weight by conv.cpp.
+// U = G g G^T is computed once per weight (in float64, then rounded), packed in 32-column
+// panels (batched_gemm) and cached with the BN-folded weight by conv.cpp.
 //
 // Numerics: the transforms amplify float32 rounding. On random data the relative error against
 // a float64 conv is about 2e-6 (a direct float32 conv: about 2e-7), inside the project's 1e-5
@@ -261,7 +261,8 @@ void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& b
   const int64_t chunk_max = std::max<int64_t>(64, (int64_t(6) << 20) / (kElems * 4 * (g.C + g.K)));
   const int64_t chunks = (T + chunk_max - 1) / chunk_max;
   const int64_t tc = (T + chunks - 1) / chunks;  // equal chunks: no small GEMM for a remainder
-  // Reused per thread: a fresh multi-MB buffer per call costs page faults on every call.
+  // Reused per calling thread and kept for its life (about 6 MB; more where 64 tiles of thousands
+  // of channels need it): a fresh multi-MB buffer per call costs page faults on every call.
   thread_local at::Tensor workspace;
   const int64_t need = kElems * tc * (g.C + g.K);
   if (!workspace.defined() || workspace.numel() < need) workspace = at::empty({need}, x.options().dtype(at::kFloat));

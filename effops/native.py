@@ -111,6 +111,17 @@ def _load_jit():
     return mod, None
 
 
+def _apply_policies(mod) -> None:
+    """Per-process choices from the environment: ``EFFOPS_WINOGRAD=0`` runs every 3x3 conv on
+    oneDNN (no Winograd F(4x4, 3x3), whose float32 rounding error is about 10x a direct conv's),
+    ``=1`` runs Winograd wherever it applies, unset or ``2`` chooses per problem by measurement."""
+    raw = os.environ.get("EFFOPS_WINOGRAD", "").strip()
+    if raw:
+        if raw not in ("0", "1", "2"):
+            raise ValueError(f"EFFOPS_WINOGRAD must be 0 (oneDNN), 1 (Winograd) or 2 (measured), got {raw!r}")
+        mod.set_winograd_policy(int(raw))
+
+
 def module():
     """The compiled extension (building it on first call), or None when it can't be had."""
     if _STATE["tried"]:
@@ -129,6 +140,8 @@ def module():
                 origin = "just-in-time build of csrc/"
                 if mod is None:
                     why = f"{why_pre}; {why}"
+        if mod is not None:
+            _apply_policies(mod)
         _STATE.update(tried=True, module=mod, reason=why or "", origin=origin if mod is not None else None)
         if mod is None and why != "disabled by EFFOPS_NATIVE=0":
             warnings.warn(f"effops: the native CPU backend is unavailable, CPU ops run the PyTorch reference: {why}",

@@ -357,3 +357,17 @@ def test_disabled_by_environment():
         assert effops.native.status() == (False, "disabled by EFFOPS_NATIVE=0")
         """, EFFOPS_NATIVE="0")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_winograd_environment_knob():
+    r = _python("""
+        import effops
+        m = effops.native.module()
+        assert m is not None and m.winograd_policy() == 0, m
+        """, EFFOPS_WINOGRAD="0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _python("""
+        import effops
+        effops.native.module()
+        """, EFFOPS_WINOGRAD="yes")
+    assert r.returncode != 0 and "EFFOPS_WINOGRAD must be 0" in r.stderr, r.stdout + r.stderr

@@ -302,17 +302,24 @@ void copy_shuffled(at::Tensor& dst, const at::Tensor& y, int64_t g) {
   dst.unflatten(1, {c / g, g}).transpose(1, 2).copy_(y.unflatten(1, {g, c / g}));
 }
 
+// The row stride of as_rows(t), or -1 where t has no such rows (a check without a tensor).
+int64_t rows_stride(const at::Tensor& t) {
+  if (t.dim() != 4 || (t.size(1) > 1 && t.stride(1) != 1)) return -1;
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const int64_t ld = W > 1 ? t.stride(3) : (H > 1 ? t.stride(2) : (N > 1 ? t.stride(0) : C));
+  if ((W > 1 && t.stride(3) != ld) || (H > 1 && t.stride(2) != W * ld) || (N > 1 && t.stride(0) != H * W * ld))
+    return -1;
+  if (N * H * W > 1 && ld < C) return -1;
+  return std::max<int64_t>(ld, C);
+}
+
 // [N*H*W, C] rows of a channel-minor, pixel-dense 4-D tensor (NHWC, or a channel view of a wider
 // NHWC buffer: row stride = the buffer's channel count), as a strided 2-D view; undefined if the
 // pixels aren't equally spaced rows. BLAS reads and writes such a matrix in place (lda/ldc > C).
 at::Tensor as_rows(const at::Tensor& t) {
-  if (t.dim() != 4 || (t.size(1) > 1 && t.stride(1) != 1)) return at::Tensor();
-  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
-  const int64_t ld = W > 1 ? t.stride(3) : (H > 1 ? t.stride(2) : (N > 1 ? t.stride(0) : C));
-  if ((W > 1 && t.stride(3) != ld) || (H > 1 && t.stride(2) != W * ld) || (N > 1 && t.stride(0) != H * W * ld))
-    return at::Tensor();
-  if (N * H * W > 1 && ld < C) return at::Tensor();
-  return t.as_strided({N * H * W, C}, {std::max<int64_t>(ld, C), 1});
+  const int64_t ld = rows_stride(t);
+  if (ld < 0) return at::Tensor();
+  return t.as_strided({t.size(0) * t.size(2) * t.size(3), t.size(1)}, {ld, 1});
 }
 
 // y = act(y + bias [+ r]) [+ r] over the rows of y in place, vectorised over channels.
@@ -501,7 +508,7 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
   };
   switch (e.impl) {
     case Impl::Gemm: {
-      at::Tensor dst = direct.defined() && as_rows(direct).defined() ? direct : fresh();
+      at::Tensor dst = direct.defined() && rows_stride(direct) >= 0 ? direct : fresh();
       at::Tensor y_rows = as_rows(dst);
       gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
       return dst;
@@ -599,7 +606,7 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
   // (winograd.cpp). Either runs where it is measured faster than oneDNN for the problem.
   const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride[0] == 1 && stride[1] == 1 &&
                          padding[0] == 0 && padding[1] == 0 && groups == 1 && x.scalar_type() == at::kFloat &&
-                         g_pointwise_policy != 0 && as_rows(x).defined();
+                         g_pointwise_policy != 0 && rows_stride(x) >= 0;
   const bool winograd = !pointwise && g_winograd_policy != 0 && winograd_applies(x, weight, stride, dilation, groups);
   Impl impl = own_dw ? Impl::Depthwise : (pointwise ? Impl::Gemm : (winograd ? Impl::Winograd : Impl::OneDNN));
   ConvParams p{stride, padding, dilation, {}, groups, x.scalar_type(), eps};  // in_shape: oneDNN's only

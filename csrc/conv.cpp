@@ -442,8 +442,7 @@ std::pair<int64_t, int64_t> out_hw(const at::Tensor& x, const at::Tensor& weight
 // the measurement that needs it.
 struct CacheEvictor {
   static constexpr size_t kBytes = size_t(64) << 20;
-  // 2 MB aligned and advised as huge pages: first touching 16k small pages costs about 100 ms on
-  // a VM, 32 huge ones a few.
+  // 2 MB aligned and advised as huge pages: first touching 16k small pages is slow on a VM.
   std::unique_ptr<char, decltype(&std::free)> buf{static_cast<char*>(std::aligned_alloc(size_t(2) << 20, kBytes)),
                                                   &std::free};
   CacheEvictor(const CacheEvictor&) = delete;

@@ -234,8 +234,8 @@ at::Tensor winograd_weight(const at::Tensor& w32) {
                                {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
   const at::Tensor g = at::from_blob(const_cast<double*>(&G[0][0]), {kPatch, 3}, at::kDouble).clone();
   const int64_t C = w32.size(1), K = w32.size(0), KP = (K + kNR - 1) / kNR;
-  // U[k][c] = G w[k][c] G^T (6x6) as two batched matmuls (a 3-operand einsum took 40 ms for a
-  // 768 -> 224 weight), then [36, C, K] with K padded to whole panels.
+  // U[k][c] = G w[k][c] G^T (6x6) as two batched matmuls, then [36, C, K] with K padded to whole
+  // panels.
   at::Tensor u = at::matmul(at::matmul(g, w32.to(at::kDouble)), g.t());  // [K, C, 6, 6]
   u = u.reshape({K, C, kElems}).permute({2, 1, 0});                        // [36, C, K]
   u = at::constant_pad_nd(u.to(at::kFloat), {0, KP * kNR - K});

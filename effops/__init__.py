@@ -20,15 +20,18 @@ from . import dispatch, models, native, ops, tuning
 
 
 def refresh() -> None:
-    """Make every fused module re-derive what the native CPU backend derived from its parameters
-    (BN-folded prepacked conv weights, merged RepVGG convs). Needed only after a write PyTorch
+    """Make every fused module re-derive what it derived from its parameters (BN scales and biases,
+    cuDNN's folded weights, the native CPU backend's BN-folded prepacked weights, merged RepVGG
+    and ghost convs). Needed only after a write PyTorch
     does not count as a change: ``param.data.mul_(...)``, writes through numpy or DLPack, and a
     child module written straight into ``_modules`` or removed with ``del``. In-place ops,
     optimizer steps, ``param.data = t`` and replaced modules are seen without it."""
     from .nn.common import clear_derived_caches, structure_changed
+    from .ops.conv import clear_vendor_folds
 
     native.refresh()
     clear_derived_caches()
+    clear_vendor_folds()
     structure_changed()
 
 __version__ = "0.1.0"

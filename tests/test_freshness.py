@@ -5,9 +5,10 @@ the version counter — and through numpy), and so is every setting a kernel is 
 (activation, padding, stride, dilation, a replaced child). Expected values always come from
 the plain PyTorch modules, changed the same way.
 
-The native CPU backend derives its prepacked, BN-folded weights once per parameter state
-(identity, data pointer, version counter): a write no version counter sees (``.data`` in place,
-numpy) is seen there after ``effops.refresh()``, which these tests then call.
+Every backend derives what it applies (BN scales and biases, cuDNN's folded weights, the native
+CPU backend's prepacked BN-folded weights) once per parameter state (identity, data pointer,
+version counter): a write no version counter sees (``.data`` in place, numpy) is seen after
+``effops.refresh()``, which these tests then call.
 """
 import copy
 import warnings
@@ -18,7 +19,6 @@ from torch import nn
 
 import effops
 from effops import FusedConvBNAct, FusedOSA
-from effops.ops.conv import native_fast
 from effops.models.classic_vovnet import OSAModule
 
 from helpers import KERNEL_DEVICE, assert_matches, needs_triton, randomize_bn
@@ -41,10 +41,9 @@ def _same_change(ref, fused, fn):
     fn(fused.conv, fused.bn)
 
 
-def _invisible_write_done(x):
-    """After a write PyTorch does not count: what a user of the native CPU backend does."""
-    if native_fast(x):
-        effops.refresh()
+def _invisible_write_done():
+    """After a write PyTorch does not count: what the README asks users to do."""
+    effops.refresh()
 
 
 def _check(fused, ref, x):
@@ -82,7 +81,7 @@ def test_fused_conv_sees_every_kind_of_tensor_change(how):
     before = fused(x).detach().clone()
     _same_change(ref, fused, change)
     if how in ("weight.data", "bias.data", "bn.weight.data", "running_var.data", "numpy"):
-        _invisible_write_done(x)
+        _invisible_write_done()
     _check(fused, ref, x)
     assert not torch.allclose(fused(x).detach(), before)
 
@@ -97,7 +96,7 @@ def test_fused_osa_sees_data_writes_everywhere():
         m.layers[0][0].weight.data.mul_(2)          # a stage conv
         m.concat[1].running_var.data.mul_(3)        # the aggregation's BN
         m.ese.fc.weight.data.neg_()                 # the eSE gate
-    _invisible_write_done(x)
+    _invisible_write_done()
     _check(fused, ref, x)
 
 
@@ -109,7 +108,7 @@ def test_fused_osa_depthwise_weight_data_write():
     _check(fused, ref, x)
     for m in (ref, fused):
         m.layers[1][0].weight.data.mul_(-1.5)       # the depthwise conv of stage 1
-    _invisible_write_done(x)
+    _invisible_write_done()
     _check(fused, ref, x)
 
 
@@ -246,3 +245,135 @@ def test_device_path_accepts_any_weight_layout(monkeypatch, layout):
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
     assert fused.conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout == "ohwi")
     _check(fused, ref, _x())
+
+
+# -- what is derived once per parameter state ----------------------------------------------
+
+def _aten_ops(fn):
+    """Names of the ATen ops ``fn()`` runs (what a GPU would launch as kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+BN_MATH = {"aten::rsqrt", "aten::addcmul", "aten::_foreach_rsqrt_"}
+
+
+def test_fused_conv_derives_scale_bias_once_per_bn_state():
+    """Eval inference on the Python path (reference backend): the BN's scale and bias are computed
+    on the first call and reused until a BN tensor changes in a way PyTorch counts; a write it
+    does not count is seen after ``effops.refresh()``."""
+    ref, fused = _conv_bn_act(bias=True)
+    ref, fused, x = ref.cpu(), fused.cpu(), _x().cpu()
+    with torch.no_grad(), effops.use_backend("reference"):
+        _check(fused, ref, x)
+        assert not BN_MATH & set(_aten_ops(lambda: fused(x)))  # reused: nothing derived
+        for m in (ref[1], fused.bn):
+            m.running_var.mul_(2)  # in place: the version counter moves
+        assert BN_MATH & set(_aten_ops(lambda: fused(x)))
+        _check(fused, ref, x)
+        stale = fused(x).clone()
+        for m in (ref[1], fused.bn):
+            m.weight.data.mul_(-1)  # .data: no version counter moves
+        assert torch.equal(fused(x), stale)  # the documented limit, until refresh()
+        effops.refresh()
+        _check(fused, ref, x)
+        ref.train()(x), fused.train()(x)  # train-mode forwards update the running statistics in place
+        ref.eval(), fused.eval()
+        _check(fused, ref, x)  # seen through num_batches_tracked
+
+
+def test_scale_bias_stays_differentiable_when_autograd_needs_it():
+    ref, fused = _conv_bn_act()
+    ref, fused, x = ref.cpu(), fused.cpu(), _x().cpu()
+    with effops.use_backend("reference"):
+        with torch.no_grad():
+            fused(x)  # a cached entry exists; autograd must not use it
+        fused(x).sum().backward()
+        ref(x).sum().backward()
+    for a, b in ((fused.bn.weight, ref[1].weight), (fused.bn.bias, ref[1].bias), (fused.conv.weight, ref[0].weight)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_osa_derives_its_arguments_once_per_state():
+    ref = randomize_bn(OSAModule(6, 5, 6, 2, "OSA", identity=True, ese=True)).eval()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = _x(6).cpu()
+    with torch.no_grad(), effops.use_backend("reference"):
+        _check(fused, ref, x)
+        assert not BN_MATH & set(_aten_ops(lambda: fused(x)))
+        for m in (ref, fused):
+            m.concat[1].running_mean.add_(0.25)
+            m.ese.fc.bias.sub_(1)
+        _check(fused, ref, x)
+
+
+def test_copies_and_pickles_start_with_empty_derived_caches():
+    import io
+
+    ref, fused = _conv_bn_act()
+    ref, fused, x = ref.cpu(), fused.cpu(), _x().cpu()
+    with torch.no_grad(), effops.use_backend("reference"):
+        fused(x)
+        cache = fused.__dict__["_scale_bias_cache"]
+        assert cache._value is not None
+        clone = copy.deepcopy(fused)
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (clone, loaded):
+            assert m.__dict__["_scale_bias_cache"]._value is None
+            m.bn.running_var.data.mul_(9)  # not counted: refresh() must reach the copy's cache too
+            m(x)
+        ref[1].running_var.data.mul_(9)
+        effops.refresh()
+        _check(clone, ref, x)
+        _check(loaded, ref, x)
+
+
+def test_vendor_fold_is_reused_and_follows_its_sources():
+    """cuDNN's folded operands (``conv._vendor_weight_bias``; run here through ``_launch_vendor``'s
+    plain ``F.conv2d`` config, which runs on CPU): computed once per state of the weight, scale
+    and bias, recomputed when one changes, dropped by ``effops.refresh()`` and when a source dies."""
+    from effops.ops import conv
+    from effops.ops.reference import bn_scale_bias
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    scale, bias = torch.rand(6) + 0.5, torch.randn(6)
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        return conv._launch_vendor("cudnn", x, w, scale, bias, None, None, (1, 1), (1, 1), (1, 1), 1, "relu", 0.0,
+                                   True)
+
+    def expected():
+        return torch.relu(torch.nn.functional.conv2d(x.double(), w.double() * scale.double().view(-1, 1, 1, 1),
+                                                     bias.double(), 1, 1))
+
+    conv.clear_vendor_folds()
+    with torch.no_grad():
+        assert_matches(run(), expected())
+        assert "aten::mul" not in _aten_ops(run)  # reused
+        w.mul_(-1)  # in place: recomputed
+        assert "aten::mul" in _aten_ops(run)
+        assert_matches(run(), expected())
+        scale.data.add_(1)  # not counted: seen after refresh()
+        effops.refresh()
+        assert_matches(run(), expected())
+        assert len(conv._VENDOR_FOLDS) == 1
+        w2 = torch.randn(6, 4, 3, 3)  # another weight: another entry
+        s2, b2 = bn_scale_bias(None, None, None, torch.zeros(6), torch.ones(6), 0.0)
+        conv._vendor_weight_bias(w2, s2, b2, torch.float32)
+        dead_key = (id(w2), id(s2), id(b2), torch.float32)
+        assert len(conv._VENDOR_FOLDS) == 2 and dead_key in conv._VENDOR_FOLDS
+        del w2, s2, b2  # its sources die; the entry goes at the next pruning pass
+        conv._VENDOR_PRUNE["at"] = 0  # which the next insert then runs
+        w3 = torch.randn(6, 4, 3, 3)
+        conv._vendor_weight_bias(w3, scale, bias, torch.float32)
+        assert dead_key not in conv._VENDOR_FOLDS and len(conv._VENDOR_FOLDS) == 2  # w's entry and w3's
+        assert conv._VENDOR_PRUNE["at"] == 64
+    conv.clear_vendor_folds()

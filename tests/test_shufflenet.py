@@ -151,24 +151,25 @@ def test_state_dict_keys_and_constructor():
 
 
 @needs_triton
-def test_data_writes_are_seen():
+def test_data_writes_are_seen_after_refresh():
     ref = _unit("s1")
     fused = FusedShuffleV2Block.from_module(copy.deepcopy(ref))
     x = _x(8)
     with torch.no_grad(), effops.use_backend("triton"):
         fused(x)
-        for m in (ref, fused):  # no weight cache anywhere: the next call sees these
+        for m in (ref, fused):  # .data writes do not bump the version counters: refresh() says so
             m.branch2[4].running_var.data.mul_(3.0)
             m.branch2[5].weight.data.neg_()
+        effops.refresh()
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
 
 
 @needs_triton
 @pytest.mark.parametrize("name", list(UNITS))
 def test_eval_forward_runs_no_cat_and_no_shuffle_pass(monkeypatch, name):
-    """torch.profiler over one eval forward on the Triton backend: the top-level ATen ops are
-    exactly the per-conv BN scale/bias ops, the allocation of the output and the conv
-    intermediates, the channel slices of the split / the interleaved output views, and
+    """torch.profiler over one steady-state eval forward on the Triton backend: the top-level ATen
+    ops are exactly the allocation of the output and the conv intermediates (no BN scale/bias
+    ops: those are derived once per BN state), the channel slices of the split / the interleaved output views, and
     (stride 1) one copy of the identity half; plus one kernel launch per conv."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -202,13 +203,10 @@ def test_eval_forward_runs_no_cat_and_no_shuffle_pass(monkeypatch, name):
         y = fused(x)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             y = fused(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof_sb:
-            for f in steps:
-                f.scale_bias()
     events = top_level(prof)
     got = Counter(e.name for e in events)
     stride1 = name == "s1"
-    expected = Counter(e.name for e in top_level(prof_sb))  # the BNs as per-channel scale and bias, per call
+    expected = Counter()
     expected["aten::empty"] += 1 + len(steps) - (1 if stride1 else 2)  # the output + each branch's intermediates
     expected["aten::slice"] += 2 + (2 if stride1 else 0)  # out[:, 0::2], out[:, 1::2] (+ x[:, :C/2], x[:, C/2:])
     if stride1:

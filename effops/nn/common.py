@@ -252,6 +252,7 @@ def clear_derived_caches() -> None:
         c.clear()
 
 
+
 class DerivedCache:
     """One value derived from some tensors (e.g. RepVGG's merged conv), recomputed whenever one
     of them changes in a way PyTorch can tell: another tensor object, another data pointer
@@ -266,6 +267,15 @@ class DerivedCache:
 
     def clear(self) -> None:
         self._refs, self._key, self._value = (), None, None
+
+    # A deep copy or unpickled module starts with an empty cache (registered, so that
+    # effops.refresh() reaches it) instead of copying the derived tensors. The state must be
+    # truthy: pickle skips __setstate__ for a false one.
+    def __getstate__(self):
+        return {"empty": True}
+
+    def __setstate__(self, state):
+        self.__init__()
 
     def get(self, tensors, compute, extra=None):
         """The value for ``tensors`` (and the hashable ``extra``, e.g. a dtype), computing it

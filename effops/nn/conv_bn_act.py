@@ -12,9 +12,9 @@ from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import (NATIVE_BN_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups, checked_out,
-                        native_fast, native_first)
+                        derived_reusable, native_fast, native_first)
 from ..views import ChannelView
-from .common import ChildrenSnapshot, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
+from .common import ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
@@ -229,6 +229,18 @@ class FusedConvBNAct(nn.Module):
         conv, bn, _ = self._live_modules()
         return _scale_bias(conv, bn, compute_dtype)
 
+    def _reused_scale_bias(self, conv, bn, compute_dtype: torch.dtype, x: Tensor):
+        """:meth:`scale_bias` for a forward: derived once per BN state and reused (a GPU runs ~10
+        small kernels for it, each a launch of host time that exceeds the conv itself at small
+        sizes), where :func:`derived_reusable` allows; computed afresh otherwise."""
+        srcs, eps = bn_sources(conv, bn)
+        if not derived_reusable(x, srcs):
+            return _scale_bias(conv, bn, compute_dtype)
+        cache = self.__dict__.get("_scale_bias_cache")
+        if cache is None:
+            cache = self.__dict__["_scale_bias_cache"] = DerivedCache()
+        return cache.get(srcs, lambda: _scale_bias(conv, bn, compute_dtype), (compute_dtype, eps))
+
     def bn_state(self) -> tuple:
         """``(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)`` as held now, the
         arguments of :func:`effops.ops.reference.bn_scale_bias`; ``(conv_bias,)`` without a BN."""
@@ -383,7 +395,7 @@ class FusedConvBNAct(nn.Module):
             return native_module().conv_bn_act(x, w, *st[:6], residual, dst, conv.stride, resolve_padding(conv),
                                                conv.dilation, conv.groups, act, act_param, residual_after_act,
                                                gate, out_shuffle_groups, st[6])
-        scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
+        scale, bias = self._reused_scale_bias(conv, bn, _compute_dtype(dtype), x)
         act, act_param = settings[-1]
         args = (x, _cast(w, dtype), scale, bias, residual, conv.stride, resolve_padding(conv), conv.dilation,
                 conv.groups, act, act_param, residual_after_act)
@@ -571,6 +583,13 @@ def _native_bn_args(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:
     if len(st) == 1:
         return (st[0], None, None, None, None, 0.0, None)
     return st + (bn._buffers.get("num_batches_tracked"),)
+
+
+def bn_sources(conv: nn.Conv2d, bn: Optional[nn.Module]) -> Tuple[list, float]:
+    """The tensors a conv's BN scale and bias derive from (``num_batches_tracked`` among them, see
+    :func:`_native_bn_args`) and the BN's eps: what a :class:`DerivedCache` of them is keyed on."""
+    a = _native_bn_args(conv, bn)
+    return [t for t in a[:5] + a[6:] if t is not None], a[5]
 
 
 def _scale_bias(conv: nn.Conv2d, bn: Optional[nn.Module], compute_dtype: torch.dtype):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
-from ..ops.conv import _OP, GHOST_NATIVE_OP, check_gate, check_inputs, native_fast, output_format
+from ..ops.conv import _OP, GHOST_NATIVE_OP, check_gate, check_inputs, derived_reusable, native_fast, output_format
 from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, slot_tensors, tensor_slots, hooked, looks_like_batch_norm, register_block_rule,
                      sequential_children)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
@@ -449,7 +449,7 @@ class FusedGhostModule(nn.Module):
             step.unit._into_trusted(x, dst, gate)  # dst: a channel range of _run's fresh buffer
             return
         conv = step.conv
-        if not compiling and native_fast(x):  # stable derived tensors: the native conv's packing cache hits
+        if self._reuse_derived(x, compiling):
             w, _, b = self._derived_cache().get(self._sources(), lambda: self._derived(dtype), dtype)[0]
         else:
             w, _, b = step.weight_scale_bias(dtype)
@@ -473,7 +473,7 @@ class FusedGhostModule(nn.Module):
             # weight), reading and writing disjoint channel ranges of buf.
             p.cheap.unit._into_trusted(buf[:, :p.init_chs], buf[:, p.init_chs:p.out_keep])
             return True
-        if native:  # stable derived tensors: the native conv's packing cache hits
+        if self._reuse_derived(buf, compiling):
             for (i0, i1, o0, o1, groups), (w, scale, bias) in self._derived_cache().get(
                     self._sources(), lambda: self._derived(dtype), dtype)[1]:
                 _conv_into(buf[:, i0:i1], w, scale, bias, buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
@@ -508,6 +508,12 @@ class FusedGhostModule(nn.Module):
             slots = self.__dict__["_slots"] = tensor_slots(self)
         return slot_tensors(slots)
 
+    def _reuse_derived(self, x: Tensor, compiling: bool) -> bool:
+        """Whether this call takes the derived weights from :meth:`_derived_cache`: on the native
+        CPU backend (stable tensors: its packing cache hits) and wherever else
+        :func:`derived_reusable` allows (on a GPU the derivation is a dozen small launches)."""
+        return not compiling and (native_fast(x) or derived_reusable(x, self._sources()))
+
     def _derived_cache(self) -> DerivedCache:
         c = self.__dict__.get("_derived_tensors")
         if c is None:
@@ -515,7 +521,7 @@ class FusedGhostModule(nn.Module):
         return c
 
     def _derived(self, dtype: torch.dtype):
-        """For the native CPU path: the primary conv's ``(weight, scale, bias)`` and the cheap convs'
+        """The primary conv's ``(weight, scale, bias)`` and the cheap convs'
         ``((i0, i1, o0, o1, groups), (weight, scale, bias))`` slices, derived once per parameter state."""
         p = self._plan
         primary = p.primary.weight_scale_bias(dtype)

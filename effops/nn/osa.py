@@ -12,10 +12,10 @@ from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops import reference
 from ..native import module as native_module
-from ..ops.conv import native_fast
+from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, check_osa_inputs
-from .common import ChildrenSnapshot, hook_dicts, hooked, looks_like_batch_norm, sequential_children
-from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
+from .common import ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children
+from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
 from .se import SqueezeExcite
 
 
@@ -376,11 +376,34 @@ class FusedOSA(nn.Module):
 
     def fused_arguments(self, x: Tensor, dtype: torch.dtype, identity: Optional[bool] = None) -> tuple:
         """The ``effops::osa_block`` arguments for input ``x``: each conv's weight (cast to
-        ``dtype`` only under autocast) with its BatchNorm as a per-channel scale and bias
-        computed from the live BN state. Nothing is cached (see FusedConvBNAct)."""
+        ``dtype`` only under autocast) with its BatchNorm as a per-channel scale and bias. The
+        scales, biases and eSE weights are derived once per parameter state (as in
+        FusedConvBNAct) where :func:`derived_reusable` allows, else on every call."""
         p = self._parts
-        # Every conv of the block has a BN (see _unit): all scales and biases in one batch of ops.
-        sb = reference.bn_scale_bias_many([u.fused.bn_state() for u in self._units], _compute_dtype(dtype))
+        cd = _compute_dtype(dtype)
+        srcs, eps = [], []
+        for u in self._units:
+            t, e = bn_sources(u.fused.conv, u.fused.bn)
+            srcs += t
+            eps.append(e)
+        if p.ese_fc is not None:
+            srcs += [p.ese_fc._parameters["weight"], p.ese_fc._parameters["bias"]]
+
+        def derive():
+            # Every conv of the block has a BN (see _unit): all scales and biases in one batch of ops.
+            sb = reference.bn_scale_bias_many([u.fused.bn_state() for u in self._units], cd)
+            ese = None if p.ese_fc is None else (_cast(p.ese_fc._parameters["weight"], cd),
+                                                 _cast(p.ese_fc._parameters["bias"], cd))
+            return sb, ese
+
+        if derived_reusable(x, srcs):
+            cache = self.__dict__.get("_derived_args")
+            if cache is None:
+                cache = self.__dict__["_derived_args"] = DerivedCache()
+            sb, ese = cache.get(srcs, derive, (cd, tuple(eps)))
+            sb = list(sb)  # popped below; the cached list stays whole
+        else:
+            sb, ese = derive()
         ws = [_cast(u.fused.conv._parameters["weight"], dtype) for u in self._units]
         red_w = red_s = red_b = None
         if p.reduction is not None:  # _units: [reduction] + mid + [agg]
@@ -388,10 +411,7 @@ class FusedOSA(nn.Module):
         agg_w, (agg_s, agg_b) = ws.pop(), sb.pop()
         mid_ws, mid_ss, mid_bs = ws, [s for s, _ in sb], [b for _, b in sb]
         dw_ws = [_cast(u.dw._parameters["weight"], dtype) for u in p.mid if u.dw is not None]
-        cd = _compute_dtype(dtype)
-        ese_w = ese_b = None
-        if p.ese_fc is not None:
-            ese_w, ese_b = _cast(p.ese_fc._parameters["weight"], cd), _cast(p.ese_fc._parameters["bias"], cd)
+        ese_w, ese_b = (None, None) if ese is None else ese
         act, act_param = self._act
         return (x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w,
                 ese_b, self.identity if identity is None else identity, act, float(act_param))

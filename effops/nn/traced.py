@@ -41,7 +41,7 @@ from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked
-from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _scale_bias, resolve_padding, why_not_fusable
+from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
 
 
 class FusedStep(nn.Module):
@@ -136,10 +136,6 @@ class FusedTailStep(nn.Module):
         for m in self.prefix:
             x = m(x)
         return self.step(x, r)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _needs_grad(tensors) -> bool:
@@ -477,7 +473,7 @@ class SEEpilogueStep(nn.Module):
         if why_not_fusable(conv, bn, act_mod) is not None or not f._folds(bn):
             return None
         dtype = conv.weight.dtype
-        scale, bias = _scale_bias(conv, bn, _compute_dtype(dtype))
+        scale, bias = f._reused_scale_bias(conv, bn, _compute_dtype(dtype), x)
         act, act_param = f._settings(conv, bn, act_mod)[-1]
         return conv_bn_act_with_channel_sums(
             x, _cast(conv._parameters["weight"], dtype), scale, bias, stride=conv.stride,

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import operator
 import os
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -628,16 +629,15 @@ def _vendor_act(act: str, act_param: float):
 
 def _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding, dilation, groups, act, act_param,
                    residual_after_act) -> Tensor:
-    """One vendor config: the BN scale folded into the weight (in fp32, cast to the input dtype,
-    per call: nothing derived from parameters is cached), the bias in the conv. The result lands
+    """One vendor config: the BN scale folded into the weight (in fp32, cast to the input dtype;
+    :func:`_vendor_weight_bias`), the bias in the conv. The result lands
     in ``out`` when given (the copy is part of the launch, so the tuner times it), else it is
     cuDNN's own output when that has :func:`output_format`'s layout."""
     if not _vendor_applies(name, residual, act, residual_after_act):
         raise ValueError(f"vendor config {name!r} can't run act={act!r} with "
                          f"{'no residual' if residual is None else 'a residual'}"
                          f"{' after the activation' if residual is not None and residual_after_act else ''}")
-    w = weight if scale is None else (weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
+    w, b = _vendor_weight_bias(weight, scale, bias, x.dtype)
     if name == "cudnn_relu":
         y = torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
     elif name == "cudnn_add_relu":
@@ -646,6 +646,51 @@ def _launch_vendor(name, x, weight, scale, bias, residual, out, stride, padding,
         y = F.conv2d(x, w, b, stride, padding, dilation, groups)
         y = reference.add_residual_around(y, _vendor_act(act, act_param), residual, residual_after_act, inplace=True)
     return _deliver(y, out, x, weight, stride, padding, dilation)
+
+
+# cuDNN's folded operands, keyed by the sources' ids and dtype: (data pointers and versions,
+# weak references to the sources, (weight, bias)). See _vendor_weight_bias.
+_VENDOR_FOLDS: dict = {}
+_VENDOR_PRUNE = {"at": 64}
+
+
+def clear_vendor_folds() -> None:
+    """Drop every cached cuDNN operand (``effops.refresh()``)."""
+    _VENDOR_FOLDS.clear()
+
+
+def _vendor_weight_bias(weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype):
+    """cuDNN's operands: ``(weight * scale).to(dtype)`` (the product in fp32) and ``bias.to(dtype)``.
+
+    Derived once per state of ``(weight, scale, bias)`` and reused while each is the same tensor
+    at the same data pointer and version (a module's scale and bias are themselves derived once
+    per BN state, so they are the same tensors call after call), where :func:`derived_reusable`
+    allows: three launches less per call. Writes no version counter sees need
+    ``effops.refresh()``, as everywhere. Only weak references to the sources are held; entries
+    whose sources are gone are dropped as the table grows."""
+    def fold():
+        w = weight if scale is None else (weight * scale.view(-1, 1, 1, 1)).to(dtype)
+        return w, None if bias is None else bias.to(dtype)
+
+    srcs = [t for t in (weight, scale, bias) if t is not None]
+    if (scale is None and (bias is None or bias.dtype == dtype)) or not derived_reusable(weight, srcs):
+        return fold()
+    try:
+        state = tuple((t.data_ptr(), t._version) for t in srcs)
+    except RuntimeError:  # inference tensors have no version counter
+        return fold()
+    key = (id(weight), id(scale), id(bias), dtype)
+    hit = _VENDOR_FOLDS.get(key)
+    if hit is not None and hit[0] == state and all(r() is t for r, t in zip(hit[1], srcs)):
+        return hit[2]
+    with torch.no_grad():
+        value = fold()
+    _VENDOR_FOLDS[key] = (state, tuple(weakref.ref(t) for t in srcs), value)
+    if len(_VENDOR_FOLDS) > _VENDOR_PRUNE["at"]:
+        for k in [k for k, v in _VENDOR_FOLDS.items() if any(r() is None for r in v[1])]:
+            del _VENDOR_FOLDS[k]
+        _VENDOR_PRUNE["at"] = max(64, 2 * len(_VENDOR_FOLDS))
+    return value
 
 
 def _deliver(y: Tensor, out: Optional[Tensor], x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
@@ -930,6 +975,18 @@ def native_reasons(x: Tensor, weight: Optional[Tensor] = None) -> List[str]:
     if not _native.available():
         why.append(f"the native extension is unavailable: {_native.status(load=False)[1]}")
     return why
+
+
+def derived_reusable(x: Tensor, sources) -> bool:
+    """Whether a call with input ``x`` may reuse values derived from the tensors ``sources`` (a BN's
+    scale and bias, cuDNN's folded weight) from an earlier call: not while tracing (the trace must
+    compute them), not while a CUDA graph is captured (its replays then read the live parameters,
+    as they would without a cache), and not when autograd needs them differentiable."""
+    if torch.compiler.is_compiling():
+        return False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
 
 
 def native_fast(x) -> bool:

@@ -457,17 +457,40 @@ def test_unmergeable_structures_are_refused_with_the_reason():
 
 # -- freshness, hooks, autocast, replaced children, bad input ------------------------------------------------
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "reference"])
-def test_data_write_is_seen_on_the_next_call(backend):
+def test_data_write_is_seen_after_refresh(backend):
     ref = _orig("identity") if backend == "triton" else _orig("identity").cpu()
     fused = FusedRepVGGBlock.from_module(copy.deepcopy(ref))
     x = _x(6, device=DEV if backend == "triton" else "cpu")
     with torch.no_grad(), effops.use_backend(backend):
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
-        for m in (ref, fused):  # .data writes do not bump the version counters: nothing merged is cached
+        for m in (ref, fused):  # .data writes do not bump the version counters: refresh() says so
             m.identity.running_var.data.mul_(4)
             m.conv_1x1.conv.weight.data.mul_(-2)
             m.conv_kxk.bn.bias.data.add_(0.5)
+        effops.refresh()
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+
+def test_merge_is_derived_once_per_parameter_state(monkeypatch):
+    ref = _orig("identity").cpu()
+    fused = FusedRepVGGBlock.from_module(copy.deepcopy(ref))
+    x = _x(6, device="cpu")
+    calls = []
+    real = FusedRepVGGBlock.merged_weight_bias
+
+    def counted(self, *a, **k):
+        calls.append(a)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FusedRepVGGBlock, "merged_weight_bias", counted)
+    with torch.no_grad(), effops.use_backend("reference"):
+        fused(x)
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        assert len(calls) == 1
+        for m in (ref, fused):
+            m.conv_kxk.bn.running_mean.add_(1)  # in place: the version counter moves
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        assert len(calls) == 2
 
 
 def test_statistics_updated_in_train_are_used_in_eval():
@@ -521,8 +544,8 @@ def test_block_rule_is_registered():
     assert rule.fused_type is FusedRepVGGBlock and rule.matches(RepVggBlock(4, 4))
     fast = effops.optimize(nn.Sequential(RepVggBlock(4, 4), RepVggBlock(4, 6, stride=2)).eval())
     what = [e.what for e in fast.effops_report.swapped]
-    assert what == ["RepVGG block 3x3+1x1+identity 4→4 → one conv3x3 + bias + relu (merged in fp64 per call)",
-                    "RepVGG block 3x3+1x1 s2 4→6 → one conv3x3 s2 + bias + relu (merged in fp64 per call)"]
+    assert what == ["RepVGG block 3x3+1x1+identity 4→4 → one conv3x3 + bias + relu (merged in fp64)",
+                    "RepVGG block 3x3+1x1 s2 4→6 → one conv3x3 s2 + bias + relu (merged in fp64)"]
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ class _Step:
         kind = "dw" if c.groups == c.in_channels and c.groups > 1 else "conv"
         s = f" s{c.stride[0]}" if c.stride != (1, 1) else ""
         if self.merged is not None:
-            return f"{kind}{k}{s} ({self.merged.describe()} merged in fp64 per call) + {self.activation[0]}"
+            return f"{kind}{k}{s} ({self.merged.describe()} merged in fp64) + {self.activation[0]}"
         return f"{kind}{k}{s}" + (" + bn" if self.unit.bn is not None else "") + f" + {self.activation[0]}"
 
 

@@ -24,7 +24,7 @@ from ..activations import activation_of, make_activation
 from ..ops import reference
 from ..ops.reparam import merge_unchecked
 from ..native import module as native_module
-from ..ops.conv import _OP, check_inputs, native_fast
+from ..ops.conv import _OP, check_inputs, derived_reusable, native_fast
 from .common import (BlockRule, ChildrenSnapshot, DerivedCache, slot_tensors, tensor_slots, frozen_bn, hook_dicts, hooked, is_batch_norm, looks_like_batch_norm,
                      register_block_rule, sequential_children, timm_bn_act)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _fused_activation, resolve_padding
@@ -417,7 +417,14 @@ class FusedRepVGGBlock(nn.Module):
                                                     conv.dilation, conv.groups, act, act_param, False)
             return y if fuse_act else self.act(self.attn(y))
         # On a GPU the conv kernels read OHWI weights: lay the merged weight out that way once.
-        w, b = self.merged_weight_bias(dtype, torch.channels_last if x.is_cuda else torch.contiguous_format)
+        # Derived once per parameter state here too (the merge is a kernel launch, or a dozen
+        # small ops, per call otherwise), except while tracing or capturing a CUDA graph.
+        fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
+        srcs = self._merge_sources()
+        if derived_reusable(x, srcs):
+            w, b = self._merged.get(srcs, lambda: self.merged_weight_bias(dtype, fmt), (dtype, fmt))
+        else:
+            w, b = self.merged_weight_bias(dtype, fmt)
         fuse_act = type(self.attn) is nn.Identity and activation_of(self.act) is not None
         act, act_param = activation_of(self.act) if fuse_act else ("identity", 0.0)
         pad = resolve_padding(conv)
@@ -479,7 +486,7 @@ def _describe(fused: FusedRepVGGBlock) -> str:
         f" + bias → {type(fused.attn).__name__} → {act_name}"
     if fused._plan.deployed is not None:
         return f"RepVGG block (re-parameterised) → conv{k}{s}{g} {c.in_channels}→{c.out_channels}{tail}"
-    return f"RepVGG block {describe_branches(fused)} → one conv{k}{s}{g}{tail} (merged in fp64 per call)"
+    return f"RepVGG block {describe_branches(fused)} → one conv{k}{s}{g}{tail} (merged in fp64)"
 
 
 REPVGG_RULE = register_block_rule(BlockRule(

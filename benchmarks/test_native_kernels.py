@@ -12,7 +12,8 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   oneDNN has it (the primitive csrc/conv.cpp would otherwise use); ``effops``: the native kernel
   with BN folded into taps and bias, output allocated per call like the others.
 * **winograd** (``winograd_nhwc`` through ``conv_scale_bias_act`` with ``set_winograd_policy(1)``):
-  dense 3x3 stride-1 conv + BN + ReLU blocks of VoVNet-39, ResNet-50 and RepVGG-A2 at 224² input.
+  3x3 stride-1 conv + BN + ReLU blocks of VoVNet-39, ResNet-50 and RepVGG-A2 (dense) and RegNetY-016
+  (grouped, group width 24) at 224² input.
   ``eager``: ``nn.Conv2d`` + ``nn.BatchNorm2d`` + ``nn.ReLU`` in eval mode, channels_last;
   ``onednn``: ``torch.ops.mkldnn._convolution_pointwise`` with the BN folded, the weight
   prepacked and ReLU fused (the primitive Inductor's freezing path emits); ``effops``: Winograd
@@ -183,36 +184,42 @@ def test_depthwise(case, m, results):
 # ---- dense 3x3 conv + BN + ReLU: Winograd F(4x4, 3x3) --------------------------------------------
 
 DENSE3X3 = [
-    # name, C_in, C_out, H=W
-    ("vovnet39_56_c128", 128, 128, 56),
-    ("vovnet39_28_c160", 160, 160, 28),
-    ("vovnet39_14_c192", 192, 192, 14),
-    ("vovnet39_7_c224", 224, 224, 7),
-    ("resnet50_56_c64", 64, 64, 56),
-    ("resnet50_14_c256", 256, 256, 14),
-    ("resnet50_7_c512", 512, 512, 7),
-    ("repvgg_a2_14_c384", 384, 384, 14),
+    # name, C_in, C_out, H=W, groups
+    ("vovnet39_56_c128", 128, 128, 56, 1),
+    ("vovnet39_28_c160", 160, 160, 28, 1),
+    ("vovnet39_14_c192", 192, 192, 14, 1),
+    ("vovnet39_7_c224", 224, 224, 7, 1),
+    ("resnet50_56_c64", 64, 64, 56, 1),
+    ("resnet50_14_c256", 256, 256, 14, 1),
+    ("resnet50_7_c512", 512, 512, 7, 1),
+    ("repvgg_a2_14_c384", 384, 384, 14, 1),
+    # RegNetY-016's grouped convs (group width 24)
+    ("regnety016_56_c48_g2", 48, 48, 56, 2),
+    ("regnety016_28_c120_g5", 120, 120, 28, 5),
+    ("regnety016_14_c336_g14", 336, 336, 14, 14),
+    ("regnety016_7_c888_g37", 888, 888, 7, 37),
 ]
 
 
 @pytest.mark.parametrize("case", DENSE3X3, ids=lambda c: c[0])
 def test_winograd(case, m, results):
-    name, c, k, hw = case
-    block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 3, 1, 1, bias=False), nn.BatchNorm2d(k), nn.ReLU())).eval()
+    name, c, k, hw, g = case
+    block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 3, 1, 1, groups=g, bias=False), nn.BatchNorm2d(k),
+                                       nn.ReLU())).eval()
     x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
     bn = block[1]
     with torch.no_grad():
         scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
         bias = (bn.bias - bn.running_mean * scale).contiguous()
         w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], g, list(x.shape))
     conv_w = block[0].weight.detach()
 
     def effops_fn():
-        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, True)
+        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [1, 1], [1, 1], g, "relu", 0.0, True)
 
     def onednn_fn():
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], g, "relu", [], "")
 
     before = m.winograd_policy()
     m.set_winograd_policy(1)
@@ -226,8 +233,8 @@ def test_winograd(case, m, results):
             timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
     finally:
         m.set_winograd_policy(before)
-    _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k + k), flops=2 * 9 * c * k * hw * hw,
-            case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}", **errs)
+    _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k // g + k), flops=2 * 9 * c * k * hw * hw // g,
+            case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}" + (f" g{g}" if g > 1 else ""), **errs)
 
 
 # ---- squeeze-excitation ------------------------------------------------------------------------

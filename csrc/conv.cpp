@@ -107,7 +107,7 @@ struct Packed {
   Impl impl;
   at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
                       // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32;
-                      // Winograd: G w G^T, [36][C_out / 32][C_in][32] float32 panels (winograd.cpp)
+                      // Winograd: G w G^T, [36][groups][C_out_g / 32][C_in_g][32] float32 panels (winograd.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
 
@@ -402,7 +402,7 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
   } else if (impl == Impl::Gemm) {
     e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
   } else if (impl == Impl::Winograd) {
-    e->weight = winograd_weight(w32);
+    e->weight = winograd_weight(w32, p.groups);
   } else {
     at::Tensor wd = w32.to(p.dtype).contiguous();
     e->weight = at::mkldnn_reorder_conv2d_weight(wd.to_mkldnn(), p.padding, p.stride, p.dilation, p.groups,

@@ -88,12 +88,14 @@ std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& w
 bool prefers_channels_last(const at::Tensor& x);
 void clear_weight_cache();
 
-// ---- winograd.cpp: Winograd F(4x4, 3x3) for dense 3x3 stride-1 float32 convs, NHWC ---------
-// Whether the kernel can run this conv: 3x3, stride 1, dilation 1, groups 1, float32, channel-minor x.
+// ---- winograd.cpp: Winograd F(4x4, 3x3) for 3x3 stride-1 float32 convs, NHWC --------------
+// Whether the kernel can run this conv: 3x3, stride 1, dilation 1, float32, channel-minor x, dense
+// or grouped with at least 8 input and output channels per group.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride, const IntVec& dilation,
                       int64_t groups);
-// The transformed weight U = G w G^T of a float32 [K, C, 3, 3] weight, packed for winograd_nhwc.
-at::Tensor winograd_weight(const at::Tensor& w32);
+// The transformed weight U = G w G^T of a float32 [K, C / groups, 3, 3] weight, packed per group
+// for winograd_nhwc.
+at::Tensor winograd_weight(const at::Tensor& w32, int64_t groups);
 // out = act(conv3x3(x, w, padding) + bias [+ residual]) [+ residual], with U = winograd_weight(w).
 // x, out and residual: channel-minor (NHWC or channel views of one); out is written, never read.
 void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, const OptTensor& residual,

@@ -1,4 +1,5 @@
-// Winograd F(4x4, 3x3) for dense 3x3 stride-1 float32 convs on channel-minor (NHWC) tensors.
+// Winograd F(4x4, 3x3) for 3x3 stride-1 float32 convs on channel-minor (NHWC) tensors, dense or
+// grouped (RegNet's group convs: each group's GEMMs read and write its own channel range).
 //
 // A 3x3 conv computes each 4x4 output tile from a 6x6 input patch. Winograd's minimal filtering
 // (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) writes it as
@@ -10,7 +11,7 @@
 //
 // The three passes per chunk of tiles:
 //   1. input transform  x (NHWC, zero padding) -> V [tiles][36][C]     (at::vec over channels)
-//   2. 36 GEMMs          V[:, e] @ U[e] -> M [tiles][36][K]             (batched_gemm below)
+//   2. 36 GEMMs          V[:, e] @ U[e] -> M [tiles][36][K]             (batched_gemm below; per group)
 //   3. output transform  M -> A^T M A + bias, activation, residual -> out (NHWC, any channel view)
 // U = G g G^T is computed once per weight (in float64, then rounded), packed in 32-column
 // panels (batched_gemm) and cached with the BN-folded weight by conv.cpp.
@@ -120,20 +121,21 @@ inline void gemm_tail(int64_t rows, const float* v, int64_t ldv, const float* up
   }
 }
 
-// M[t][e][k] = sum_c V[t][e][c] U[e][c][k] for t < T, with U packed by winograd_weight.
-void batched_gemm(const float* V, int64_t T, int64_t C, const float* Up, int64_t K, float* M) {
-  const int64_t KP = (K + kNR - 1) / kNR, ldv = kElems * C, ldm = kElems * K;
-  // One work item per (element, panel): consecutive items share V[e], which stays in the cache.
-  at::parallel_for(0, kElems * KP, 1, [&](int64_t a, int64_t b) {
+// M[t][e][g Kg + k] = sum_c V[t][e][g Cg + c] U[e][g][c][k] for t < T and each of the G groups
+// (Cg = C / G input and Kg = K / G output channels each), with U packed by winograd_weight.
+void batched_gemm(const float* V, int64_t T, int64_t C, const float* Up, int64_t K, int64_t G, float* M) {
+  const int64_t Cg = C / G, Kg = K / G, KP = (Kg + kNR - 1) / kNR, ldv = kElems * C, ldm = kElems * K;
+  // One work item per (element, group, panel): consecutive items share V[e], which stays in the cache.
+  at::parallel_for(0, kElems * G * KP, 1, [&](int64_t a, int64_t b) {
     for (int64_t w = a; w < b; ++w) {
-      const int64_t e = w / KP, kp = w % KP;
-      const float* ve = V + e * C;
-      const float* up = Up + w * C * kNR;
-      float* me = M + e * K + kp * kNR;
-      const int64_t nk = std::min(kNR, K - kp * kNR);
+      const int64_t e = w / (G * KP), g = (w / KP) % G, kp = w % KP;
+      const float* ve = V + e * C + g * Cg;
+      const float* up = Up + w * Cg * kNR;
+      float* me = M + e * K + g * Kg + kp * kNR;
+      const int64_t nk = std::min(kNR, Kg - kp * kNR);  // a partial panel writes its own group's columns only
       int64_t t = 0;
-      for (; t + kMR <= T; t += kMR) gemm_block<kMR>(ve + t * ldv, ldv, up, C, me + t * ldm, ldm, nk);
-      if (t < T) gemm_tail<kMR - 1>(T - t, ve + t * ldv, ldv, up, C, me + t * ldm, ldm, nk);
+      for (; t + kMR <= T; t += kMR) gemm_block<kMR>(ve + t * ldv, ldv, up, Cg, me + t * ldm, ldm, nk);
+      if (t < T) gemm_tail<kMR - 1>(T - t, ve + t * ldv, ldv, up, Cg, me + t * ldm, ldm, nk);
     }
   });
 }
@@ -224,22 +226,27 @@ void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t t1,
 
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride, const IntVec& dilation,
                       int64_t groups) {
+  // Grouped convs need groups of at least 8 input and output channels (RegNet's are 8-112 wide):
+  // narrower ones waste most of each 32-column panel, and depthwise convs have their own kernel.
+  const bool group_ok = groups == 1 || (weight.size(1) >= 8 && weight.size(0) % groups == 0 &&
+                                        weight.size(0) / groups >= 8);
   return weight.size(2) == 3 && weight.size(3) == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
-         dilation[1] == 1 && groups == 1 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 1;
+         dilation[1] == 1 && group_ok && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 1;
 }
 
-at::Tensor winograd_weight(const at::Tensor& w32) {
-  TORCH_CHECK(w32.dim() == 4 && w32.size(2) == 3 && w32.size(3) == 3, "winograd_weight: expected [K, C, 3, 3]");
+at::Tensor winograd_weight(const at::Tensor& w32, int64_t groups) {
+  TORCH_CHECK(w32.dim() == 4 && w32.size(2) == 3 && w32.size(3) == 3 && groups >= 1 && w32.size(0) % groups == 0,
+              "winograd_weight: expected [K, C / groups, 3, 3] with K a multiple of groups");
   const double G[kPatch][3] = {{1. / 4, 0, 0},          {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
                                {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
   const at::Tensor g = at::from_blob(const_cast<double*>(&G[0][0]), {kPatch, 3}, at::kDouble).clone();
-  const int64_t C = w32.size(1), K = w32.size(0), KP = (K + kNR - 1) / kNR;
-  // U[k][c] = G w[k][c] G^T (6x6) as two batched matmuls, then [36, C, K] with K padded to whole
-  // panels.
-  at::Tensor u = at::matmul(at::matmul(g, w32.to(at::kDouble)), g.t());  // [K, C, 6, 6]
-  u = u.reshape({K, C, kElems}).permute({2, 1, 0});                        // [36, C, K]
-  u = at::constant_pad_nd(u.to(at::kFloat), {0, KP * kNR - K});
-  return u.view({kElems, C, KP, kNR}).permute({0, 2, 1, 3}).contiguous();  // [36][KP][C][kNR] panels
+  const int64_t Cg = w32.size(1), Kg = w32.size(0) / groups, KP = (Kg + kNR - 1) / kNR;
+  // U[k][c] = G w[k][c] G^T (6x6) as two batched matmuls, then [36, G, Cg, Kg] with each group's
+  // Kg padded to whole panels.
+  at::Tensor u = at::matmul(at::matmul(g, w32.to(at::kDouble)), g.t());         // [K, Cg, 6, 6]
+  u = u.reshape({groups, Kg, Cg, kElems}).permute({3, 0, 2, 1});                 // [36, G, Cg, Kg]
+  u = at::constant_pad_nd(u.to(at::kFloat), {0, KP * kNR - Kg});
+  return u.view({kElems, groups, Cg, KP, kNR}).permute({0, 1, 3, 2, 4}).contiguous();  // [36][G][KP][Cg][kNR]
 }
 
 void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, const OptTensor& residual,
@@ -250,8 +257,9 @@ void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& b
   g.OH = g.H + 2 * g.pad_h - 2, g.OW = g.W + 2 * g.pad_w - 2;
   TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "winograd_nhwc: expected channel-minor x and out");
   g.K = out.size(1);
-  TORCH_CHECK(U.dim() == 4 && U.size(0) == kElems && U.size(1) == (g.K + kNR - 1) / kNR && U.size(2) == g.C &&
-                  out.size(2) == g.OH &&
+  const int64_t G = U.dim() == 5 ? U.size(1) : 0;
+  TORCH_CHECK(G >= 1 && U.size(0) == kElems && g.C % G == 0 && g.K % G == 0 &&
+                  U.size(2) == (g.K / G + kNR - 1) / kNR && U.size(3) == g.C / G && out.size(2) == g.OH &&
                   out.size(3) == g.OW,
               "winograd_nhwc: shape mismatch");
   if (g.N == 0 || g.OH <= 0 || g.OW <= 0) return;
@@ -281,7 +289,7 @@ void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& b
   for (int64_t t0 = 0; t0 < T; t0 += tc) {
     const int64_t t1 = std::min(T, t0 + tc), nt = t1 - t0;
     input_transform(x.data_ptr<float>(), xs, g, t0, t1, vbuf);
-    batched_gemm(vbuf, nt, g.C, U.data_ptr<float>(), g.K, mbuf);
+    batched_gemm(vbuf, nt, g.C, U.data_ptr<float>(), g.K, G, mbuf);
     output_transform(mbuf, g, t0, t1, bias.data_ptr<float>(), res.defined() ? res.data_ptr<float>() : nullptr, rs,
                      residual_after_act, out.data_ptr<float>(), ys, act, static_cast<float>(act_param));
   }

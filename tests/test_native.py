@@ -161,6 +161,41 @@ def test_winograd_matches_float64(shape, winograd_policy):
         assert_matches(y, _ref(x, w, scale, bias, r, 1, [pad, pad], 1, 1, act, 0.0, bool(res_after)))
 
 
+# (C_in, C_out, groups, H, W, padding): RegNet's group width 24 (C_out per group not a multiple of
+# the 32-column panels), groups of 40 output channels (one whole and one partial panel), groups
+# of 8 (the narrowest taken), C_in per group not a multiple of 16 lanes.
+WINOGRAD_GROUPED = [(48, 48, 2, 9, 7, 1), (120, 200, 5, 8, 8, 1), (16, 32, 2, 6, 5, 0), (36, 54, 2, 7, 7, 1)]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_GROUPED, ids=lambda s: "x".join(map(str, s)))
+def test_winograd_grouped_matches_float64(shape, winograd_policy):
+    cin, cout, groups, h, w_, pad = shape
+    winograd_policy(1)
+    x, w, scale, bias, _ = _problem(cin, cout, 3, 1, groups, hw=(h, w_), n=2)
+    oshape = (2, cout, h + 2 * pad - 2, w_ + 2 * pad - 2)
+    for act, res_after in (("relu", None), ("silu", True)):
+        r = None if res_after is None else torch.randn(oshape).contiguous(memory_format=torch.channels_last)
+        with use_backend("native"):
+            y = _runs("winograd", lambda: conv_bn_act(x, w, scale, bias, r, padding=pad, groups=groups, act=act,
+                                                       residual_after_act=bool(res_after)))
+        assert y.shape == oshape
+        assert_matches(y, _ref(x, w, scale, bias, r, 1, [pad, pad], 1, groups, act, 0.0, bool(res_after)))
+
+
+def test_winograd_grouped_channel_views(winograd_policy):
+    """A grouped conv reading a channel slice and writing into one: each group's GEMMs stay inside
+    the output view's own channels."""
+    winograd_policy(1)
+    _, w, scale, bias, _ = _problem(48, 48, 3, 1, 2)
+    x = torch.randn(1, 60, 9, 9).contiguous(memory_format=torch.channels_last)[:, 5:53]
+    out_buf = torch.full((1, 64, 9, 9), float("nan")).contiguous(memory_format=torch.channels_last)
+    out = out_buf[:, 8:56]
+    with use_backend("native"):
+        _runs("winograd", lambda: conv_bn_act(x, w, scale, bias, padding=1, groups=2, act="relu", out=out))
+    assert_matches(out, _ref(x, w, scale, bias, None, 1, [1, 1], 1, 2, "relu", 0.0, True))
+    assert torch.isnan(out_buf[:, :8]).all() and torch.isnan(out_buf[:, 56:]).all()
+
+
 def test_winograd_reads_and_writes_channel_views(winograd_policy):
     """An OSA stage conv: input a channel slice of one block buffer, output written in place into
     a channel slice of another, nothing around it touched."""
@@ -179,8 +214,8 @@ def test_winograd_reads_and_writes_channel_views(winograd_policy):
 
 
 def test_winograd_only_where_it_applies(winograd_policy):
-    """Stride 2, dilation, groups, NCHW input and bfloat16 run oneDNN (or the depthwise kernel),
-    with policy 1 as well; policy 0 never runs Winograd."""
+    """Stride 2, dilation, groups narrower than 8 channels, NCHW input and bfloat16 run oneDNN (or
+    the depthwise kernel), with policy 1 as well; policy 0 never runs Winograd."""
     winograd_policy(1)
     x, w, scale, bias, _ = _problem(16, 16, 3, 1, 1, hw=(9, 9))
     cases = [dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(padding=1, groups=4)]
@@ -214,7 +249,7 @@ def test_winograd_measured_choice_is_correct(winograd_policy):
         assert_matches(y, _ref(x, w, scale, bias, None, 1, [1, 1], 1, 1, "relu", 0.0, True))
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "resnet18"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "resnet18", "regnetx_002"])
 def test_winograd_whole_model(name, winograd_policy):
     """Every 3x3 stride-1 conv of a timm model through Winograd: float64-reference accuracy of the
     whole network within the float32 rule."""

@@ -252,7 +252,6 @@ def clear_derived_caches() -> None:
         c.clear()
 
 
-
 class DerivedCache:
     """One value derived from some tensors (e.g. RepVGG's merged conv), recomputed whenever one
     of them changes in a way PyTorch can tell: another tensor object, another data pointer

@@ -1,4 +1,6 @@
 """torch.compile(fullgraph=True) over optimized models: no graph breaks."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +74,44 @@ def test_whole_optimized_models_trace_as_one_graph(name):
     with torch.no_grad(), effops.use_backend("reference"):
         explained = torch._dynamo.explain(fast)(torch.randn(1, 3, 32, 32))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_hooks_under_compile_behave_as_on_plain_modules():
+    """A fused module's children's hooks under torch.compile (Dynamo's default hook-guard policy)
+    behave as a plain module's do: a hook registered before compiling fires (the fused module runs
+    its children); one registered after compiling does not until a recompile, then it does."""
+    torch.manual_seed(0)
+    plain = randomize_bn(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())).eval()
+    fused = effops.FusedConvBNAct.from_modules(*[copy.deepcopy(m) for m in plain]).eval()
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def run(model, hook_before, hook_after):
+        """Whether the hook fired on the last call, and that call's output."""
+        torch._dynamo.reset()
+        calls = []
+        target = model[0] if isinstance(model, nn.Sequential) else model.conv
+        hook = lambda *a: calls.append(1)  # noqa: E731
+        handles = [target.register_forward_hook(hook)] if hook_before else []
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            y = compiled(x)
+            if hook_after:
+                handles.append(target.register_forward_hook(hook))
+                calls.clear()
+                y = compiled(x)
+                after_compile = bool(calls)
+                torch._dynamo.reset()  # a recompile sees it
+                calls.clear()
+                y = compiled(x)
+                assert calls, "a recompile must see the hook"
+                calls[:] = [1] if after_compile else []
+        for h in handles:
+            h.remove()
+        return bool(calls), y
+
+    for before, after in ((True, False), (False, True), (False, False)):
+        seen_plain, ref = run(plain, before, after)
+        seen_fused, y = run(fused, before, after)
+        assert seen_fused == seen_plain, (before, after, seen_fused, seen_plain)
+        assert_matches(y, ref.double())
+    assert run(fused, True, False)[0] and not run(fused, False, False)[0]

@@ -9,7 +9,8 @@ the same object compiled with inductor and ``freezing=True`` (called in ``torch.
 as ``benchmarks/cpu_run.py`` times every provider), then rounds that time the eager and
 the compiled model one after the other (median of ``--runs`` calls each), so drift on a shared
 machine hits both alike. Prints one line per model with every round's medians, eager / compiled,
-in ms.
+in ms, and Dynamo's guard evaluation per compiled call (torch.profiler's "TorchDynamo Cache
+Lookup", µs).
 ``benchmarks/test_cpu_models.py`` is the number of record (one process per provider); this tool
 isolates the compiled path's own cost (guards, the wrapper, one dispatcher call per op).
 """
@@ -58,7 +59,19 @@ def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1) -> 
         for _ in range(rounds):
             eager.append(_median_ms(lambda: fast(x), runs))
             comp.append(_median_ms(lambda: compiled(x), runs))
-    return {"model": name, "eager_ms": eager, "compiled_ms": comp}
+        guards_us = _guard_us(lambda: compiled(x), runs)
+    return {"model": name, "eager_ms": eager, "compiled_ms": comp, "guards_us": guards_us}
+
+
+def _guard_us(fn, runs: int) -> float:
+    """Dynamo's guard evaluation per call: torch.profiler's "TorchDynamo Cache Lookup" event."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+    lookups = [e.cpu_time_total for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup"]
+    return sum(lookups) / runs if lookups else float("nan")
 
 
 def main(argv=None) -> int:
@@ -73,8 +86,8 @@ def main(argv=None) -> int:
         r = measure(name, args.threads, args.rounds, args.runs, args.batch)
         e, c = statistics.median(r["eager_ms"]), statistics.median(r["compiled_ms"])
         rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["eager_ms"], r["compiled_ms"]))
-        print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}",
-              flush=True)
+        print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}   "
+              f"guards {r['guards_us']:.0f} us/call", flush=True)
     return 0
 
 

@@ -88,18 +88,54 @@ def _unique_modules(modules):
                 yield m
 
 
-def hook_dicts(modules) -> tuple:
-    """The hook registries of ``modules`` and everything below them. Registering a hook
-    adds to these dicts in place, so ``hooked()`` of the tuple stays current without
-    walking the module tree on every forward (~1 us for a whole FusedOSA)."""
-    return tuple(getattr(m, a) for m in _unique_modules(modules) for a in _HOOK_ATTRS)
+class HookDicts:
+    """The hook registries of some modules and everything below them (:func:`hook_dicts`).
+    Registering a hook adds to these dicts in place, so :func:`hooked` stays current without
+    walking the module tree on every forward (~1 us for a whole FusedOSA). Each instance has an
+    integer ``key`` under which :func:`_hooked_when_traced` finds it while torch.compile traces."""
+
+    __slots__ = ("dicts", "key", "__weakref__")
+    _next_key = 0
+
+    def __init__(self, dicts):
+        self.dicts = tuple(dicts)
+        HookDicts._next_key += 1
+        self.key = HookDicts._next_key
+        _HOOK_SETS[self.key] = weakref.ref(self, lambda _, key=self.key: _HOOK_SETS.pop(key, None))
+
+    def __reduce__(self):  # copies and unpickled modules get their own key
+        return (HookDicts, (self.dicts,))
 
 
-def hooked(dicts: tuple) -> bool:
-    """Whether a hook would observe one of the modules behind ``dicts`` (a ``hook_dicts``
-    tuple) being called: one registered on them, or a global module hook. Fused paths
-    never call those modules, so their owners then run the modules themselves."""
-    return any(dicts) or any(_GLOBAL_HOOKS)
+_HOOK_SETS: "dict[int, weakref.ref]" = {}
+
+
+def hook_dicts(modules) -> HookDicts:
+    """The hook registries of ``modules`` and everything below them."""
+    return HookDicts(getattr(m, a) for m in _unique_modules(modules) for a in _HOOK_ATTRS)
+
+
+def hooked(hooks: HookDicts) -> bool:
+    """Whether a hook would observe one of the modules behind ``hooks`` being called: one
+    registered on them, or a global module hook. Fused paths never call those modules, so their
+    owners then run the modules themselves.
+
+    While torch.compile traces, the answer is taken once, at trace time, and becomes a constant of
+    the graph: a hook registered or removed after compiling is seen after a recompile
+    (``torch._dynamo.reset()``), as Dynamo's default ``skip_nnmodule_hook_guards`` treats the hooks
+    of the modules it traces itself. Read in the trace, each hook dict cost a type guard
+    evaluated on every call (about 700 for a ShuffleNetV2) and still did not make Dynamo notice
+    a later hook."""
+    if torch.compiler.is_compiling():
+        return _hooked_when_traced(hooks.key)
+    return any(hooks.dicts) or any(_GLOBAL_HOOKS)
+
+
+@torch._dynamo.assume_constant_result
+def _hooked_when_traced(key: int) -> bool:
+    """:func:`hooked` for the live ``HookDicts`` with this key, evaluated while Dynamo traces."""
+    hooks = _HOOK_SETS[key]()
+    return any(hooks.dicts) or any(_GLOBAL_HOOKS)
 
 
 # Structure epoch: a counter bumped whenever a child is registered on a module some snapshot

@@ -39,12 +39,12 @@ from effops.benchmark import randomize_bn, time_ms  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of this script
 DT = torch.float16 if DEV.type == "cuda" else torch.float32
+CL = torch.channels_last
 
 
 def sync():
     if DEV.type == "cuda":
         torch.cuda.synchronize()
-CL = torch.channels_last
 
 
 def conv_case(cin, cout, k, hw, batch=32):

@@ -449,8 +449,9 @@ class FusedGhostModule(nn.Module):
             step.unit._into_trusted(x, dst, gate)  # dst: a channel range of _run's fresh buffer
             return
         conv = step.conv
-        if self._reuse_derived(x, compiling):
-            w, _, b = self._derived_cache().get(self._sources(), lambda: self._derived(dtype), dtype)[0]
+        derived = self._reused_derived(x, compiling, dtype)
+        if derived is not None:
+            w, _, b = derived[0]
         else:
             w, _, b = step.weight_scale_bias(dtype)
         _conv_into(x, w, None, b, dst, conv, conv.groups, step.activation, compiling, gate)
@@ -473,9 +474,9 @@ class FusedGhostModule(nn.Module):
             # weight), reading and writing disjoint channel ranges of buf.
             p.cheap.unit._into_trusted(buf[:, :p.init_chs], buf[:, p.init_chs:p.out_keep])
             return True
-        if self._reuse_derived(buf, compiling):
-            for (i0, i1, o0, o1, groups), (w, scale, bias) in self._derived_cache().get(
-                    self._sources(), lambda: self._derived(dtype), dtype)[1]:
+        derived = self._reused_derived(buf, compiling, dtype)
+        if derived is not None:
+            for (i0, i1, o0, o1, groups), (w, scale, bias) in derived[1]:
                 _conv_into(buf[:, i0:i1], w, scale, bias, buf[:, p.init_chs + o0:p.init_chs + o1], conv, groups,
                            p.cheap.activation, compiling)
             return False
@@ -508,11 +509,17 @@ class FusedGhostModule(nn.Module):
             slots = self.__dict__["_slots"] = tensor_slots(self)
         return slot_tensors(slots)
 
-    def _reuse_derived(self, x: Tensor, compiling: bool) -> bool:
-        """Whether this call takes the derived weights from :meth:`_derived_cache`: on the native
+    def _reused_derived(self, x: Tensor, compiling: bool, dtype: torch.dtype):
+        """:meth:`_derived` from :meth:`_derived_cache` where this call may reuse it: on the native
         CPU backend (stable tensors: its packing cache hits) and wherever else
-        :func:`derived_reusable` allows (on a GPU the derivation is a dozen small launches)."""
-        return not compiling and (native_fast(x) or derived_reusable(x, self._sources()))
+        :func:`derived_reusable` allows (on a GPU the derivation is a dozen small launches);
+        None otherwise."""
+        if compiling:
+            return None
+        srcs = self._sources()
+        if not (native_fast(x) or derived_reusable(x, srcs)):
+            return None
+        return self._derived_cache().get(srcs, lambda: self._derived(dtype), dtype)
 
     def _derived_cache(self) -> DerivedCache:
         c = self.__dict__.get("_derived_tensors")

@@ -123,9 +123,9 @@ def hooked(hooks: HookDicts) -> bool:
     While torch.compile traces, the answer is taken once, at trace time, and becomes a constant of
     the graph: a hook registered or removed after compiling is seen after a recompile
     (``torch._dynamo.reset()``), as Dynamo's default ``skip_nnmodule_hook_guards`` treats the hooks
-    of the modules it traces itself. Read in the trace, each hook dict cost a type guard
-    evaluated on every call (about 700 for a ShuffleNetV2) and still did not make Dynamo notice
-    a later hook."""
+    of the modules it traces itself. Read in the trace, each hook dict would be a type guard
+    evaluated on every call (about 700 for a ShuffleNetV2), and none would make Dynamo notice a
+    later hook."""
     if torch.compiler.is_compiling():
         return _hooked_when_traced(hooks.key)
     return any(hooks.dicts) or any(_GLOBAL_HOOKS)

@@ -20,6 +20,15 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   F(4x4, 3x3). The weights stay in the cache between calls here; in a model they do not, which
   costs Winograd's 4x larger transformed weight more (the measured per-problem choice in
   csrc/conv.cpp evicts the caches for that reason). GFLOP/s count a direct conv's 2*9*C*K*H*W.
+* **pointwise** (``conv_scale_bias_act`` with ``set_pointwise_policy(1)``): expanding 1x1 conv +
+  BN + activation blocks of MobileNetV2 and EfficientNet-B0, which run effops' register-blocked
+  GEMM, and one projection, which runs MKL's; ``eager`` and ``onednn`` as for winograd.
+* **pair** (``pointwise_depthwise_bn_act``): the expand 1x1 conv + BN + act → depthwise conv + BN +
+  act of MobileNetV2 / V3 and EfficientNet-B0 inverted residual blocks. ``eager``: the six modules
+  in eval mode, channels_last; ``effops_separate``: the two native convs one after the other
+  (``set_pair_policy(0)``); ``effops``: banded (``set_pair_policy(1)``). Timed back to back, the
+  expanded tensor of the separate convs partly stays in the cache; in a model it is more often
+  evicted between blocks.
 * **se** (``se_gate`` + ``se_apply``): timm's EfficientNet/MobileNetV3 ``SqueezeExcite``
   (``x * gate(conv_expand(act(conv_reduce(x.mean((2, 3))))))``) on channels_last inputs.
 * **shuffle** (``channel_shuffle``): ShuffleNetV2's ``view → transpose → reshape`` (g=2) and
@@ -235,6 +244,111 @@ def test_winograd(case, m, results):
         m.set_winograd_policy(before)
     _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k // g + k), flops=2 * 9 * c * k * hw * hw // g,
             case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}" + (f" g{g}" if g > 1 else ""), **errs)
+
+
+# ---- expanding 1x1 conv + BN + act: effops' register-blocked GEMM --------------------------------
+
+POINTWISE = [
+    # name, C_in, C_out, H=W, activation (MobileNetV2 / EfficientNet-B0 expand convs; one projection,
+    # which runs MKL's GEMM: few outputs for many inputs)
+    ("mnv2_112_c16_c96", 16, 96, 112, "relu6"),
+    ("mnv2_56_c24_c144", 24, 144, 56, "relu6"),
+    ("mnv2_28_c32_c192", 32, 192, 28, "relu6"),
+    ("mnv2_14_c64_c384", 64, 384, 14, "relu6"),
+    ("mnv2_14_c96_c576", 96, 576, 14, "relu6"),
+    ("effb0_28_c40_c240", 40, 240, 28, "silu"),
+    ("mnv2_56_c144_c24_proj", 144, 24, 56, "identity"),
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: c[0])
+def test_pointwise(case, m, results):
+    name, c, k, hw, act = case
+    block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 1, bias=False), nn.BatchNorm2d(k), _ACT_MODULE[act]())).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    bn = block[1]
+    with torch.no_grad():
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
+        bias = (bn.bias - bn.running_mean * scale).contiguous()
+        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, list(x.shape))
+    conv_w = block[0].weight.detach()
+    attr, scalars = _ONEDNN_ATTR[act]
+
+    def effops_fn():
+        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [0, 0], [1, 1], 1, act, 0.0, True)
+
+    def onednn_fn():
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [0, 0], [1, 1], [1, 1], 1, attr, scalars, "")
+
+    before = m.pointwise_policy()
+    m.set_pointwise_policy(1)
+    try:
+        with torch.inference_mode():
+            m.conv_impl_counts(True)
+            out = effops_fn()
+            assert m.conv_impl_counts(True)["gemm"] == 1, "the GEMM path did not run"
+            errs = check_numerics(out, copy.deepcopy(block).double()(x.double()), block(x))
+            timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
+    finally:
+        m.set_pointwise_policy(before)
+    _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + c * k + k), flops=2 * c * k * hw * hw,
+            case=f"pointwise_{name}", shape=f"1x{c}x{hw}x{hw} -> {k} {act}", **errs)
+
+
+# ---- expand 1x1 -> depthwise pairs, banded --------------------------------------------------------
+
+PAIRS = [
+    # name, C_in, C_exp, H=W (input), depthwise kernel, stride, activation
+    ("mnv2_112_c16_c96_s2", 16, 96, 112, 3, 2, "relu6"),
+    ("mnv2_56_c24_c144", 24, 144, 56, 3, 1, "relu6"),
+    ("mnv2_56_c24_c144_s2", 24, 144, 56, 3, 2, "relu6"),
+    ("mnv2_28_c32_c192", 32, 192, 28, 3, 1, "relu6"),
+    ("mnv2_14_c64_c384", 64, 384, 14, 3, 1, "relu6"),
+    ("mnv2_14_c96_c576", 96, 576, 14, 3, 1, "relu6"),
+    ("mnv2_7_c160_c960", 160, 960, 7, 3, 1, "relu6"),
+    ("mnv3_112_c16_c64_s2", 16, 64, 112, 3, 2, "relu"),
+    ("effb0_56_c24_c144_k5_s2", 24, 144, 56, 5, 2, "silu"),
+]
+
+
+@pytest.mark.parametrize("case", PAIRS, ids=lambda c: c[0])
+def test_pair(case, m, results):
+    name, c, ce, hw, k, s, act = case
+    blocks = randomize_bn(nn.Sequential(
+        nn.Conv2d(c, ce, 1, bias=False), nn.BatchNorm2d(ce), _ACT_MODULE[act](),
+        nn.Conv2d(ce, ce, k, s, k // 2, groups=ce, bias=False), nn.BatchNorm2d(ce), _ACT_MODULE[act]())).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    (c1, b1), (c2, b2) = (blocks[0], blocks[1]), (blocks[3], blocks[4])
+    bn = lambda cv, b: (cv.bias, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.num_batches_tracked)
+
+    def pair():
+        return m.pointwise_depthwise_bn_act(x, c1.weight, *bn(c1, b1), act, 0.0, c2.weight, *bn(c2, b2), [s, s],
+                                            [k // 2, k // 2], [1, 1], act, 0.0)
+
+    def with_policy(policy):
+        def run():
+            m.set_pair_policy(policy)
+            return pair()
+        return run
+
+    before = m.pair_policy()
+    try:
+        with torch.inference_mode():
+            m.set_pair_policy(1)
+            m.conv_impl_counts(True)
+            out = pair()
+            assert m.conv_impl_counts(True) == {"depthwise": 1, "gemm": 1, "onednn": 0, "winograd": 0}, \
+                "the banded pair did not run"
+            ref64 = copy.deepcopy(blocks).double()(x.double())
+            errs = check_numerics(out, ref64, blocks(x))
+            timed = _time({"eager": lambda: blocks(x), "effops_separate": with_policy(0), "effops": with_policy(1)})
+    finally:
+        m.set_pair_policy(before)
+    oh = (hw + 2 * (k // 2) - k) // s + 1
+    _record(results, timed, min_bytes=4 * (hw * hw * c + oh * oh * ce + c * ce + ce * k * k + 2 * ce),
+            flops=2 * hw * hw * c * ce + 2 * oh * oh * ce * k * k,
+            case=f"pair_{name}", shape=f"1x{c}x{hw}x{hw} -> {ce} dw{k} s{s} {act}", **errs)
 
 
 # ---- squeeze-excitation ------------------------------------------------------------------------

@@ -385,6 +385,135 @@ void gemm_rows(const std::vector<at::Tensor>& segs, const Packed& e, at::Tensor&
   }
 }
 
+// C[p, :] = act(A[p, :] @ B + bias [+ R[p, :]]) [+ R[p, :]] for rows [0, P): a register-blocked
+// GEMM with the bias, the residual and the activation applied to the accumulators before the one
+// store, for the small K of 1x1 convs (their input channels), where a BLAS call's packing and a
+// separate epilogue pass over C cost more than the multiplies. B: [K, N] dense. Single-threaded.
+struct GemmEpilogue {
+  const float* bias;     // [N]
+  const float* res;      // residual rows (ldr apart), or null
+  int64_t ldr;
+  bool res_after_act;
+  Vec param;             // the activation's parameter
+};
+
+template <int R, int NV, Act A, bool Full>
+inline __attribute__((always_inline)) void small_gemm_tile(const float* __restrict__ a, int64_t lda, int64_t K,
+                                                           const float* __restrict__ b, int64_t N, float* __restrict__ c,
+                                                           int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep,
+                                                           int64_t p0, int64_t n0) {
+  auto ld = [&](const float* p, int j) { return Full ? Vec::loadu(p) : load_f(p, cnt[j]); };
+  Vec acc[R][NV];
+  for (int j = 0; j < NV; ++j) {
+    const Vec bj = ld(ep.bias + n0 + j * kVecSize, j);
+    for (int r = 0; r < R; ++r) acc[r][j] = bj;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = ld(b + k * N + j * kVecSize, j);
+    for (int r = 0; r < R; ++r) {
+      const Vec av(a[r * lda + k]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(av, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) {
+      Vec v = acc[r][j];
+      if (ep.res) {
+        const Vec rv = ld(ep.res + (p0 + r) * ep.ldr + n0 + j * kVecSize, j);
+        v = ep.res_after_act ? ActFn<A>::apply(v, ep.param) + rv : ActFn<A>::apply(v + rv, ep.param);
+      } else {
+        v = ActFn<A>::apply(v, ep.param);
+      }
+      if (Full)
+        v.store(c + r * ldc + j * kVecSize);
+      else
+        store_f(c + r * ldc + j * kVecSize, v, cnt[j]);
+    }
+}
+
+// Rows per tile and vectors per tile: R * NV accumulators plus NV B vectors and one broadcast in
+// the 32 (AVX-512) or 16 (AVX2) vector registers.
+constexpr int kGemmRows = kVecSize >= 16 ? 6 : 4;
+constexpr int kGemmVecs = kVecSize >= 16 ? 4 : 2;
+constexpr int64_t kGemmBlock = int64_t(kGemmVecs) * kVecSize;  // columns per block
+
+// Rows [p0, p1) and the columns [n0, n0 + NV vectors) of C (cnt: each vector's valid lanes).
+template <int NV, Act A, bool Full>
+void small_gemm_cols(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N,
+                     float* c, int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+  int64_t p = p0;
+  for (; p + kGemmRows <= p1; p += kGemmRows)
+    small_gemm_tile<kGemmRows, NV, A, Full>(a + p * lda, lda, K, b + n0, N, c + p * ldc + n0, ldc, cnt, ep, p, n0);
+  for (; p < p1; ++p)
+    small_gemm_tile<1, NV, A, Full>(a + p * lda, lda, K, b + n0, N, c + p * ldc + n0, ldc, cnt, ep, p, n0);
+}
+
+// Rows [p0, p1) of C, column block `blk` (kGemmBlock columns; the last one as many vectors as
+// the remaining columns need, the last of them partial).
+template <Act A>
+void small_gemm_block(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N,
+                      float* c, int64_t ldc, const GemmEpilogue& ep, int64_t blk) {
+  const int64_t n0 = blk * kGemmBlock, rem = N - n0;
+  int64_t cnt[kGemmVecs];
+  for (int j = 0; j < kGemmVecs; ++j) cnt[j] = std::max<int64_t>(0, std::min<int64_t>(kVecSize, rem - j * kVecSize));
+  if (rem >= kGemmBlock) {
+    small_gemm_cols<kGemmVecs, A, true>(a, lda, p0, p1, K, b, N, c, ldc, cnt, ep, n0);
+    return;
+  }
+  const int64_t nv = (rem + kVecSize - 1) / kVecSize;
+  auto cols = [&](auto nv_tag) {
+    small_gemm_cols<decltype(nv_tag)::value, A, false>(a, lda, p0, p1, K, b, N, c, ldc, cnt, ep, n0);
+  };
+  if (nv == 1) cols(std::integral_constant<int, 1>{});
+  else if (nv == 2 || kGemmVecs == 2) cols(std::integral_constant<int, kGemmVecs >= 2 ? 2 : 1>{});
+  else if (nv == 3) cols(std::integral_constant<int, 3>{});
+  else cols(std::integral_constant<int, kGemmVecs>{});
+}
+
+// All of C's rows [p0, p1), single-threaded.
+void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N, float* c,
+                int64_t ldc, const GemmEpilogue& ep, Act act) {
+  dispatch_act(act, [&](auto tag) {
+    for (int64_t blk = 0; blk * kGemmBlock < N; ++blk)
+      small_gemm_block<decltype(tag)::value>(a, lda, p0, p1, K, b, N, c, ldc, ep, blk);
+  });
+}
+
+// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: expanding 1x1 convs (few input
+// channels, several times as many outputs). Its tiles broadcast one input value per row and k, so
+// with many input channels and few outputs they load more than they multiply, and MKL's packed
+// panels win (measured at MobileNetV2 / EfficientNet / ResNet shapes, 2 threads: 24->144 at 56^2
+// 184 vs 222 us, 64->384 at 14^2 64 vs 73; 144->24 at 56^2 417 vs 182, 160->960 at 7^2 145 vs 128).
+bool small_gemm_wins(int64_t K, int64_t N) { return K <= 128 && N >= 2 * K && N >= 64; }
+
+// y = act(x @ W + bias [+ r]) [+ r] over NHWC rows, threaded over (row chunk, column block) tasks:
+// a 1x1 conv as one pass over its output.
+void small_gemm_rows(const at::Tensor& x_rows, const Packed& e, at::Tensor& y_rows, const at::Tensor& r,
+                     bool residual_after_act, Act act, double act_param) {
+  const int64_t P = y_rows.size(0), N = y_rows.size(1), K = x_rows.size(1);
+  const GemmEpilogue ep{e.bias.data_ptr<float>(), r.defined() ? r.data_ptr<float>() : nullptr,
+                        r.defined() ? r.stride(0) : 0, residual_after_act, Vec(static_cast<float>(act_param))};
+  const float* a = x_rows.data_ptr<float>();
+  const float* b = e.weight.data_ptr<float>();
+  float* c = y_rows.data_ptr<float>();
+  const int64_t lda = x_rows.stride(0), ldc = y_rows.stride(0);
+  const int64_t blocks = (N + kGemmBlock - 1) / kGemmBlock;
+  // Row chunks of 8 tiles, unless that leaves fewer tasks than threads to share.
+  int64_t chunk = 8 * kGemmRows;
+  const int64_t threads = at::get_num_threads();
+  while (chunk > kGemmRows && ((P + chunk - 1) / chunk) * blocks < 2 * threads) chunk -= kGemmRows;
+  const int64_t chunks = (P + chunk - 1) / chunk;
+  dispatch_act(act, [&](auto tag) {
+    at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = (t / blocks) * chunk;
+        small_gemm_block<decltype(tag)::value>(a, lda, p0, std::min(P, p0 + chunk), K, b, N, c, ldc, ep, t % blocks);
+      }
+    });
+  });
+}
+
 using FoldFn = std::function<std::pair<at::Tensor, at::Tensor>()>;  // (scale or undefined, bias or undefined), fp32
 
 std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, const FoldFn& fold, const ConvParams& p,
@@ -509,7 +638,10 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
     case Impl::Gemm: {
       at::Tensor dst = direct.defined() && rows_stride(direct) >= 0 ? direct : fresh();
       at::Tensor y_rows = as_rows(dst);
-      gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
+      if (small_gemm_wins(x.size(1), weight.size(0)))
+        small_gemm_rows(as_rows(x), e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
+      else
+        gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
       return dst;
     }
     case Impl::Depthwise:
@@ -723,6 +855,112 @@ FoldFn bn_fold(const OptTensor& conv_bias, const OptTensor& bn_weight, const Opt
   };
 }
 
+// ---- expand 1x1 conv -> depthwise conv, a band of rows at a time --------------------------
+
+// Target size of a thread's band of expanded rows: with the input rows it reads and the depthwise
+// output rows it feeds, it stays in the core's L2 (1 MB per core on the machines measured).
+constexpr int64_t kBandBytes = 256 * 1024;
+
+// Expand 1x1 -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded
+// where the expand conv has at most 128 input channels (pair_common).
+int g_pair_policy = 2;
+
+// dw(act1(pw(x))) as bands of output rows, one band at a time per thread: the band's expanded
+// input rows are computed by small_gemm (bias and activation in its epilogue) into a per-thread
+// buffer, which the depthwise kernel then reads from the core's cache. Rows shared with the
+// thread's previous band (the kernel's overlap) are moved, not recomputed.
+void run_pair(const at::Tensor& x, const Packed& pw, Act act1, double param1, const Packed& dw, int64_t kh,
+              int64_t kw, at::Tensor& out, Act act2, double param2) {
+  const auto& q = dw.params;
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ce = pw.weight.size(1);
+  const int64_t OH = out.size(2);
+  const int64_t sh = q.stride[0], ph = q.padding[0], reach = (kh - 1) * q.dilation[0] + 1;
+  const int64_t row_bytes = W * Ce * static_cast<int64_t>(sizeof(float));
+  const int64_t fit_rows = std::max<int64_t>(reach, kBandBytes / std::max<int64_t>(row_bytes, 1));
+  int64_t band = std::max<int64_t>(1, (fit_rows - reach) / sh + 1);
+  // at least two bands per thread where the image allows, so the threads finish together
+  band = std::min(band, std::max<int64_t>(1, (N * OH + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads())));
+  const int64_t bands = (OH + band - 1) / band;
+  const int64_t max_rows = (band - 1) * sh + reach;
+  const at::Tensor x_rows = as_rows(x);
+  const int64_t lda = x_rows.stride(0), Cin = x.size(1);
+  const GemmEpilogue ep1{pw.bias.data_ptr<float>(), nullptr, 0, true, Vec(static_cast<float>(param1))};
+  at::parallel_for(0, N * bands, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(max_rows * W * Ce)) buf.resize(max_rows * W * Ce);
+    int64_t have_n = -1, have_lo = 0, have_hi = 0;  // image and input rows the buffer holds
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / bands, o0 = (t % bands) * band, o1 = std::min(OH, o0 + band);
+      const int64_t lo = std::max<int64_t>(0, o0 * sh - ph);
+      const int64_t hi = std::max(lo, std::min(H, (o1 - 1) * sh - ph + reach));
+      int64_t from = lo;
+      if (have_n == n && lo >= have_lo && lo < have_hi && hi >= have_hi) {
+        std::memmove(buf.data(), buf.data() + (lo - have_lo) * W * Ce, (have_hi - lo) * row_bytes);
+        from = have_hi;
+      }
+      if (hi > from) {
+        const float* a = x_rows.data_ptr<float>() + (n * H + from) * W * lda;
+        small_gemm(a, lda, 0, (hi - from) * W, Cin, pw.weight.data_ptr<float>(), Ce,
+                   buf.data() + (from - lo) * W * Ce, Ce, ep1, act1);
+      }
+      have_n = n, have_lo = lo, have_hi = hi;
+      depthwise_rows_f32(buf.data(), lo, H, W, Ce, W * Ce, dw.weight.data_ptr<float>(), dw.bias.data_ptr<float>(),
+                         out, n, o0, o1, kh, kw, q.stride, q.padding, q.dilation, act2, param2);
+    }
+  });
+}
+
+at::Tensor pair_common(const at::Tensor& x, const at::Tensor& w1, const std::vector<OptTensor>& srcs1,
+                       const FoldFn& fold1, double eps1, const std::string& act1_name, double param1,
+                       const at::Tensor& w2, const std::vector<OptTensor>& srcs2, const FoldFn& fold2, double eps2,
+                       IntVec stride, IntVec padding, IntVec dilation, const std::string& act2_name, double param2) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu(),
+                    "effops native pointwise-depthwise: expected CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat,
+                    "effops native pointwise-depthwise: expected a 4-D float32 x, got ", x.dim(), "-D ",
+                    x.scalar_type());
+  TORCH_CHECK_VALUE(w1.dim() == 4 && w1.size(2) == 1 && w1.size(3) == 1 && w1.size(1) == x.size(1) &&
+                        w1.scalar_type() == at::kFloat,
+                    "effops native pointwise-depthwise: expected a float32 1x1 weight [C_exp, ", x.size(1),
+                    ", 1, 1], got ", w1.scalar_type(), " ", w1.sizes());
+  const int64_t Ce = w1.size(0);
+  TORCH_CHECK_VALUE(w2.dim() == 4 && w2.size(0) == Ce && w2.size(1) == 1 && w2.scalar_type() == at::kFloat,
+                    "effops native pointwise-depthwise: expected a float32 depthwise weight [", Ce,
+                    ", 1, kh, kw], got ", w2.scalar_type(), " ", w2.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "effops native pointwise-depthwise: stride, padding and dilation need 2 values each");
+  const Act act1 = parse_act(act1_name), act2 = parse_act(act2_name);
+  const auto [oh, ow] = out_hw(x, w2, stride, padding, dilation);
+  TORCH_CHECK_VALUE(oh >= 1 && ow >= 1, "effops native pointwise-depthwise: input ", x.sizes(),
+                    " is smaller than the dilated kernel");
+  const at::Tensor xr = rows_stride(x) >= 0 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({x.size(0), Ce, oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
+  if (x.size(0) == 0 || Ce == 0) return out;
+  auto separate = [&]() -> at::Tensor {
+    at::Tensor y = conv_common(xr, w1, srcs1, fold1, eps1, std::nullopt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1,
+                               act1_name, param1, true, std::nullopt, 1);
+    return conv_common(y, w2, srcs2, fold2, eps2, std::nullopt, std::nullopt, stride, padding, dilation, Ce,
+                       act2_name, param2, true, std::nullopt, 1);
+  };
+  // The pair runs banded where effops' depthwise kernel would run the depthwise conv anyway.
+  if (!use_own_depthwise(out, w2, Ce, stride) || g_pair_policy == 0) return separate();
+  std::shared_ptr<Packed> e1 = packed_for(xr, w1, srcs1, fold1, {{1, 1}, {0, 0}, {1, 1}, {}, 1, at::kFloat, eps1},
+                                          Impl::Gemm);
+  std::shared_ptr<Packed> e2 = packed_for(xr, w2, srcs2, fold2, {stride, padding, dilation, {}, Ce, at::kFloat, eps2},
+                                          Impl::Depthwise);
+  // Not measured per problem: timed alone, back to back, the two convs' expanded tensor stays in
+  // the L3 cache and the two ways come out within about 10% of each other either way
+  // (benchmarks/test_native_kernels.py -k pair), while in whole models the banded pairs win
+  // (native_choices.py: MobileNetV2, EfficientNet-B0). With more than 128 input channels the
+  // register-blocked GEMM loses to MKL's (small_gemm_wins), and so does the banded pair.
+  const bool use_bands = g_pair_policy == 1 || (g_pair_policy == 2 && x.size(1) <= 128);
+  if (!use_bands) return separate();
+  run_pair(xr, *e1, act1, param1, *e2, w2.size(2), w2.size(3), out, act2, param2);
+  g_impl_calls[static_cast<int>(Impl::Gemm)].fetch_add(1, std::memory_order_relaxed);
+  g_impl_calls[static_cast<int>(Impl::Depthwise)].fetch_add(1, std::memory_order_relaxed);
+  return out;
+}
+
 }  // namespace
 
 std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride,
@@ -767,6 +1005,13 @@ void set_winograd_policy(int64_t policy) {
 int64_t winograd_policy() { return g_winograd_policy; }
 
 void set_depthwise_policy(int64_t policy) { g_depthwise_policy = static_cast<int>(policy); }
+
+void set_pair_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "pair policy: 0 (separate), 1 (banded) or 2 (banded up to 128 input "
+                    "channels), got ", policy);
+  g_pair_policy = static_cast<int>(policy);
+}
+int64_t pair_policy() { return g_pair_policy; }
 int64_t depthwise_policy() { return g_depthwise_policy; }
 
 at::Tensor conv_scale_bias_act(const at::Tensor& x, const at::Tensor& weight, const OptTensor& scale,
@@ -792,6 +1037,24 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptT
                      fold, eps,
                      residual, out, stride, padding, dilation, groups, act, act_param, residual_after_act, gate,
                      out_shuffle_groups);
+}
+
+at::Tensor pointwise_depthwise_bn_act(
+    const at::Tensor& x, const at::Tensor& pw_weight, const OptTensor& pw_conv_bias, const OptTensor& pw_bn_weight,
+    const OptTensor& pw_bn_bias, const OptTensor& pw_running_mean, const OptTensor& pw_running_var, double pw_eps,
+    const OptTensor& pw_stats_counter, const std::string& pw_act, double pw_act_param, const at::Tensor& dw_weight,
+    const OptTensor& dw_conv_bias, const OptTensor& dw_bn_weight, const OptTensor& dw_bn_bias,
+    const OptTensor& dw_running_mean, const OptTensor& dw_running_var, double dw_eps,
+    const OptTensor& dw_stats_counter, IntVec stride, IntVec padding, IntVec dilation, const std::string& dw_act,
+    double dw_act_param) {
+  return pair_common(
+      x, pw_weight,
+      {pw_weight, pw_conv_bias, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_stats_counter},
+      bn_fold(pw_conv_bias, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_eps), pw_eps, pw_act,
+      pw_act_param, dw_weight,
+      {dw_weight, dw_conv_bias, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_stats_counter},
+      bn_fold(dw_conv_bias, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_eps), dw_eps, stride,
+      padding, dilation, dw_act, dw_act_param);
 }
 
 std::map<std::string, int64_t> conv_impl_counts(bool reset) {

@@ -193,6 +193,63 @@ void check_channel_stride(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
+namespace {
+
+// What every (image, output row, channel chunk) task of one call needs: the geometry, the tile
+// kernels for its shape and the epilogue for its activation and output dtype.
+struct DwCall {
+  Geometry g;
+  Epilogue e;
+  EpilogueFn epi;
+  Kernels k;
+  int64_t ow_lo, ow_hi, nchunks, esize;
+};
+
+// g and e hold the shapes, strides and pointers; fills in the rest. x_bf16: the input dtype.
+void prepare(DwCall& d, bool x_bf16, bool out_bf16, Act act) {
+  Geometry& g = d.g;
+  d.epi = dispatch_act(act, [&](auto a) -> EpilogueFn {
+    constexpr Act A = decltype(a)::value;
+    return out_bf16 ? &epilogue<A, BFloat16> : &epilogue<A, float>;
+  });
+  d.k = x_bf16 ? select_kernels<BFloat16>(g) : select_kernels<float>(g);
+  d.esize = x_bf16 ? 2 : 4;
+  // Output columns [ow_lo, ow_hi) read no padding: ow*sw - pw >= 0 and the last tap < W.
+  d.ow_lo = std::min(g.OW, (g.pw + g.sw - 1) / g.sw);
+  const int64_t last = g.W - 1 + g.pw - (g.kw - 1) * g.dw;
+  d.ow_hi = last < 0 ? d.ow_lo : std::max(d.ow_lo, std::min(g.OW, last / g.sw + 1));
+  d.nchunks = (g.C + kChunk - 1) / kChunk;
+}
+
+// Output row oh, channel chunk cc of image n. xn: image n's input, whose row `row0` is at xn (rows
+// outside [0, g.H) are zero padding; the rows the output row reads must lie in what xn holds).
+inline void dw_row(const DwCall& d, const char* xn, int64_t row0, int64_t n, int64_t oh, int64_t cc, float* acc) {
+  const Geometry& g = d.g;
+  const int64_t c0 = cc * kChunk, nc = std::min(kChunk, g.C - c0);
+  const int64_t ih0 = oh * g.sh - g.ph;
+  // Kernel rows that land inside the input (the others multiply zero padding).
+  int64_t kh_lo = 0, kh_hi = g.kh;
+  while (kh_lo < g.kh && ih0 + kh_lo * g.dh < 0) ++kh_lo;
+  while (kh_hi > kh_lo && ih0 + (kh_hi - 1) * g.dh >= g.H) --kh_hi;
+  // Tiles of 8 pixels; a tile reaching into the padding or past the row end is checked (a last
+  // one of 1-4 pixels is a 4-pixel tile), its extra pixels are not stored.
+  for (int64_t ow = 0; ow < g.OW; ow += kTile) {
+    const int64_t npix = std::min<int64_t>(kTile, g.OW - ow);
+    TileFn tile;
+    if (npix <= 4) {
+      tile = d.k.edge4;
+    } else if (npix == kTile && ow >= d.ow_lo && ow + kTile <= d.ow_hi) {
+      tile = d.k.inner8;
+    } else {
+      tile = d.k.edge8;
+    }
+    tile(g, xn, ih0 - row0, kh_lo, kh_hi, ow, c0, nc, acc);
+    d.epi(d.e, acc, n, oh, ow, npix, c0, nc);
+  }
+}
+
+}  // namespace
+
 void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor& bias, const OptTensor& residual,
                     bool residual_after_act, at::Tensor& out, int64_t kh, int64_t kw, IntVec stride, IntVec padding,
                     IntVec dilation, Act act, double act_param) {
@@ -242,7 +299,8 @@ void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor
   if (N == 0 || C == 0) return;
   at::assert_no_overlap(out, x);
 
-  Geometry g;
+  DwCall d;
+  Geometry& g = d.g;
   g.C = C, g.H = H, g.W = W, g.OH = OH, g.OW = OW;
   g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
   g.dh = dilation[0], g.dw = dilation[1];
@@ -251,7 +309,7 @@ void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor
   g.tap_stride = taps.stride(0);
   g.bias = bias_t.data_ptr<float>();
 
-  Epilogue e;
+  Epilogue& e = d.e;
   e.res = res_t.defined() ? res_t.data_ptr() : nullptr;
   e.res_bf16 = res_t.defined() && res_t.scalar_type() == at::kBFloat16;
   e.res_after_act = residual_after_act;
@@ -261,22 +319,10 @@ void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor
   e.out = out.data_ptr();
   e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
   e.act_param = static_cast<float>(act_param);
+  prepare(d, st == at::kBFloat16, out.scalar_type() == at::kBFloat16, act);
 
-  const bool out_bf16 = out.scalar_type() == at::kBFloat16;
-  const EpilogueFn epi = dispatch_act(act, [&](auto a) -> EpilogueFn {
-    constexpr Act A = decltype(a)::value;
-    return out_bf16 ? &epilogue<A, BFloat16> : &epilogue<A, float>;
-  });
-  const Kernels k = st == at::kBFloat16 ? select_kernels<BFloat16>(g) : select_kernels<float>(g);
   const char* xbase = static_cast<const char*>(x.data_ptr());
-  const int64_t esize = x.element_size();
-
-  // Output columns [ow_lo, ow_hi) read no padding: ow*sw - pw >= 0 and the last tap < W.
-  const int64_t ow_lo = std::min(OW, (g.pw + g.sw - 1) / g.sw);
-  const int64_t last = W - 1 + g.pw - (kw - 1) * g.dw;
-  const int64_t ow_hi = last < 0 ? ow_lo : std::max(ow_lo, std::min(OW, last / g.sw + 1));
-
-  const int64_t nchunks = (C + kChunk - 1) / kChunk;
+  const int64_t nchunks = d.nchunks;
   const int64_t tasks = N * OH * nchunks;
   const int64_t work_per_task = OW * std::min(C, kChunk) * kh * kw;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, work_per_task));
@@ -287,30 +333,36 @@ void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor
       const int64_t cc = task % nchunks;
       const int64_t oh = (task / nchunks) % OH;
       const int64_t n = task / (nchunks * OH);
-      const int64_t c0 = cc * kChunk, nc = std::min(kChunk, C - c0);
-      const void* xn = xbase + n * g.x_sn * esize;
-      const int64_t ih0 = oh * g.sh - g.ph;
-      // Kernel rows that land inside the input (the others multiply zero padding).
-      int64_t kh_lo = 0, kh_hi = kh;
-      while (kh_lo < kh && ih0 + kh_lo * g.dh < 0) ++kh_lo;
-      while (kh_hi > kh_lo && ih0 + (kh_hi - 1) * g.dh >= H) --kh_hi;
-      // Tiles of 8 pixels; a tile reaching into the padding or past the row end is checked
-      // (a last one of 1-4 pixels is a 4-pixel tile), its extra pixels are not stored.
-      for (int64_t ow = 0; ow < OW; ow += kTile) {
-        const int64_t npix = std::min<int64_t>(kTile, OW - ow);
-        TileFn tile;
-        if (npix <= 4) {
-          tile = k.edge4;
-        } else if (npix == kTile && ow >= ow_lo && ow + kTile <= ow_hi) {
-          tile = k.inner8;
-        } else {
-          tile = k.edge8;
-        }
-        tile(g, xn, ih0, kh_lo, kh_hi, ow, c0, nc, acc);
-        epi(e, acc, n, oh, ow, npix, c0, nc);
-      }
+      dw_row(d, xbase + n * g.x_sn * d.esize, 0, n, oh, cc, acc);
     }
   });
+}
+
+void depthwise_rows_f32(const float* xb, int64_t row0, int64_t H, int64_t W, int64_t C, int64_t x_sh,
+                        const float* taps, const float* bias, at::Tensor& out, int64_t n, int64_t oh0, int64_t oh1,
+                        int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding, const IntVec& dilation,
+                        Act act, double act_param) {
+  DwCall d;
+  Geometry& g = d.g;
+  g.C = C, g.H = H, g.W = W, g.OH = out.size(2), g.OW = out.size(3);
+  g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  g.x_sn = 0, g.x_sh = x_sh, g.x_sw = C;
+  g.taps = taps;
+  g.tap_stride = C;
+  g.bias = bias;
+  Epilogue& e = d.e;
+  e.res = nullptr;
+  e.res_bf16 = false;
+  e.res_after_act = true;
+  e.res_sn = e.res_sh = e.res_sw = 0;
+  e.out = out.data_ptr();
+  e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
+  e.act_param = static_cast<float>(act_param);
+  prepare(d, false, out.scalar_type() == at::kBFloat16, act);
+  alignas(64) float acc[kTile * kChunk];
+  for (int64_t oh = oh0; oh < oh1; ++oh)
+    for (int64_t cc = 0; cc < d.nchunks; ++cc) dw_row(d, reinterpret_cast<const char*>(xb), row0, n, oh, cc, acc);
 }
 
 }  // namespace effops_native

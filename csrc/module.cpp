@@ -131,6 +131,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_scale_bias_act_segments", &en::conv_scale_bias_act_segments, py::arg("segments"), py::arg("weight"),
         py::arg("scale"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"),
         py::arg("residual_after_act"));
+  m.def("pointwise_depthwise_bn_act", &en::pointwise_depthwise_bn_act, py::arg("x"), py::arg("pw_weight"),
+        py::arg("pw_conv_bias"), py::arg("pw_bn_weight"), py::arg("pw_bn_bias"), py::arg("pw_running_mean"),
+        py::arg("pw_running_var"), py::arg("pw_eps"), py::arg("pw_stats_counter"), py::arg("pw_act"),
+        py::arg("pw_act_param"), py::arg("dw_weight"), py::arg("dw_conv_bias"), py::arg("dw_bn_weight"),
+        py::arg("dw_bn_bias"), py::arg("dw_running_mean"), py::arg("dw_running_var"), py::arg("dw_eps"),
+        py::arg("dw_stats_counter"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("dw_act"),
+        py::arg("dw_act_param"),
+        "act2(bn2(dwconv(act1(bn1(conv1x1(x)))))) with the expanded tensor computed a band of rows at a time");
+  m.def("set_pair_policy", &en::set_pair_policy, py::arg("policy"),
+        "expand 1x1 -> depthwise pairs: 0 the two convs, 1 banded, 2 banded up to 128 input channels (default)");
+  m.def("pair_policy", &en::pair_policy);
   m.def("set_pointwise_policy", &en::set_pointwise_policy, py::arg("policy"),
         "1x1 stride-1 float32 convs: 0 oneDNN, 1 GEMM, 2 whichever is measured faster per problem (default)");
   m.def("pointwise_policy", &en::pointwise_policy);

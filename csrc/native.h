@@ -72,6 +72,24 @@ at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments,
                                         const OptTensor& scale, const OptTensor& bias, const OptTensor& residual,
                                         const OptTensor& out, const std::string& act, double act_param,
                                         bool residual_after_act);
+// An inverted residual block's expand 1x1 conv -> BN -> act and depthwise conv -> BN -> act (each BN
+// given as conv_bn_act takes it), the depthwise conv's input computed a band of rows at a time
+// per thread into a buffer that stays in the core's cache: the expanded tensor is never written
+// out. Float32, x channel-minor (NHWC or a channel view of one); returns a new NHWC tensor. Runs
+// the two convs one after the other instead for more than 128 input channels (pair policy 2, the
+// default), or always (policy 0).
+at::Tensor pointwise_depthwise_bn_act(
+    const at::Tensor& x, const at::Tensor& pw_weight, const OptTensor& pw_conv_bias, const OptTensor& pw_bn_weight,
+    const OptTensor& pw_bn_bias, const OptTensor& pw_running_mean, const OptTensor& pw_running_var, double pw_eps,
+    const OptTensor& pw_stats_counter, const std::string& pw_act, double pw_act_param, const at::Tensor& dw_weight,
+    const OptTensor& dw_conv_bias, const OptTensor& dw_bn_weight, const OptTensor& dw_bn_bias,
+    const OptTensor& dw_running_mean, const OptTensor& dw_running_var, double dw_eps,
+    const OptTensor& dw_stats_counter, IntVec stride, IntVec padding, IntVec dilation, const std::string& dw_act,
+    double dw_act_param);
+// Expand -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded up to 128
+// input channels (the default).
+void set_pair_policy(int64_t policy);
+int64_t pair_policy();
 // 1x1 stride-1 float32 convs: 0 = oneDNN, 1 = GEMM, 2 = whichever is measured faster per problem.
 void set_pointwise_policy(int64_t policy);
 int64_t pointwise_policy();
@@ -112,6 +130,14 @@ int64_t winograd_policy();
 void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor& bias,
                     const OptTensor& residual, bool residual_after_act, at::Tensor& out, int64_t kh, int64_t kw,
                     IntVec stride, IntVec padding, IntVec dilation, Act act, double act_param);
+// Output rows [oh0, oh1) of image n of the same conv on float32 input, single-threaded, for callers
+// that compute the input a band of rows at a time: xb holds the input rows [row0, row0 + k) of an
+// H x W image (row stride x_sh, pixel stride C), with every row those output rows read; rows
+// outside [0, H) are zero padding. taps: [kh*kw, C] dense; bias: [C].
+void depthwise_rows_f32(const float* xb, int64_t row0, int64_t H, int64_t W, int64_t C, int64_t x_sh,
+                        const float* taps, const float* bias, at::Tensor& out, int64_t n, int64_t oh0, int64_t oh1,
+                        int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding, const IntVec& dilation,
+                        Act act, double act_param);
 
 // ---- se.cpp: squeeze-and-excitation -------------------------------------------------------
 // The gate [N, C] float32 of reference.se_gate (pool in fp32, excitation, gate activation).

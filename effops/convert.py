@@ -96,14 +96,14 @@ from torch import nn
 from .activations import activation_of, make_activation
 from .nn.common import (BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, revalidate_snapshots,
                         sequential_children, timm_bn_act)
-from .nn.conv_bn_act import FusedConvBNAct, resolve_padding, why_not_fusable
+from .nn.conv_bn_act import FusedConvBNAct, PointwiseDepthwise, resolve_padding, why_not_fusable
 from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
 from .nn.shuffle import ChannelShuffle
-from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, GhostGateStep, SEEpilogueStep,
-                        SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
+from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, GhostGateStep, PairStep,
+                        SEEpilogueStep, SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
 from .ops.osa import MAX_SEGMENTS
 from .speedcheck import Measurement
 
@@ -683,6 +683,7 @@ class _Converter:
         self._shuffled_writes(graph, module, where, steps)
         self._concat_writes(graph, module, where, steps)
         self._se_epilogues(graph, module, steps)
+        self._pointwise_depthwise(graph, steps)
         if not steps:
             return
         graph.lint()
@@ -752,6 +753,30 @@ class _Converter:
                                 f"SE gate + residual + {name}: one pass (SqueezeExcite.forward_residual) [traced]")
             self.report.swapped.append(entry)
             self.se_entries[id(step)] = entry
+
+    def _pointwise_depthwise(self, graph, steps) -> None:
+        """A plain fused expand 1×1 conv step whose only user is a plain fused depthwise conv step
+        → one :class:`PairStep`."""
+        for node in list(graph.nodes):
+            if node.op != "call_module" or type(steps.get(node.target)) is not FusedStep or len(node.args) != 1 \
+                    or node.kwargs:
+                continue
+            prev = node.args[0]
+            if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" \
+                    or type(steps.get(prev.target)) is not FusedStep or len(prev.users) != 1 or len(prev.args) != 1 \
+                    or prev.kwargs:
+                continue
+            first, second = steps[prev.target], steps[node.target]
+            if any(s.se is not None or s.residual is not None for s in (first, second)) \
+                    or not PointwiseDepthwise.applies(first.fused, second.fused):
+                continue
+            name = f"_effops_step{len(steps)}"
+            steps[name] = PairStep(first, second)
+            with graph.inserting_before(node):
+                new = graph.call_module(name, (prev.args[0],))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            graph.erase_node(prev)
 
     def _se_epilogues(self, graph, owner, steps) -> None:
         """A plain fused conv step whose only user is an SE-residual step → one

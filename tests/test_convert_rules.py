@@ -336,7 +336,8 @@ def test_se_gate_folds_into_the_projection_conv(monkeypatch):
     swapped = {e.path: e.what for e in fast.effops_report.swapped}
     assert swapped["se..add"] == ("SE gate → conv1x1 12→6 + bn + identity + residual (before act)" + GATED
                                   + " [traced]")
-    assert _steps(fast) == ["FusedStep", "FusedStep", "FusedStep"] and not fast.effops_report.skipped
+    # conv_pw → conv_dw: one expand → depthwise pair; the gated projection
+    assert _steps(fast) == ["PairStep", "FusedStep"] and not fast.effops_report.skipped
     x = torch.randn(2, 6, 5, 5)
     _check64(model, fast, x)
     calls = count_dispatch(monkeypatch)

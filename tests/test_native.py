@@ -96,6 +96,45 @@ def test_conv_dilation_and_empty_batch():
         assert conv_bn_act(e, w, scale, bias, padding=1, act="relu").shape == (0, 8, 9, 9)
 
 
+# Expanding 1x1 convs, which run effops' register-blocked GEMM (csrc/conv.cpp, small_gemm_rows):
+# whole 64-column blocks, then tails of 1, 2 (AVX2: the last) and 3 partial vectors (72, 100,
+# 120 = 64 + 8 / 36 / 56), one-pixel maps, row counts that leave a partial row tile.
+GEMM_SHAPES = [(8, 64, 5, 7, 2), (16, 72, 3, 3, 1), (20, 100, 9, 9, 1), (12, 120, 1, 1, 3), (48, 192, 6, 6, 1)]
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ["relu6", "hardswish", "silu"])
+def test_pointwise_gemm_kernel_matches_float64(shape, act, pointwise_policy):
+    cin, cout, h, w_, n = shape
+    pointwise_policy(1)
+    x, w, scale, bias, oshape = _problem(cin, cout, 1, 1, 1, hw=(h, w_), n=n)
+    buf = torch.randn(n, cin + 9, h, w_).contiguous(memory_format=torch.channels_last)
+    buf[:, 4:4 + cin] = x
+    out_buf = torch.full((n, cout + 7, h, w_), float("nan")).contiguous(memory_format=torch.channels_last)
+    for xin in (x, buf[:, 4:4 + cin]):  # dense rows, and a channel view's rows (a stride wider than C)
+        for res_after in (None, True, False):
+            r = None if res_after is None else torch.randn(oshape).contiguous(memory_format=torch.channels_last)
+            ref = _ref(x, w, scale, bias, r, 1, [0, 0], 1, 1, act, 0.0, bool(res_after))
+            with use_backend("native"):
+                y = _runs("gemm", lambda: conv_bn_act(xin, w, scale, bias, r, act=act,
+                                                      residual_after_act=bool(res_after)))
+                assert_matches(y, ref)
+                out = out_buf[:, 3:3 + cout]
+                _runs("gemm", lambda: conv_bn_act(xin, w, scale, bias, r, act=act, out=out,
+                                                  residual_after_act=bool(res_after)))
+            assert_matches(out, ref)
+            assert torch.isnan(out_buf[:, :3]).all() and torch.isnan(out_buf[:, 3 + cout:]).all()
+
+
+@pytest.fixture
+def pointwise_policy():
+    """Sets the native 1x1 policy for the test (0 oneDNN, 1 GEMM, 2 measured); restores it."""
+    mod = native.module()
+    before = mod.pointwise_policy()
+    yield mod.set_pointwise_policy
+    mod.set_pointwise_policy(before)
+
+
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16 (oneDNN: no AVX512-BF16/AMX)")
 def test_conv_bfloat16():
     x, w, scale, bias, oshape = _problem(16, 24, 3, 1, 1, dtype=torch.bfloat16)
@@ -263,6 +302,151 @@ def test_winograd_whole_model(name, winograd_policy):
         y = fast(x)
         assert native.module().conv_impl_counts(reset=True)["winograd"] >= 6
         assert_matches(y, copy.deepcopy(model).double()(x.double()))
+
+
+# -- expand 1x1 -> depthwise pairs, banded (pointwise_depthwise_bn_act) -----------------------
+
+@pytest.fixture
+def pair_policy():
+    """Sets the native pair policy for the test (0 the two convs, 1 banded, 2 banded up to 128 input
+    channels); restores it."""
+    mod = native.module()
+    before = mod.pair_policy()
+    yield mod.set_pair_policy
+    mod.set_pair_policy(before)
+
+
+def _pair(cin, ce, k, stride, dilation=1):
+    pw = randomize_bn(nn.Sequential(nn.Conv2d(cin, ce, 1, bias=False), nn.BatchNorm2d(ce))).eval()
+    dw = randomize_bn(nn.Sequential(nn.Conv2d(ce, ce, k, stride, dilation * (k // 2), dilation, groups=ce),
+                                    nn.BatchNorm2d(ce))).eval()
+    return pw, dw
+
+
+def _pair_call(x, pw, dw, act1, act2):
+    (c1, b1), (c2, b2) = pw, dw
+    bn = lambda c, b: (c.bias, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.num_batches_tracked)
+    return native.module().pointwise_depthwise_bn_act(x, c1.weight, *bn(c1, b1), act1, 0.0, c2.weight, *bn(c2, b2),
+                                                     list(c2.stride), list(c2.padding), list(c2.dilation), act2, 0.0)
+
+
+def _pair_ref(x, pw, dw, act1, act2):
+    y = apply_activation(copy.deepcopy(pw).double()(x.double()), act1, 0.0)
+    return apply_activation(copy.deepcopy(dw).double()(y), act2, 0.0)
+
+
+# (C_in, C_exp, k, stride, dilation, H, W, N): 16-lane and 64-column tails (C_exp 20, 72, 100),
+# stride 2 on odd and even sizes, 5x5, dilation 2, one-row images, a batch of 3, and maps tall
+# enough for several bands per thread with rows shared between a thread's bands.
+PAIR_SHAPES = [(16, 96, 3, 2, 1, 24, 24, 1), (8, 20, 3, 1, 1, 9, 7, 3), (24, 72, 5, 2, 1, 13, 11, 1),
+               (5, 100, 3, 1, 2, 10, 10, 2), (4, 24, 3, 1, 1, 1, 6, 2), (16, 64, 5, 1, 1, 40, 40, 1),
+               (3, 40, 3, 2, 1, 57, 33, 1)]
+
+
+@pytest.mark.parametrize("shape", PAIR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("acts", [("relu6", "relu6"), ("hardswish", "identity"), ("silu", "silu")])
+def test_pointwise_depthwise_matches_float64(shape, acts, pair_policy):
+    cin, ce, k, s, d, h, w, n = shape
+    pw, dw = _pair(cin, ce, k, s, d)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    ref = _pair_ref(x, pw, dw, *acts)
+    with torch.no_grad():
+        for policy in (1, 0, 2):  # banded, the two convs one after the other, the default rule
+            pair_policy(policy)
+            y = _pair_call(x, pw, dw, *acts)
+            assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+            assert_matches(y, ref)
+
+
+def test_pointwise_depthwise_runs_banded_on_channel_views(pair_policy):
+    pair_policy(1)
+    pw, dw = _pair(12, 48, 3, 1)
+    buf = torch.randn(2, 20, 15, 15).contiguous(memory_format=torch.channels_last)
+    x = buf[:, 4:16]  # a channel view: rows with a stride larger than their width
+    with torch.no_grad():
+        y = _runs_pair(lambda: _pair_call(x, pw, dw, "relu", "relu6"))
+    assert_matches(y, _pair_ref(x, pw, dw, "relu", "relu6"))
+
+
+def _runs_pair(fn):
+    """fn()'s result, after checking that it ran as one banded pair (one GEMM and one depthwise count)."""
+    mod = native.module()
+    mod.conv_impl_counts(reset=True)
+    y = fn()
+    counts = {k: v for k, v in mod.conv_impl_counts(reset=True).items() if v}
+    assert counts == {"gemm": 1, "depthwise": 1}, counts
+    return y
+
+
+def test_pointwise_depthwise_bad_input():
+    pw, dw = _pair(8, 16, 3, 1)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="1x1 weight"):
+            _pair_call(x[:, :6], pw, dw, "relu", "relu")
+        with pytest.raises(ValueError, match="float32"):
+            _pair_call(x.double(), pw, dw, "relu", "relu")
+        with pytest.raises(ValueError, match="unknown activation"):
+            _pair_call(x, pw, dw, "relu", "mish")
+        with pytest.raises(ValueError, match="pair policy"):
+            native.module().set_pair_policy(3)
+        y = _pair_call(x[:0], pw, dw, "relu", "relu")  # an empty batch: an empty result
+    assert y.shape == (0, 16, 6, 6)
+
+
+@pytest.mark.parametrize("name", ["tv:mobilenet_v2", "mobilenetv3_large_100", "efficientnet_b0"])
+def test_inverted_residual_models_run_pairs(name, pair_policy):
+    """Every expand → depthwise pair of the model runs as one banded call in the steady state, and the
+    whole model matches float64; a hook on an expand conv runs the pair's convs as modules again."""
+    pair_policy(1)
+    if name.startswith("tv:"):
+        import torchvision
+
+        model = getattr(torchvision.models, name[3:])(num_classes=10)
+    else:
+        model = pytest.importorskip("timm").create_model(name, pretrained=False, num_classes=10)
+    model = randomize_bn(model).eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    fast = effops.optimize(copy.deepcopy(model))
+    mod = native.module()
+    calls = []
+    real = mod.pointwise_depthwise_bn_act
+    with torch.no_grad():
+        fast(x)  # plans each conv
+        try:
+            import effops.nn.conv_bn_act as cba
+
+            cba.native_module = lambda: _Counting(mod, calls)
+            y = fast(x)
+        finally:
+            cba.native_module = native.module
+        expands = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                   and any(d.groups == d.in_channels == m.out_channels and d.groups > 1 for d in model.modules()
+                           if isinstance(d, nn.Conv2d))]
+        assert len(calls) >= 5 and len(calls) <= len(expands), (len(calls), len(expands))
+        assert_matches(y, copy.deepcopy(model).double()(x.double()))
+        seen = []
+        conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                    and m.out_channels > m.in_channels)
+        handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        calls.clear()
+        assert_matches(fast(x), copy.deepcopy(model).double()(x.double()))
+        handle.remove()
+    assert len(seen) == 1
+    assert real is mod.pointwise_depthwise_bn_act
+
+
+class _Counting:
+    """A native module whose pointwise_depthwise_bn_act calls are recorded."""
+
+    def __init__(self, mod, calls):
+        self._mod, self._calls = mod, calls
+
+    def __getattr__(self, name):
+        f = getattr(self._mod, name)
+        if name != "pointwise_depthwise_bn_act":
+            return f
+        return lambda *a, **k: self._calls.append(a[0].shape) or f(*a, **k)
 
 
 # -- the packed-weight cache ------------------------------------------------------------------

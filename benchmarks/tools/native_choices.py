@@ -1,12 +1,14 @@
 """The native CPU backend's per-problem choices, measured side by side in one process.
 
-    python benchmarks/tools/native_choices.py                       # 2 threads, all three studies
+    python benchmarks/tools/native_choices.py                       # 2 threads, every study
     python benchmarks/tools/native_choices.py --models mobilenet_v2,resnet50 --threads 2
 
 1. depthwise convs: oneDNN (policy 0) against effops' NHWC kernel (policy 2), whole models;
 2. 1x1 convs: oneDNN (0), GEMM (1), measured per problem (2, the default), whole models;
 3. dense 3x3 stride-1 convs: oneDNN (0), Winograd F(4x4, 3x3) (1), measured (2, the default);
-4. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
+4. expand 1x1 -> depthwise pairs (models that have them): the two convs one after the other (0),
+   banded (1), banded up to 128 input channels (2, the default);
+5. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
    the segments against an NHWC concat + oneDNN's 1x1 conv (and the concat alone).
 
 Whole-model rows alternate the variants call by call (after a warm-up per variant), so drift on
@@ -46,6 +48,18 @@ def build(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+def has_pairs(model: torch.nn.Module) -> bool:
+    """Whether the optimized model runs an expand -> depthwise pair anywhere."""
+    from effops.nn.conv_bn_act import PointwiseDepthwise
+    from effops.nn.traced import PairStep, traced_forward_of
+
+    mods = list(model.modules())
+    mods += [g for m in mods if traced_forward_of(m) is not None for g in traced_forward_of(m).graph_module.modules()]
+    return any(isinstance(m, PairStep) or any(isinstance(s, PointwiseDepthwise)
+                                              for s in [*getattr(m, "_steps", []), *getattr(m, "_prefix_steps", [])])
+               for m in mods)
+
+
 def median_ms(ts) -> float:
     ts = sorted(ts)
     return ts[len(ts) // 2] * 1e3
@@ -83,6 +97,13 @@ def main() -> None:
         m = randomize_bn(build(name).eval())
         fm = effops.optimize(copy.deepcopy(m)).to(memory_format=torch.channels_last)
         x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        # First, so that the measured choices of the other studies' first calls are made with the
+        # default pair policy.
+        pr = {}
+        if has_pairs(fm):
+            pr = side_by_side(fm, x, {"pairs default": lambda: nat.set_pair_policy(2),
+                                      "pairs separate": lambda: nat.set_pair_policy(0),
+                                      "pairs banded": lambda: nat.set_pair_policy(1)}, args.reps)
         dw = side_by_side(fm, x, {"depthwise oneDNN": lambda: nat.set_depthwise_policy(0),
                                   "depthwise effops": lambda: nat.set_depthwise_policy(2)}, args.reps)
         pw = side_by_side(fm, x, {"1x1 oneDNN": lambda: nat.set_pointwise_policy(0),
@@ -94,7 +115,8 @@ def main() -> None:
         nat.set_depthwise_policy(2)
         nat.set_pointwise_policy(2)
         nat.set_winograd_policy(2)
-        for k, v in {**dw, **pw, **wg}.items():
+        nat.set_pair_policy(2)
+        for k, v in {**pr, **dw, **pw, **wg}.items():
             rows.append({"study": "whole model", "case": name, "variant": k, "ms": round(v, 3)})
             print(f"{name:24s} {k:18s} {v:8.2f} ms", flush=True)
     for hw, cin, cs, cout in [(56, 128, 128, 256), (28, 256, 160, 512), (14, 512, 192, 768), (7, 768, 224, 1024)]:

@@ -8,6 +8,8 @@ from typing import List, Tuple
 
 from torch import nn
 
+from .conv_bn_act import pair_steps
+
 
 class FusedSequential(nn.Sequential):
     """Same children, same names, same ``state_dict`` as the Sequential it
@@ -20,7 +22,10 @@ class FusedSequential(nn.Sequential):
       operand load (torchvision MobileNetV3 / EfficientNet ``block``, RegNetY
       ``BottleneckTransform``);
     * (fused conv, channel shuffle) → one :class:`~effops.nn.traced.ShuffleStep`:
-      the conv writes its output shuffled.
+      the conv writes its output shuffled;
+    * (fused 1×1 expand conv, fused depthwise conv) → one
+      :class:`~effops.nn.conv_bn_act.PointwiseDepthwise` (an inverted residual block's first two
+      convs, banded on the native CPU backend).
 
     Used by :func:`effops.optimize` for Sequentials that mix fusable
     runs with other layers (e.g. the classic VoVNet stem built from an
@@ -45,6 +50,7 @@ class FusedSequential(nn.Sequential):
         # A plain list attribute: the fused wrappers share their children with
         # this Sequential and must not appear twice in state_dict / modules().
         self._plan = plan
+        self._steps = pair_steps(plan)  # what forward runs: the plan with expand → depthwise pairs joined
         self._runs = [(start, length) for start, length, _ in runs]
         self._children_at_plan = dict(self._modules)
 
@@ -55,7 +61,7 @@ class FusedSequential(nn.Sequential):
                 warnings.warn("effops.FusedSequential: a child was replaced after optimize(); running the children "
                               "unfused (call effops.optimize again to fuse them)", stacklevel=2)
             return nn.Sequential.forward(self, x)
-        for step in self._plan:
+        for step in self._steps:
             x = step(x)
         return x
 

@@ -16,7 +16,8 @@ converted container whose last conv takes the add that follows it),
 :class:`AggregateStep` (``torch.cat`` → 1×1 conv as one N-segment aggregation, no concat),
 :class:`ConcatStep` (``torch.cat`` of fused convs: each writes its channel range of one
 buffer), :class:`ShuffleStep` (a fused conv that writes its output channel-shuffled),
-:class:`SEResidualStep` (``act(se(x) + shortcut)`` in one pass), :class:`GhostGateStep` (an SE
+:class:`SEResidualStep` (``act(se(x) + shortcut)`` in one pass), :class:`PairStep` (an expand 1×1
+conv feeding a depthwise conv, banded on the native CPU backend), :class:`GhostGateStep` (an SE
 gate folded into a ghost module's primary conv). Each one checks on every
 call that it can run fused (eval BN, no hooks watching, no gradient needed where the
 kernel has none, ...) and otherwise computes exactly what the original code did.
@@ -41,7 +42,8 @@ from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked
-from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, resolve_padding, why_not_fusable
+from .conv_bn_act import (FusedConvBNAct, PointwiseDepthwise, _cast, _compute_dtype, pair_steps, resolve_padding,
+                          why_not_fusable)
 
 
 class FusedStep(nn.Module):
@@ -131,11 +133,30 @@ class FusedTailStep(nn.Module):
         super().__init__()
         self.prefix = nn.ModuleList(prefix)
         self.step = step
+        # the prefix's expand → depthwise pairs as one step each (a plain list: nothing registered twice)
+        self._prefix_steps = pair_steps(list(prefix))
 
     def forward(self, x: Tensor, r: Optional[Tensor] = None) -> Tensor:
-        for m in self.prefix:
+        for m in self._prefix_steps:
             x = m(x)
         return self.step(x, r)
+
+
+class PairStep(nn.Module):
+    """Two plain fused conv steps of a traced forward, an expand 1×1 conv whose only user is a
+    depthwise conv (timm's InvertedResidual: ``conv_pw → bn1 → conv_dw → bn2``), run as one
+    :class:`~effops.nn.conv_bn_act.PointwiseDepthwise`. Equivalent PyTorch::
+
+        return second(first(x))
+    """
+
+    def __init__(self, first: FusedStep, second: FusedStep):
+        super().__init__()
+        self.first, self.second = first, second
+        self._pair = PointwiseDepthwise(first.fused, second.fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._pair(x)
 
 
 def _needs_grad(tensors) -> bool:

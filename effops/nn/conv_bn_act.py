@@ -573,8 +573,9 @@ class PointwiseDepthwise:
 
     On the native CPU backend in eval, once each unit has run once and planned its calls, the pair is
     one native call (``pointwise_depthwise_bn_act``) that computes the expanded tensor a band of rows
-    at a time per thread into a buffer that stays in the core's cache, where that is measured faster
-    than the two convs; the expanded tensor, the block's largest, is never written out. Everything
+    at a time per thread into a buffer that stays in the core's cache (for expand convs of up to 128
+    input channels; the backend's pair policy, docs/architecture.md): the expanded tensor, the
+    block's largest, is never written out. Everything
     else (the first calls, a hook on either unit or a module inside it, train mode, gradients,
     another input signature, torch.compile, other backends) calls ``dw(pw(x))``.
 

@@ -210,38 +210,50 @@ DENSE3X3 = [
 ]
 
 
+def _conv_case(m, block, x, pad, groups, act, policy, impl):
+    """Times a conv + BN + act block (eager modules, oneDNN's prepacked pointwise primitive, effops'
+    ``conv_scale_bias_act`` with the native policy ``policy = (name, value)`` set) after checking that
+    effops ran ``impl`` and matches float64. Returns (timed, numerics fields)."""
+    bn = block[1]
+    with torch.no_grad():
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
+        bias = (bn.bias - bn.running_mean * scale).contiguous()
+        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [pad, pad], [1, 1], [1, 1], groups,
+                                                           list(x.shape))
+    conv_w = block[0].weight.detach()
+    attr, scalars = _ONEDNN_ATTR[act]
+
+    def effops_fn():
+        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [pad, pad], [1, 1], groups, act, 0.0,
+                                     True)
+
+    def onednn_fn():
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [pad, pad], [1, 1], [1, 1], groups, attr,
+                                                       scalars, "")
+
+    name, value = policy
+    before = getattr(m, f"{name}_policy")()
+    getattr(m, f"set_{name}_policy")(value)
+    try:
+        with torch.inference_mode():
+            m.conv_impl_counts(True)
+            out = effops_fn()
+            assert m.conv_impl_counts(True)[impl] == 1, f"the {impl} path did not run"
+            errs = check_numerics(out, copy.deepcopy(block).double()(x.double()), block(x))
+            timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
+    finally:
+        getattr(m, f"set_{name}_policy")(before)
+    return timed, errs
+
+
 @pytest.mark.parametrize("case", DENSE3X3, ids=lambda c: c[0])
 def test_winograd(case, m, results):
     name, c, k, hw, g = case
     block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 3, 1, 1, groups=g, bias=False), nn.BatchNorm2d(k),
                                        nn.ReLU())).eval()
     x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
-    bn = block[1]
-    with torch.no_grad():
-        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
-        bias = (bn.bias - bn.running_mean * scale).contiguous()
-        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], g, list(x.shape))
-    conv_w = block[0].weight.detach()
-
-    def effops_fn():
-        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [1, 1], [1, 1], g, "relu", 0.0, True)
-
-    def onednn_fn():
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], g, "relu", [], "")
-
-    before = m.winograd_policy()
-    m.set_winograd_policy(1)
-    try:
-        with torch.inference_mode():
-            m.conv_impl_counts(True)
-            out = effops_fn()
-            assert m.conv_impl_counts(True)["winograd"] == 1, "the Winograd kernel did not run"
-            ref64 = copy.deepcopy(block).double()(x.double())
-            errs = check_numerics(out, ref64, block(x))
-            timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
-    finally:
-        m.set_winograd_policy(before)
+    timed, errs = _conv_case(m, block, x, 1, g, "relu", ("winograd", 1), "winograd")
     _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k // g + k), flops=2 * 9 * c * k * hw * hw // g,
             case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}" + (f" g{g}" if g > 1 else ""), **errs)
 
@@ -266,32 +278,7 @@ def test_pointwise(case, m, results):
     name, c, k, hw, act = case
     block = randomize_bn(nn.Sequential(nn.Conv2d(c, k, 1, bias=False), nn.BatchNorm2d(k), _ACT_MODULE[act]())).eval()
     x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
-    bn = block[1]
-    with torch.no_grad():
-        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
-        bias = (bn.bias - bn.running_mean * scale).contiguous()
-        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, list(x.shape))
-    conv_w = block[0].weight.detach()
-    attr, scalars = _ONEDNN_ATTR[act]
-
-    def effops_fn():
-        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [0, 0], [1, 1], 1, act, 0.0, True)
-
-    def onednn_fn():
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [0, 0], [1, 1], [1, 1], 1, attr, scalars, "")
-
-    before = m.pointwise_policy()
-    m.set_pointwise_policy(1)
-    try:
-        with torch.inference_mode():
-            m.conv_impl_counts(True)
-            out = effops_fn()
-            assert m.conv_impl_counts(True)["gemm"] == 1, "the GEMM path did not run"
-            errs = check_numerics(out, copy.deepcopy(block).double()(x.double()), block(x))
-            timed = _time({"eager": lambda: block(x), "onednn": onednn_fn, "effops": effops_fn})
-    finally:
-        m.set_pointwise_policy(before)
+    timed, errs = _conv_case(m, block, x, 0, 1, act, ("pointwise", 1), "gemm")
     _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + c * k + k), flops=2 * c * k * hw * hw,
             case=f"pointwise_{name}", shape=f"1x{c}x{hw}x{hw} -> {k} {act}", **errs)
 

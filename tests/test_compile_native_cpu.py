@@ -69,6 +69,32 @@ def test_ghostnet_inductor_freezing_one_graph_and_numerics():
     assert_matches(y, model.double()(x.double()))
 
 
+@pytest.mark.parametrize("name", ["tv:mobilenet_v2", "efficientnet_b0"])
+def test_compiled_inverted_residuals_trace_the_convs_of_a_pair(name):
+    """A model whose expand → depthwise pairs run as one banded native call in eager compiles to one
+    graph of the units' own native conv ops (two per pair, no pair op), within 1e-5 of float64."""
+    if name.startswith("tv:"):
+        import torchvision
+
+        model = getattr(torchvision.models, name[3:])(num_classes=10)
+    else:
+        model = pytest.importorskip("timm").create_model(name, num_classes=10)
+    torch._dynamo.reset()
+    model = randomize_bn(model).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    graphs = []
+    with torch.no_grad():
+        fast(x)
+        fast(x)  # the pairs planned: eager runs them banded from here on
+        y = torch.compile(fast, fullgraph=True, backend=_recording_backend(graphs))(x)
+    assert len(graphs) == 1
+    # every conv but the squeeze-excite modules' (their gate math is separate ops)
+    convs = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and ".se." not in n)
+    assert _targets(graphs[0]).count(NATIVE_BN_OP) == convs
+    assert_matches(y, model.double()(x.double()))
+
+
 def test_compile_before_the_extension_is_loaded_has_no_graph_break():
     """Loading the extension (a lock, hashing the sources) can't be traced: a model compiled before
     any eager native call still traces as one graph."""

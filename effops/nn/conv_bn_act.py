@@ -11,8 +11,8 @@ from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
 from ..native import module as native_module
-from ..ops.conv import (NATIVE_BN_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups, checked_out,
-                        derived_reusable, native_fast, native_first)
+from ..ops.conv import (NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
+                        checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
 from .common import ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
 
@@ -601,7 +601,7 @@ class PointwiseDepthwise:
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return self.dw(self.pw(x))
+            return self._compiled(x)
         pa, pb = self.pw._native_plan, self.dw._native_plan
         if pa is not None and pb is not None and type(x) is Tensor and x.dtype is torch.float32 \
                 and x.dtype is pa.dtype and pb.dtype is pa.dtype and x.is_cpu and x.shape == pa.x_shape \
@@ -613,6 +613,23 @@ class PointwiseDepthwise:
                     x, a[0], *a[1:8], pa.act, pa.act_param, b[0], *b[1:8], pb.stride, pb.pad, pb.dilation, pb.act,
                     pb.act_param)
         return self.dw(self.pw(x))
+
+    def _compiled(self, x: Tensor) -> Tensor:
+        """Under torch.compile on CPU, inference: one functional pair op (the expanded tensor stays
+        banded in the compiled model too); ``dw(pw(x))`` wherever the units would not run their
+        native ops (their own ``_compiled_native_args`` decide) or the live settings are no longer a
+        pair."""
+        pw, dw = self.pw, self.dw
+        if type(x) is Tensor and x.dtype is torch.float32 and not hooked(self.hooks) \
+                and not pw._snapshot.changed() and not dw._snapshot.changed():
+            a = pw._compiled_native_args(x)
+            b = None if a is None else dw._compiled_native_args(x, check=False)
+            if b is not None and tuple(a[0].shape[2:]) == (1, 1) and a[2:6] == ([1, 1], [0, 0], [1, 1], 1) \
+                    and a[0].shape[1] == x.shape[1] and b[0].shape[0] == b[5] == a[0].shape[0] and b[0].shape[1] == 1:
+                (w1, st1, *_, act1, p1), (w2, st2, stride, padding, dilation, _, act2, p2) = a, b
+                return PAIR_NATIVE_OP(x, w1, *st1[:6], st1[6], act1, p1, w2, *st2[:6], st2[6], stride, padding,
+                                      dilation, act2, p2)
+        return dw(pw(x))
 
 
 def pair_steps(steps: list) -> list:

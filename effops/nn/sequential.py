@@ -6,7 +6,6 @@ import warnings
 from collections import OrderedDict
 from typing import List, Tuple
 
-import torch
 from torch import nn
 
 from .conv_bn_act import pair_steps
@@ -62,9 +61,7 @@ class FusedSequential(nn.Sequential):
                 warnings.warn("effops.FusedSequential: a child was replaced after optimize(); running the children "
                               "unfused (call effops.optimize again to fuse them)", stacklevel=2)
             return nn.Sequential.forward(self, x)
-        # Under torch.compile the plan's own steps: a pair calls them anyway there, and tracing through
-        # it would add its checks to the graph's guards.
-        for step in self._plan if torch.compiler.is_compiling() else self._steps:
+        for step in self._steps:
             x = step(x)
         return x
 

@@ -137,8 +137,7 @@ class FusedTailStep(nn.Module):
         self._prefix_steps = pair_steps(list(prefix))
 
     def forward(self, x: Tensor, r: Optional[Tensor] = None) -> Tensor:
-        # Under torch.compile the prefix itself (see FusedSequential.forward).
-        for m in self.prefix if torch.compiler.is_compiling() else self._prefix_steps:
+        for m in self._prefix_steps:
             x = m(x)
         return self.step(x, r)
 

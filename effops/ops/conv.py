@@ -1244,6 +1244,35 @@ def _(x, gate, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, stride1, padding1, d
 GHOST_NATIVE_OP = torch.ops.effops.ghost_native.default
 
 
+@torch.library.custom_op("effops::pointwise_depthwise_native", mutates_args=())
+def _pointwise_depthwise_native_op(
+    x: Tensor,
+    w1: Tensor, cb1: Optional[Tensor], bw1: Optional[Tensor], bb1: Optional[Tensor], rm1: Optional[Tensor],
+    rv1: Optional[Tensor], eps1: float, counter1: Optional[Tensor], act1: str, act_param1: float,
+    w2: Tensor, cb2: Optional[Tensor], bw2: Optional[Tensor], bb2: Optional[Tensor], rm2: Optional[Tensor],
+    rv2: Optional[Tensor], eps2: float, counter2: Optional[Tensor], stride2: List[int], padding2: List[int],
+    dilation2: List[int], act2: str, act_param2: float,
+) -> Tensor:
+    """An expand 1×1 conv + BN + act and a depthwise conv + BN + act on the native backend, for
+    torch.compile on CPU (inference only): ``pointwise_depthwise_bn_act``, whose expanded tensor is
+    computed a band of rows at a time and never written out. BNs as their own tensors, as in
+    ``conv_bn_act_native``."""
+    y = _native.module().pointwise_depthwise_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, act1, act_param1,
+                                                    w2, cb2, bw2, bb2, rm2, rv2, eps2, counter2, stride2, padding2,
+                                                    dilation2, act2, act_param2)
+    out = _native_nhwc_output(x, w2.shape[0], stride2, padding2, dilation2, w2.shape[2:])
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+@_pointwise_depthwise_native_op.register_fake
+def _(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, act1, act_param1, w2, cb2, bw2, bb2, rm2, rv2, eps2, counter2,
+      stride2, padding2, dilation2, act2, act_param2):
+    return _native_nhwc_output(x, w2.shape[0], stride2, padding2, dilation2, w2.shape[2:])
+
+
+PAIR_NATIVE_OP = torch.ops.effops.pointwise_depthwise_native.default
+
+
 # ----------------------------------------------------------------------------
 # 3. Public entry point with input checks
 # ----------------------------------------------------------------------------

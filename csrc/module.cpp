@@ -72,6 +72,22 @@ at::Tensor ghost_native_cpu(const at::Tensor& x, const en::OptTensor& gate, cons
   return buf;
 }
 
+// effops::pointwise_depthwise_native's CPU kernel (effops/ops/conv.py): an expand 1x1 conv and a
+// depthwise conv as one banded pair (pointwise_depthwise_bn_act), with the fake's NHWC strides.
+at::Tensor pointwise_depthwise_native_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const en::OptTensor& cb1, const en::OptTensor& bw1,
+    const en::OptTensor& bb1, const en::OptTensor& rm1, const en::OptTensor& rv1, double eps1,
+    const en::OptTensor& counter1, c10::string_view act1, double act_param1, const at::Tensor& w2,
+    const en::OptTensor& cb2, const en::OptTensor& bw2, const en::OptTensor& bb2, const en::OptTensor& rm2,
+    const en::OptTensor& rv2, double eps2, const en::OptTensor& counter2, c10::IntArrayRef stride2,
+    c10::IntArrayRef padding2, c10::IntArrayRef dilation2, c10::string_view act2, double act_param2) {
+  at::Tensor y = en::pointwise_depthwise_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, std::string(act1),
+                                                act_param1, w2, cb2, bw2, bb2, rm2, rv2, eps2, counter2, stride2.vec(),
+                                                padding2.vec(), dilation2.vec(), std::string(act2), act_param2);
+  if (y.strides() == c10::IntArrayRef(c10::get_channels_last_strides_2d(y.sizes()))) return y;  // as conv_bn_act_native
+  return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
+}
+
 // effops::se_gate_native / se_apply_native (effops/ops/se.py): the SE ops of compiled CPU inference.
 at::Tensor se_gate_native_cpu(const at::Tensor& x, const en::OptTensor& rw, const en::OptTensor& rb,
                               const at::Tensor& ew, const en::OptTensor& eb, c10::string_view act, double act_param,
@@ -96,6 +112,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
   m.impl("se_apply_native", &se_apply_native_cpu);
   m.impl("conv_bn_act_native", &conv_bn_act_native_cpu);
   m.impl("ghost_native", &ghost_native_cpu);
+  m.impl("pointwise_depthwise_native", &pointwise_depthwise_native_cpu);
 }
 
 // These ops are inference-only. This C++ autograd kernel replaces the Python one that
@@ -104,6 +121,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
 TORCH_LIBRARY_IMPL(effops, Autograd, m) {
   m.impl("conv_bn_act_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("ghost_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("pointwise_depthwise_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_gate_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_apply_native", torch::autograd::autogradNotImplementedFallback());
 }

@@ -248,6 +248,24 @@ inline void dw_row(const DwCall& d, const char* xn, int64_t row0, int64_t n, int
   }
 }
 
+// The fields both entry points fill alike: shape, kernel, output, no residual. x's strides, the taps,
+// the bias and a residual are the caller's.
+void set_conv(DwCall& d, int64_t C, int64_t H, int64_t W, at::Tensor& out, int64_t kh, int64_t kw,
+              const IntVec& stride, const IntVec& padding, const IntVec& dilation, double act_param) {
+  Geometry& g = d.g;
+  g.C = C, g.H = H, g.W = W, g.OH = out.size(2), g.OW = out.size(3);
+  g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  Epilogue& e = d.e;
+  e.res = nullptr;
+  e.res_bf16 = false;
+  e.res_after_act = true;
+  e.res_sn = e.res_sh = e.res_sw = 0;
+  e.out = out.data_ptr();
+  e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
+  e.act_param = static_cast<float>(act_param);
+}
+
 }  // namespace
 
 void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor& bias, const OptTensor& residual,
@@ -300,25 +318,19 @@ void depthwise_nhwc(const at::Tensor& x, const at::Tensor& taps, const OptTensor
   at::assert_no_overlap(out, x);
 
   DwCall d;
+  set_conv(d, C, H, W, out, kh, kw, stride, padding, dilation, act_param);
   Geometry& g = d.g;
-  g.C = C, g.H = H, g.W = W, g.OH = OH, g.OW = OW;
-  g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
-  g.dh = dilation[0], g.dw = dilation[1];
   g.x_sn = x.stride(0), g.x_sh = x.stride(2), g.x_sw = x.stride(3);
   g.taps = taps.data_ptr<float>();
   g.tap_stride = taps.stride(0);
   g.bias = bias_t.data_ptr<float>();
-
-  Epilogue& e = d.e;
-  e.res = res_t.defined() ? res_t.data_ptr() : nullptr;
-  e.res_bf16 = res_t.defined() && res_t.scalar_type() == at::kBFloat16;
-  e.res_after_act = residual_after_act;
-  e.res_sn = res_t.defined() ? res_t.stride(0) : 0;
-  e.res_sh = res_t.defined() ? res_t.stride(2) : 0;
-  e.res_sw = res_t.defined() ? res_t.stride(3) : 0;
-  e.out = out.data_ptr();
-  e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
-  e.act_param = static_cast<float>(act_param);
+  if (res_t.defined()) {
+    Epilogue& e = d.e;
+    e.res = res_t.data_ptr();
+    e.res_bf16 = res_t.scalar_type() == at::kBFloat16;
+    e.res_after_act = residual_after_act;
+    e.res_sn = res_t.stride(0), e.res_sh = res_t.stride(2), e.res_sw = res_t.stride(3);
+  }
   prepare(d, st == at::kBFloat16, out.scalar_type() == at::kBFloat16, act);
 
   const char* xbase = static_cast<const char*>(x.data_ptr());
@@ -343,22 +355,12 @@ void depthwise_rows_f32(const float* xb, int64_t row0, int64_t H, int64_t W, int
                         int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding, const IntVec& dilation,
                         Act act, double act_param) {
   DwCall d;
+  set_conv(d, C, H, W, out, kh, kw, stride, padding, dilation, act_param);
   Geometry& g = d.g;
-  g.C = C, g.H = H, g.W = W, g.OH = out.size(2), g.OW = out.size(3);
-  g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
-  g.dh = dilation[0], g.dw = dilation[1];
   g.x_sn = 0, g.x_sh = x_sh, g.x_sw = C;
   g.taps = taps;
   g.tap_stride = C;
   g.bias = bias;
-  Epilogue& e = d.e;
-  e.res = nullptr;
-  e.res_bf16 = false;
-  e.res_after_act = true;
-  e.res_sn = e.res_sh = e.res_sw = 0;
-  e.out = out.data_ptr();
-  e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
-  e.act_param = static_cast<float>(act_param);
   prepare(d, false, out.scalar_type() == at::kBFloat16, act);
   alignas(64) float acc[kTile * kChunk];
   for (int64_t oh = oh0; oh < oh1; ++oh)

@@ -96,6 +96,14 @@ def test_conv_dilation_and_empty_batch():
         assert conv_bn_act(e, w, scale, bias, padding=1, act="relu").shape == (0, 8, 9, 9)
 
 
+def _policy(name):
+    """The setter of the native ``<name>`` policy, for a fixture; the policy is restored afterwards."""
+    mod = native.module()
+    before = getattr(mod, f"{name}_policy")()
+    yield getattr(mod, f"set_{name}_policy")
+    getattr(mod, f"set_{name}_policy")(before)
+
+
 # Expanding 1x1 convs, which run effops' register-blocked GEMM (csrc/conv.cpp, small_gemm_rows):
 # whole 64-column blocks, then tails of 1, 2 (AVX2: the last) and 3 partial vectors (72, 100,
 # 120 = 64 + 8 / 36 / 56), one-pixel maps, row counts that leave a partial row tile.
@@ -128,11 +136,8 @@ def test_pointwise_gemm_kernel_matches_float64(shape, act, pointwise_policy):
 
 @pytest.fixture
 def pointwise_policy():
-    """Sets the native 1x1 policy for the test (0 oneDNN, 1 GEMM, 2 measured); restores it."""
-    mod = native.module()
-    before = mod.pointwise_policy()
-    yield mod.set_pointwise_policy
-    mod.set_pointwise_policy(before)
+    """Sets the native 1x1 policy for the test (0 oneDNN, 1 GEMM, 2 measured)."""
+    yield from _policy("pointwise")
 
 
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16 (oneDNN: no AVX512-BF16/AMX)")
@@ -161,11 +166,8 @@ def test_bad_input_gets_the_same_error_on_every_backend():
 
 @pytest.fixture
 def winograd_policy():
-    """Sets the native 3x3 policy for the test (0 oneDNN, 1 Winograd, 2 measured); restores it."""
-    mod = native.module()
-    before = mod.winograd_policy()
-    yield mod.set_winograd_policy
-    mod.set_winograd_policy(before)
+    """Sets the native 3x3 policy for the test (0 oneDNN, 1 Winograd, 2 measured)."""
+    yield from _policy("winograd")
 
 
 def _runs(impl, fn):
@@ -309,11 +311,8 @@ def test_winograd_whole_model(name, winograd_policy):
 @pytest.fixture
 def pair_policy():
     """Sets the native pair policy for the test (0 the two convs, 1 banded, 2 banded up to 128 input
-    channels); restores it."""
-    mod = native.module()
-    before = mod.pair_policy()
-    yield mod.set_pair_policy
-    mod.set_pair_policy(before)
+    channels)."""
+    yield from _policy("pair")
 
 
 def _pair(cin, ce, k, stride, dilation=1):

@@ -397,23 +397,38 @@ struct GemmEpilogue {
   Vec param;             // the activation's parameter
 };
 
+// One input of a GEMM whose A is split by columns into segments (an OSA block's concat ->
+// 1x1 conv, without the concat): its rows lie lda apart and hold K values; b points at its
+// first row of B (B's rows are ldb apart).
+struct GemmSeg {
+  const float* a;
+  int64_t lda;
+  int64_t K;
+  const float* b;
+};
+
 template <int R, int NV, Act A, bool Full>
-inline __attribute__((always_inline)) void small_gemm_tile(const float* __restrict__ a, int64_t lda, int64_t K,
-                                                           const float* __restrict__ b, int64_t N, float* __restrict__ c,
-                                                           int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep,
-                                                           int64_t p0, int64_t n0) {
+inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
+                                                           float* __restrict__ c, int64_t ldc, const int64_t* cnt,
+                                                           const GemmEpilogue& ep, int64_t n0) {
   auto ld = [&](const float* p, int j) { return Full ? Vec::loadu(p) : load_f(p, cnt[j]); };
   Vec acc[R][NV];
   for (int j = 0; j < NV; ++j) {
     const Vec bj = ld(ep.bias + n0 + j * kVecSize, j);
     for (int r = 0; r < R; ++r) acc[r][j] = bj;
   }
-  for (int64_t k = 0; k < K; ++k) {
-    Vec bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = ld(b + k * N + j * kVecSize, j);
-    for (int r = 0; r < R; ++r) {
-      const Vec av(a[r * lda + k]);
-      for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(av, bv[j], acc[r][j]);
+  // Every segment accumulates into the same registers: C is stored once, whatever the segments.
+  for (int s = 0; s < nseg; ++s) {
+    const float* __restrict__ a = segs[s].a + p0 * segs[s].lda;
+    const float* __restrict__ b = segs[s].b + n0;
+    const int64_t lda = segs[s].lda, K = segs[s].K;
+    for (int64_t k = 0; k < K; ++k) {
+      Vec bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = ld(b + k * ldb + j * kVecSize, j);
+      for (int r = 0; r < R; ++r) {
+        const Vec av(a[r * lda + k]);
+        for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(av, bv[j], acc[r][j]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -432,38 +447,50 @@ inline __attribute__((always_inline)) void small_gemm_tile(const float* __restri
     }
 }
 
-// Rows per tile and vectors per tile: R * NV accumulators plus NV B vectors and one broadcast in
-// the 32 (AVX-512) or 16 (AVX2) vector registers.
-constexpr int kGemmRows = kVecSize >= 16 ? 6 : 4;
+// Vectors per tile and rows per tile: R * NV accumulators plus NV B vectors and one broadcast in
+// the 32 (AVX-512) or 16 (AVX2) vector registers. Narrow tiles (a block of tail columns) take more
+// rows, so that each B load still feeds as many multiply-adds.
 constexpr int kGemmVecs = kVecSize >= 16 ? 4 : 2;
+constexpr int kGemmAcc = kVecSize >= 16 ? 24 : 8;             // accumulators per tile
+constexpr int kGemmRows = kGemmAcc / kGemmVecs;               // rows of a full-width tile
+constexpr int64_t kGemmUnit = kVecSize >= 16 ? 24 : 8;        // row chunks are multiples of every tile height
 constexpr int64_t kGemmBlock = int64_t(kGemmVecs) * kVecSize;  // columns per block
 
 // Rows [p0, p1) and the columns [n0, n0 + NV vectors) of C (cnt: each vector's valid lanes).
 template <int NV, Act A, bool Full>
-void small_gemm_cols(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N,
-                     float* c, int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t ldb, float* c, int64_t ldc,
+                     const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+  constexpr int R = kGemmAcc / NV;
   int64_t p = p0;
-  for (; p + kGemmRows <= p1; p += kGemmRows)
-    small_gemm_tile<kGemmRows, NV, A, Full>(a + p * lda, lda, K, b + n0, N, c + p * ldc + n0, ldc, cnt, ep, p, n0);
+  for (; p + R <= p1; p += R)
+    small_gemm_tile<R, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
+  if constexpr (R > kGemmRows) {
+    for (; p + kGemmRows <= p1; p += kGemmRows)
+      small_gemm_tile<kGemmRows, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
+  }
   for (; p < p1; ++p)
-    small_gemm_tile<1, NV, A, Full>(a + p * lda, lda, K, b + n0, N, c + p * ldc + n0, ldc, cnt, ep, p, n0);
+    small_gemm_tile<1, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
 }
 
-// Rows [p0, p1) of C, column block `blk` (kGemmBlock columns; the last one as many vectors as
-// the remaining columns need, the last of them partial).
+// Rows [p0, p1) of C (N columns), column block `blk` (kGemmBlock columns; the last one as many
+// vectors as the remaining columns need, the last of them partial).
 template <Act A>
-void small_gemm_block(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N,
-                      float* c, int64_t ldc, const GemmEpilogue& ep, int64_t blk) {
+void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t N, float* c, int64_t ldc,
+                      const GemmEpilogue& ep, int64_t blk) {
   const int64_t n0 = blk * kGemmBlock, rem = N - n0;
   int64_t cnt[kGemmVecs];
   for (int j = 0; j < kGemmVecs; ++j) cnt[j] = std::max<int64_t>(0, std::min<int64_t>(kVecSize, rem - j * kVecSize));
   if (rem >= kGemmBlock) {
-    small_gemm_cols<kGemmVecs, A, true>(a, lda, p0, p1, K, b, N, c, ldc, cnt, ep, n0);
+    small_gemm_cols<kGemmVecs, A, true>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
     return;
   }
   const int64_t nv = (rem + kVecSize - 1) / kVecSize;
+  const bool whole = rem % kVecSize == 0;  // no partial vector: plain loads and stores
   auto cols = [&](auto nv_tag) {
-    small_gemm_cols<decltype(nv_tag)::value, A, false>(a, lda, p0, p1, K, b, N, c, ldc, cnt, ep, n0);
+    if (whole)
+      small_gemm_cols<decltype(nv_tag)::value, A, true>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
+    else
+      small_gemm_cols<decltype(nv_tag)::value, A, false>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
   };
   if (nv == 1) cols(std::integral_constant<int, 1>{});
   else if (nv == 2 || kGemmVecs == 2) cols(std::integral_constant<int, kGemmVecs >= 2 ? 2 : 1>{});
@@ -471,44 +498,70 @@ void small_gemm_block(const float* a, int64_t lda, int64_t p0, int64_t p1, int64
   else cols(std::integral_constant<int, kGemmVecs>{});
 }
 
-// All of C's rows [p0, p1), single-threaded.
+// C[p0:p1, :] = act(A[p0:p1, :] @ B + bias ...) with one A and a dense B [K, N], single-threaded.
 void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N, float* c,
                 int64_t ldc, const GemmEpilogue& ep, Act act) {
+  const GemmSeg seg{a, lda, K, b};
   dispatch_act(act, [&](auto tag) {
     for (int64_t blk = 0; blk * kGemmBlock < N; ++blk)
-      small_gemm_block<decltype(tag)::value>(a, lda, p0, p1, K, b, N, c, ldc, ep, blk);
+      small_gemm_block<decltype(tag)::value>(&seg, 1, p0, p1, N, c, ldc, ep, blk);
   });
 }
 
-// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: expanding 1x1 convs (few input
-// channels, several times as many outputs). Its tiles broadcast one input value per row and k, so
-// with many input channels and few outputs they load more than they multiply, and MKL's packed
-// panels win (measured at MobileNetV2 / EfficientNet / ResNet shapes, 2 threads: 24->144 at 56^2
-// 184 vs 222 us, 64->384 at 14^2 64 vs 73; 144->24 at 56^2 417 vs 182, 160->960 at 7^2 145 vs 128).
-bool small_gemm_wins(int64_t K, int64_t N) { return K <= 128 && N >= 2 * K && N >= 64; }
+// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: at least one full block of output
+// columns. Below that its tiles broadcast one input value per row and k for few multiply-adds, and
+// MKL's packed panels win (2 threads: 144->24 at 56^2 338 vs 179 us). Measured at OSA, ResNet and
+// MobileNet shapes (µs, own / MKL / oneDNN): 128->128 at 56^2 483 / 543 / 485; 160->160 at 28^2
+// 201 / 218 / 208; 64->64 at 112^2 497 / 607 / 488; 1024->256 at 14^2 461 / 534 / 475; an OSA
+// aggregation 736 -> 512 at 28^2 over four segments 2757 / 3353 (MKL per segment) / 2907 (concat +
+// oneDNN). The per-problem measurement against oneDNN still decides each conv.
+bool small_gemm_wins(int64_t N) { return N >= kGemmBlock; }
 
-// y = act(x @ W + bias [+ r]) [+ r] over NHWC rows, threaded over (row chunk, column block) tasks:
-// a 1x1 conv as one pass over its output.
-void small_gemm_rows(const at::Tensor& x_rows, const Packed& e, at::Tensor& y_rows, const at::Tensor& r,
+// y = act(sum_i x_i @ W[k_i : k_i + C_i] + bias [+ r]) [+ r] over NHWC rows (one x: a 1x1 conv;
+// several: the concat -> 1x1 conv of an OSA block, without the concat), threaded over (row chunk,
+// column block) tasks: one pass over the output.
+void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at::Tensor& y_rows, const at::Tensor& r,
                      bool residual_after_act, Act act, double act_param) {
-  const int64_t P = y_rows.size(0), N = y_rows.size(1), K = x_rows.size(1);
+  const int64_t P = y_rows.size(0), N = y_rows.size(1);
   const GemmEpilogue ep{e.bias.data_ptr<float>(), r.defined() ? r.data_ptr<float>() : nullptr,
                         r.defined() ? r.stride(0) : 0, residual_after_act, Vec(static_cast<float>(act_param))};
-  const float* a = x_rows.data_ptr<float>();
+  std::vector<GemmSeg> segs;
   const float* b = e.weight.data_ptr<float>();
+  int64_t K = 0;
+  for (const auto& xr : x_rows) {
+    segs.push_back({xr.data_ptr<float>(), xr.stride(0), xr.size(1), b + K * N});
+    K += xr.size(1);
+  }
   float* c = y_rows.data_ptr<float>();
-  const int64_t lda = x_rows.stride(0), ldc = y_rows.stride(0);
+  const int64_t ldc = y_rows.stride(0);
   const int64_t blocks = (N + kGemmBlock - 1) / kGemmBlock;
-  // Row chunks of 8 tiles, unless that leaves fewer tasks than threads to share.
-  int64_t chunk = 8 * kGemmRows;
+  // Row chunks of up to 48 rows whose A rows stay in L2 while the thread walks the column blocks,
+  // as even as the rows allow, and enough (chunk, block) tasks for the threads to share.
   const int64_t threads = at::get_num_threads();
-  while (chunk > kGemmRows && ((P + chunk - 1) / chunk) * blocks < 2 * threads) chunk -= kGemmRows;
+  const int64_t cap = std::min<int64_t>(48, std::max<int64_t>(1, (int64_t(192) << 10) / (K * 4)));  // rows
+  const int64_t tiles = (P + kGemmRows - 1) / kGemmRows;
+  int64_t nchunk = (P + cap - 1) / cap;
+  while (nchunk * blocks < 2 * threads && nchunk < tiles) ++nchunk;
+  // even chunks, in whole full-width tiles (multiples of every tile height where that costs nothing)
+  int64_t chunk = ((tiles + nchunk - 1) / nchunk) * kGemmRows;
+  if (chunk % kGemmUnit != 0 && (chunk / kGemmUnit + 1) * kGemmUnit <= cap &&
+      (P + (chunk / kGemmUnit + 1) * kGemmUnit - 1) / ((chunk / kGemmUnit + 1) * kGemmUnit) == nchunk)
+    chunk = (chunk / kGemmUnit + 1) * kGemmUnit;
   const int64_t chunks = (P + chunk - 1) / chunk;
+  // Tasks walk groups of column blocks whose part of B stays in L2 (about 384 KB), and within a
+  // group, row chunk by row chunk, the group's blocks: B is read from memory once per group and
+  // each A chunk once per group. A thread's tasks are contiguous: with few rows (7x7 maps, wide
+  // weights), each thread streams its own groups of B.
+  const int64_t fit = std::max<int64_t>(1, (int64_t(384) << 10) / (K * kGemmBlock * 4));
+  const int64_t groups = (blocks + fit - 1) / fit, group = (blocks + groups - 1) / groups;  // groups of even size
+  const int nseg = static_cast<int>(segs.size());
   dispatch_act(act, [&](auto tag) {
-    at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, groups * chunks * group, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p0 = (t / blocks) * chunk;
-        small_gemm_block<decltype(tag)::value>(a, lda, p0, std::min(P, p0 + chunk), K, b, N, c, ldc, ep, t % blocks);
+        const int64_t blk = (t / (chunks * group)) * group + t % group, ci = (t / group) % chunks;
+        if (blk >= blocks) continue;  // the last group's missing blocks
+        const int64_t p0 = ci * chunk;
+        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, std::min(P, p0 + chunk), N, c, ldc, ep, blk);
       }
     });
   });
@@ -636,10 +689,11 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
   };
   switch (e.impl) {
     case Impl::Gemm: {
+      EFFOPS_PROFILE_RANGE("effops::gemm_1x1");
       at::Tensor dst = direct.defined() && rows_stride(direct) >= 0 ? direct : fresh();
       at::Tensor y_rows = as_rows(dst);
-      if (small_gemm_wins(x.size(1), weight.size(0)))
-        small_gemm_rows(as_rows(x), e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
+      if (small_gemm_wins(weight.size(0)))
+        small_gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
       else
         gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
       return dst;
@@ -654,6 +708,7 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
       const bool convert = has_res && e.impl == Impl::Winograd && residual->scalar_type() != at::kFloat;
       if (has_res && (residual->stride(1) != 1 || convert))
         res = (convert ? residual->to(at::kFloat) : *residual).contiguous(at::MemoryFormat::ChannelsLast);
+      EFFOPS_PROFILE_RANGE(e.impl == Impl::Depthwise ? "effops::depthwise" : "effops::winograd");
       if (e.impl == Impl::Depthwise)
         depthwise_nhwc(x, e.weight, e.bias, res, residual_after_act, dst, weight.size(2), weight.size(3), p.stride,
                        p.padding, p.dilation, act, act_param);
@@ -803,7 +858,13 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   std::shared_ptr<Packed> e = packed_for(s0, weight, srcs, fold, p, Impl::Gemm);
   at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
   const at::Tensor r_rows = residual_rows(residual);
-  auto run_segments = [&] { gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param); };
+  auto run_segments = [&] {
+    EFFOPS_PROFILE_RANGE("effops::aggregate_gemm");
+    if (small_gemm_wins(Cout))
+      small_gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);
+    else
+      gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);
+  };
   // The concat-free GEMMs, or one NHWC concat + the 1x1 conv (oneDNN or GEMM, as measured for
   // it): whichever is measured faster for this problem. The concat costs a copy of the inputs;
   // oneDNN's 1x1 kernels can gain more than that on large problems.
@@ -871,6 +932,7 @@ int g_pair_policy = 2;
 // thread's previous band (the kernel's overlap) are moved, not recomputed.
 void run_pair(const at::Tensor& x, const Packed& pw, Act act1, double param1, const Packed& dw, int64_t kh,
               int64_t kw, at::Tensor& out, Act act2, double param2) {
+  EFFOPS_PROFILE_RANGE("effops::pointwise_depthwise");
   const auto& q = dw.params;
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ce = pw.weight.size(1);
   const int64_t OH = out.size(2);
@@ -952,7 +1014,7 @@ at::Tensor pair_common(const at::Tensor& x, const at::Tensor& w1, const std::vec
   // the L3 cache and the two ways come out within about 10% of each other either way
   // (benchmarks/test_native_kernels.py -k pair), while in whole models the banded pairs win
   // (native_choices.py: MobileNetV2, EfficientNet-B0). With more than 128 input channels the
-  // register-blocked GEMM loses to MKL's (small_gemm_wins), and so does the banded pair.
+  // banded pair measured slower than the two convs one after the other.
   const bool use_bands = g_pair_policy == 1 || (g_pair_policy == 2 && x.size(1) <= 128);
   if (!use_bands) return separate();
   run_pair(xr, *e1, act1, param1, *e2, w2.size(2), w2.size(3), out, act2, param2);

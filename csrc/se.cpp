@@ -155,6 +155,7 @@ at::Tensor as_f32_vector(const OptTensor& b, int64_t n, const char* name) {
 at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                    const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
                    Act gate, double gate_param) {
+  EFFOPS_PROFILE_RANGE("effops::se_gate");
   TORCH_CHECK(x.dim() == 4, "se_gate: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "se_gate: CPU tensors only");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "se_gate: x must be floating point, got ", x.scalar_type());
@@ -261,6 +262,7 @@ bool channel_unit(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) ==
 
 at::Tensor se_apply(const at::Tensor& x, const at::Tensor& gate, const OptTensor& residual, const OptTensor& out,
                     Act act, double act_param) {
+  EFFOPS_PROFILE_RANGE("effops::se_apply");
   TORCH_CHECK(x.dim() == 4, "se_apply: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "se_apply: CPU tensors only");
   const auto st = x.scalar_type();

@@ -92,6 +92,7 @@ void shuffle_strided(const at::Tensor& x, at::Tensor& out, int64_t groups) {
 }  // namespace
 
 at::Tensor channel_shuffle(const at::Tensor& x, int64_t groups, const OptTensor& out) {
+  EFFOPS_PROFILE_RANGE("effops::channel_shuffle");
   TORCH_CHECK(x.dim() == 4, "channel_shuffle: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "channel_shuffle: CPU tensors only");
   const int64_t C = x.size(1);

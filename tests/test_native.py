@@ -104,10 +104,15 @@ def _policy(name):
     getattr(mod, f"set_{name}_policy")(before)
 
 
-# Expanding 1x1 convs, which run effops' register-blocked GEMM (csrc/conv.cpp, small_gemm_rows):
-# whole 64-column blocks, then tails of 1, 2 (AVX2: the last) and 3 partial vectors (72, 100,
-# 120 = 64 + 8 / 36 / 56), one-pixel maps, row counts that leave a partial row tile.
-GEMM_SHAPES = [(8, 64, 5, 7, 2), (16, 72, 3, 3, 1), (20, 100, 9, 9, 1), (12, 120, 1, 1, 3), (48, 192, 6, 6, 1)]
+# 1x1 convs with at least 64 outputs, which run effops' register-blocked GEMM (csrc/conv.cpp,
+# small_gemm_rows): whole 64-column blocks, then tails of 1, 2 (AVX2: the last) and 3 partial
+# vectors (72, 100, 120 = 64 + 8 / 36 / 56) and of 1, 2, 3 whole vectors (80, 96, 112: taller
+# tiles); one-pixel maps; row counts that leave partial row tiles and uneven row chunks;
+# contracting convs, and weights too large for one group of column blocks (700 -> 160: two
+# groups of two blocks, the second one short; 1600 -> 256: four groups).
+GEMM_SHAPES = [(8, 64, 5, 7, 2), (16, 72, 3, 3, 1), (20, 100, 9, 9, 1), (12, 120, 1, 1, 3), (48, 192, 6, 6, 1),
+               (200, 80, 7, 7, 1), (96, 96, 11, 13, 1), (130, 112, 5, 5, 2), (700, 160, 7, 7, 1),
+               (1600, 256, 7, 7, 1)]
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -132,6 +137,47 @@ def test_pointwise_gemm_kernel_matches_float64(shape, act, pointwise_policy):
                                                   residual_after_act=bool(res_after)))
             assert_matches(out, ref)
             assert torch.isnan(out_buf[:, :3]).all() and torch.isnan(out_buf[:, 3 + cout:]).all()
+
+
+# OSA aggregations (concat -> 1x1 conv) as one register-blocked GEMM over the segments where they
+# lie: (segment channels, C_out, H, W, N). Every segment's rows accumulate into the same tile, so a
+# wrong segment offset into the weight, or a segment skipped, is an O(1) error.
+AGG_SHAPES = [((64, 128, 128, 128), 256, 9, 9, 1), ((5, 17, 3), 70, 4, 6, 2), ((256, 160, 160, 160), 512, 7, 7, 1),
+              ((33, 20), 96, 1, 1, 3)]
+
+
+@pytest.mark.parametrize("shape", AGG_SHAPES, ids=lambda s: f"{'+'.join(map(str, s[0]))}to{s[1]}")
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_aggregation_gemm_matches_float64(shape, act, pointwise_policy):
+    chans, cout, h, w_, n = shape
+    pointwise_policy(1)  # the concat-free GEMM, not the measured choice
+    k = sum(chans)
+    w = torch.randn(cout, k, 1, 1) / k ** 0.5
+    bn_w, bn_b, rm, rv = torch.rand(cout) + 0.5, torch.randn(cout), torch.randn(cout), torch.rand(cout) + 0.5
+    scale = bn_w / torch.sqrt(rv + 1e-5)
+    bias = bn_b - rm * scale
+    dense = [torch.randn(n, c, h, w_).contiguous(memory_format=torch.channels_last) for c in chans]
+    buf = torch.randn(n, k + 2 * len(chans), h, w_).contiguous(memory_format=torch.channels_last)
+    views, off = [], 1
+    for c, d in zip(chans, dense):  # the segments as channel views of one buffer, with gaps
+        buf[:, off:off + c] = d
+        views.append(buf[:, off:off + c])
+        off += c + 2
+    out_buf = torch.full((n, cout + 5, h, w_), float("nan")).contiguous(memory_format=torch.channels_last)
+    mod = native.module()
+    cat = torch.cat(dense, 1)
+    for segs in (dense, views):
+        for res_after in (None, True, False):
+            r = None if res_after is None else torch.randn(n, cout, h, w_).contiguous(memory_format=torch.channels_last)
+            ref = _ref(cat, w, scale, bias, r, 1, [0, 0], 1, 1, act, 0.0, bool(res_after))
+            y = _runs("gemm", lambda: mod.conv_bn_act_segments(segs, w, None, bn_w, bn_b, rm, rv, 1e-5, r, None, act,
+                                                               0.0, bool(res_after)))
+            assert_matches(y, ref)
+            out = out_buf[:, 2:2 + cout]
+            _runs("gemm", lambda: mod.conv_bn_act_segments(segs, w, None, bn_w, bn_b, rm, rv, 1e-5, r, out, act, 0.0,
+                                                           bool(res_after)))
+            assert_matches(out, ref)
+            assert torch.isnan(out_buf[:, :2]).all() and torch.isnan(out_buf[:, 2 + cout:]).all()
 
 
 @pytest.fixture

@@ -20,9 +20,16 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   F(4x4, 3x3). The weights stay in the cache between calls here; in a model they do not, which
   costs Winograd's 4x larger transformed weight more (the measured per-problem choice in
   csrc/conv.cpp evicts the caches for that reason). GFLOP/s count a direct conv's 2*9*C*K*H*W.
-* **pointwise** (``conv_scale_bias_act`` with ``set_pointwise_policy(1)``): expanding 1x1 conv +
-  BN + activation blocks of MobileNetV2 and EfficientNet-B0, which run effops' register-blocked
-  GEMM, and one projection, which runs MKL's; ``eager`` and ``onednn`` as for winograd.
+* **pointwise** (``conv_scale_bias_act`` with ``set_pointwise_policy(1)``): 1x1 conv + BN +
+  activation blocks with at least 64 outputs, which run effops' register-blocked GEMM (the expand
+  convs of MobileNetV2 and EfficientNet-B0, VoVNet's stage convs, a ResNet-50 reduction), and one
+  projection with 24 outputs, which runs MKL's; ``eager`` and ``onednn`` as for winograd.
+* **aggregate** (``conv_scale_bias_act_segments`` with ``set_pointwise_policy(1)``): the concat ->
+  1x1 conv + BN + ReLU of an OSA block (``ese_vovnet19b_dw``'s four stages, VoVNet-39's first) as
+  one GEMM over the block input and the stage outputs where they lie. ``eager``: ``torch.cat`` +
+  the modules, channels_last; ``onednn_concat``: ``torch.cat`` + oneDNN's prepacked 1x1 conv (what
+  the native backend runs when it measures that faster); ``onednn_preconcat``: oneDNN's conv alone
+  on an input concatenated beforehand, the floor for any concat-based way.
 * **pair** (``pointwise_depthwise_bn_act``): the expand 1x1 conv + BN + act → depthwise conv + BN +
   act of MobileNetV2 / V3 and EfficientNet-B0 inverted residual blocks. ``eager``: the six modules
   in eval mode, channels_last; ``effops_separate``: the two native convs one after the other
@@ -258,11 +265,11 @@ def test_winograd(case, m, results):
             case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}" + (f" g{g}" if g > 1 else ""), **errs)
 
 
-# ---- expanding 1x1 conv + BN + act: effops' register-blocked GEMM --------------------------------
+# ---- 1x1 conv + BN + act: effops' register-blocked GEMM ------------------------------------------
 
 POINTWISE = [
     # name, C_in, C_out, H=W, activation (MobileNetV2 / EfficientNet-B0 expand convs; one projection,
-    # which runs MKL's GEMM: few outputs for many inputs)
+    # which runs MKL's GEMM: fewer than 64 outputs; VoVNet's and ResNet-50's square and contracting convs)
     ("mnv2_112_c16_c96", 16, 96, 112, "relu6"),
     ("mnv2_56_c24_c144", 24, 144, 56, "relu6"),
     ("mnv2_28_c32_c192", 32, 192, 28, "relu6"),
@@ -270,6 +277,9 @@ POINTWISE = [
     ("mnv2_14_c96_c576", 96, 576, 14, "relu6"),
     ("effb0_28_c40_c240", 40, 240, 28, "silu"),
     ("mnv2_56_c144_c24_proj", 144, 24, 56, "identity"),
+    ("vovnet_56_c128_c128", 128, 128, 56, "relu"),
+    ("vovnet_28_c160_c160", 160, 160, 28, "relu"),
+    ("resnet50_14_c1024_c256", 1024, 256, 14, "relu"),
 ]
 
 
@@ -281,6 +291,56 @@ def test_pointwise(case, m, results):
     timed, errs = _conv_case(m, block, x, 0, 1, act, ("pointwise", 1), "gemm")
     _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + c * k + k), flops=2 * c * k * hw * hw,
             case=f"pointwise_{name}", shape=f"1x{c}x{hw}x{hw} -> {k} {act}", **errs)
+
+
+# ---- OSA aggregation: concat -> 1x1 conv + BN + ReLU without the concat ---------------------------
+
+AGGREGATE = [
+    # name, block input channels, stage channels, layers, C_out, H=W
+    ("ese19dw_56_s128", 64, 128, 3, 256, 56),
+    ("ese19dw_28_s160", 256, 160, 3, 512, 28),
+    ("ese19dw_14_s192", 512, 192, 3, 768, 14),
+    ("ese19dw_7_s224", 768, 224, 3, 1024, 7),
+    ("vovnet39_56_s128", 128, 128, 5, 256, 56),
+]
+
+
+@pytest.mark.parametrize("case", AGGREGATE, ids=lambda c: c[0])
+def test_aggregate(case, m, results):
+    name, cin, sc, layers, k, hw = case
+    kin = cin + layers * sc
+    block = randomize_bn(nn.Sequential(nn.Conv2d(kin, k, 1, bias=False), nn.BatchNorm2d(k), nn.ReLU())).eval()
+    segs = [torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last) for c in [cin] + [sc] * layers]
+    cat = torch.cat(segs, 1)
+    bn = block[1]
+    with torch.no_grad():
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
+        bias = (bn.bias - bn.running_mean * scale).contiguous()
+        w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, list(cat.shape))
+    conv_w = block[0].weight.detach()
+
+    def effops_fn():
+        return m.conv_scale_bias_act_segments(segs, conv_w, scale, bias, None, None, "relu", 0.0, True)
+
+    def onednn(x):
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+
+    before = m.pointwise_policy()
+    m.set_pointwise_policy(1)
+    try:
+        with torch.inference_mode():
+            m.conv_impl_counts(True)
+            out = effops_fn()
+            assert m.conv_impl_counts(True)["gemm"] == 1, "the concat-free GEMM did not run"
+            errs = check_numerics(out, copy.deepcopy(block).double()(cat.double()), block(cat))
+            timed = _time({"eager": lambda: block(torch.cat(segs, 1)),
+                           "onednn_concat": lambda: onednn(torch.cat(segs, 1)),
+                           "onednn_preconcat": lambda: onednn(cat), "effops": effops_fn})
+    finally:
+        m.set_pointwise_policy(before)
+    _record(results, timed, min_bytes=4 * (hw * hw * (kin + k) + kin * k + k), flops=2 * kin * k * hw * hw,
+            case=f"aggregate_{name}", shape=f"1x({cin}+{layers}x{sc})x{hw}x{hw} -> {k} relu", **errs)
 
 
 # ---- expand 1x1 -> depthwise pairs, banded --------------------------------------------------------

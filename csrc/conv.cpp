@@ -510,11 +510,9 @@ void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, 
 
 // Where small_gemm_rows beats MKL's sgemm + the epilogue pass: at least one full block of output
 // columns. Below that its tiles broadcast one input value per row and k for few multiply-adds, and
-// MKL's packed panels win (2 threads: 144->24 at 56^2 338 vs 179 us). Measured at OSA, ResNet and
-// MobileNet shapes (µs, own / MKL / oneDNN): 128->128 at 56^2 483 / 543 / 485; 160->160 at 28^2
-// 201 / 218 / 208; 64->64 at 112^2 497 / 607 / 488; 1024->256 at 14^2 461 / 534 / 475; an OSA
-// aggregation 736 -> 512 at 28^2 over four segments 2757 / 3353 (MKL per segment) / 2907 (concat +
-// oneDNN). The per-problem measurement against oneDNN still decides each conv.
+// MKL's packed panels win. At OSA, ResNet and MobileNet 1x1 shapes and OSA aggregations it runs
+// level with oneDNN (benchmarks/test_native_kernels.py -k "pointwise or aggregate"); the
+// per-problem measurement against oneDNN still decides each conv.
 bool small_gemm_wins(int64_t N) { return N >= kGemmBlock; }
 
 // y = act(sum_i x_i @ W[k_i : k_i + C_i] + bias [+ r]) [+ r] over NHWC rows (one x: a 1x1 conv;

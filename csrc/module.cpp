@@ -202,4 +202,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("x"), py::arg("gate"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"));
   m.def("channel_shuffle", &en::channel_shuffle, py::arg("x"), py::arg("groups"), py::arg("out"));
+  m.def(
+      "interleave_channels", [](const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
+        en::interleave_channels(a, b, out);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"), "out[:, 0::2] = a; out[:, 1::2] = b");
 }

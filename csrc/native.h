@@ -160,6 +160,9 @@ at::Tensor se_apply(const at::Tensor& x, const at::Tensor& gate, const OptTensor
 // x's memory format.
 at::Tensor channel_shuffle(const at::Tensor& x, int64_t groups, const OptTensor& out);
 
+// out[:, 0::2] = a, out[:, 1::2] = b in one pass (shuffle.cpp).
+void interleave_channels(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+
 }  // namespace effops_native
 
 namespace effops_native {

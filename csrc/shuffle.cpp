@@ -15,37 +15,47 @@ struct Elem {
   unsigned char b[ES];
 };
 
-// One pixel's channel vector (channel stride 1 on both sides): a [groups, cpg] -> [cpg, groups]
-// transpose. groups == 2 (ShuffleNetV2) is an interleave of the two halves.
+// out[2j] = a[j], out[2j + 1] = b[j] for j < n: one pixel's channel vectors (channel stride 1).
 template <int ES>
-inline void shuffle_pixel(const Elem<ES>* in, Elem<ES>* out, int64_t groups, int64_t cpg) {
+inline void interleave_pixel(const Elem<ES>* a, const Elem<ES>* b, Elem<ES>* out, int64_t n) {
   int64_t j0 = 0;
 #if defined(CPU_CAPABILITY_AVX512)
-  if (groups == 2 && ES == 4) {
+  if (ES == 4) {
     const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (; j0 + 16 <= cpg; j0 += 16) {
-      const __m512i a = _mm512_loadu_si512(in + j0), b = _mm512_loadu_si512(in + cpg + j0);
-      _mm512_storeu_si512(out + 2 * j0, _mm512_permutex2var_epi32(a, lo, b));
-      _mm512_storeu_si512(out + 2 * j0 + 16, _mm512_permutex2var_epi32(a, hi, b));
+    for (; j0 + 16 <= n; j0 += 16) {
+      const __m512i va = _mm512_loadu_si512(a + j0), vb = _mm512_loadu_si512(b + j0);
+      _mm512_storeu_si512(out + 2 * j0, _mm512_permutex2var_epi32(va, lo, vb));
+      _mm512_storeu_si512(out + 2 * j0 + 16, _mm512_permutex2var_epi32(va, hi, vb));
     }
-  } else if (groups == 2 && ES == 2) {
+  } else if (ES == 2) {
     alignas(64) int16_t lo_idx[32], hi_idx[32];
     for (int k = 0; k < 16; ++k) {
       lo_idx[2 * k] = k, lo_idx[2 * k + 1] = 32 + k;
       hi_idx[2 * k] = 16 + k, hi_idx[2 * k + 1] = 48 + k;
     }
     const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-    for (; j0 + 32 <= cpg; j0 += 32) {
-      const __m512i a = _mm512_loadu_si512(in + j0), b = _mm512_loadu_si512(in + cpg + j0);
-      _mm512_storeu_si512(out + 2 * j0, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_storeu_si512(out + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi, b));
+    for (; j0 + 32 <= n; j0 += 32) {
+      const __m512i va = _mm512_loadu_si512(a + j0), vb = _mm512_loadu_si512(b + j0);
+      _mm512_storeu_si512(out + 2 * j0, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_storeu_si512(out + 2 * j0 + 32, _mm512_permutex2var_epi16(va, hi, vb));
     }
   }
 #endif
+  for (int64_t j = j0; j < n; ++j) {
+    out[2 * j] = a[j];
+    out[2 * j + 1] = b[j];
+  }
+}
+
+// One pixel's channel vector (channel stride 1 on both sides): a [groups, cpg] -> [cpg, groups]
+// transpose. groups == 2 (ShuffleNetV2) is an interleave of the two halves.
+template <int ES>
+inline void shuffle_pixel(const Elem<ES>* in, Elem<ES>* out, int64_t groups, int64_t cpg) {
+  if (groups == 2) return interleave_pixel<ES>(in, in + cpg, out, cpg);
   for (int64_t i = 0; i < groups; ++i) {
     const Elem<ES>* src = in + i * cpg;
-    for (int64_t j = j0; j < cpg; ++j) out[j * groups + i] = src[j];
+    for (int64_t j = 0; j < cpg; ++j) out[j * groups + i] = src[j];
   }
 }
 
@@ -127,6 +137,63 @@ at::Tensor channel_shuffle(const at::Tensor& x, int64_t groups, const OptTensor&
     default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", es);
   }
   return y;
+}
+
+// out[:, 0::2] = a, out[:, 1::2] = b: a g = 2 channel shuffle of cat(a, b) without the concat (the
+// ShuffleNetV2 unit's two halves). Channel-minor a, b and out (NHWC or channel views of one) take
+// the vectorised pixel loop; other strides two strided copies.
+void interleave_channels(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  EFFOPS_PROFILE_RANGE("effops::interleave");
+  TORCH_CHECK_VALUE(a.dim() == 4 && b.dim() == 4 && out.dim() == 4, "interleave: expected 4-D a, b and out, got ",
+                    a.dim(), "-D, ", b.dim(), "-D and ", out.dim(), "-D");
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "interleave: a and b must have one shape, got ", a.sizes(), " and ",
+                    b.sizes());
+  TORCH_CHECK_VALUE(out.size(0) == a.size(0) && out.size(1) == 2 * a.size(1) && out.size(2) == a.size(2) &&
+                        out.size(3) == a.size(3),
+                    "interleave: out must be ", a.size(0), "x", 2 * a.size(1), "x", a.size(2), "x", a.size(3),
+                    " for halves of shape ", a.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(a.scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type(),
+                    "interleave: a, b and out must share one dtype, got ", a.scalar_type(), ", ", b.scalar_type(),
+                    " and ", out.scalar_type());
+  TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
+                    "interleave: CPU tensors only");
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, a);
+  at::assert_no_overlap(out, b);
+  if (out.numel() == 0) return;
+  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
+  if (!(a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1) || C == 1) {
+    out.unflatten(1, {C, 2}).select(2, 0).copy_(a);
+    out.unflatten(1, {C, 2}).select(2, 1).copy_(b);
+    return;
+  }
+  const int64_t es = a.element_size();
+  auto run = [&](auto tag) {
+    constexpr int ES = decltype(tag)::value;
+    const auto* ap = static_cast<const Elem<ES>*>(a.data_ptr());
+    const auto* bp = static_cast<const Elem<ES>*>(b.data_ptr());
+    auto* op = static_cast<Elem<ES>*>(out.data_ptr());
+    at::parallel_for(0, N * H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, W * C * ES)),
+                     [&](int64_t s, int64_t e) {
+                       for (int64_t t = s; t < e; ++t) {
+                         const int64_t n = t / H, h = t % H;
+                         const Elem<ES>* ar = ap + n * a.stride(0) + h * a.stride(2);
+                         const Elem<ES>* br = bp + n * b.stride(0) + h * b.stride(2);
+                         Elem<ES>* orow = op + n * out.stride(0) + h * out.stride(2);
+                         for (int64_t w = 0; w < W; ++w)
+                           interleave_pixel<ES>(ar + w * a.stride(3), br + w * b.stride(3), orow + w * out.stride(3),
+                                                C);
+                       }
+                     });
+  };
+  switch (es) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 8: run(std::integral_constant<int, 8>{}); break;
+    case 16: run(std::integral_constant<int, 16>{}); break;
+    default: TORCH_CHECK(false, "interleave: unsupported element size ", es);
+  }
 }
 
 }  // namespace effops_native

@@ -19,8 +19,9 @@ call of the optimized model when none is given):
 2. top-down from the root, each converted block (a swapped module, or a module whose forward
    effops rewrote) is timed against a structure copy of its original on that recorded input:
    a few untimed calls (first calls pack weights and make the native backend's own per-problem
-   choices), then calls interleaved A/B/A/B, median of each. Where the original is faster, or the
-   outputs differ beyond a dtype-sized tolerance, the original goes back in (same parameter objects,
+   choices), then calls interleaved A/B/A/B, median of each. Where the original is faster (in that
+   measurement and in a second one), or the outputs differ beyond a dtype-sized tolerance, the
+   original goes back in (same parameter objects,
    same ``state_dict`` keys) and the blocks inside it are not looked at; otherwise the blocks
    inside are checked the same way;
 3. a block whose replacement would break the rewritten forward of a module above it (that forward
@@ -335,9 +336,13 @@ class _Checker:
         args, kwargs = probe
         try:
             fused_ms, orig_ms, f_out, o_out = self.measure(fused_fn, orig_fn, args, kwargs, path=label)
+            why = outputs_differ(f_out, o_out)
+            if why is None and fused_ms > orig_ms:
+                # A burst of load on a shared machine can cover one whole measurement; the original
+                # goes back in only if a second measurement agrees.
+                fused_ms, orig_ms, _, _ = self.measure(fused_fn, orig_fn, args, kwargs, path=label)
         finally:
             restore_fused()
-        why = outputs_differ(f_out, o_out)
         if why is None and fused_ms <= orig_ms:
             self.report.measured.append(Measurement(label, fused_ms, orig_ms, "fused"))
             return "fused"

@@ -339,3 +339,49 @@ def test_channel_shuffle_mixed_layouts_and_errors(m):
         m.channel_shuffle(x, 0, None)
     with pytest.raises(RuntimeError):
         m.channel_shuffle(x, 3, x)  # in place cannot be done in one pass
+
+
+# ---- interleave (the ShuffleNetV2 unit's two halves) ----------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8], ids=str)
+@pytest.mark.parametrize("c", [1, 10, 16, 58, 64], ids=lambda v: f"c{v}")
+@pytest.mark.parametrize("layout", ["nhwc", "views", "nchw"])
+def test_interleave_channels(m, layout, c, dtype):
+    """out[:, 0::2] = a, out[:, 1::2] = b, bit-exact: the vector loop (16 floats / 32 bf16 per
+    step) and its scalar tail, channel views of wider buffers in and out, and the strided
+    fallback for non-channel-minor tensors; only out's own channels are written."""
+    a0, b0 = ((torch.randn(2, c, 3, 5) * 50).to(dtype) for _ in range(2))
+    want = torch.stack((a0, b0), dim=2).flatten(1, 2)
+    if layout == "nhwc":
+        a, b = nhwc(a0), nhwc(b0)
+        out = nhwc(torch.empty(2, 2 * c, 3, 5, dtype=dtype))
+    elif layout == "nchw":
+        a, b, out = a0.contiguous(), b0.contiguous(), torch.empty(2, 2 * c, 3, 5, dtype=dtype)
+    else:
+        a, _ = channel_view(a0.shape, dtype, lo=1)
+        b, _ = channel_view(b0.shape, dtype, lo=5, extra=0)
+        a.copy_(a0)
+        b.copy_(b0)
+        out, obuf = channel_view(want.shape, dtype)
+    m.interleave_channels(a, b, out)
+    assert torch.equal(out, want)
+    if layout == "views" and dtype.is_floating_point:
+        assert_outside_untouched(obuf, 3, 2 * c)
+
+
+def test_interleave_channels_batch0_and_errors(m):
+    a, b = nhwc(torch.randn(0, 4, 3, 3)), nhwc(torch.randn(0, 4, 3, 3))
+    m.interleave_channels(a, b, nhwc(torch.empty(0, 8, 3, 3)))  # nothing to do, no error
+    a, b = nhwc(torch.randn(1, 4, 3, 3)), nhwc(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="out must be 1x8x3x3"):
+        m.interleave_channels(a, b, nhwc(torch.empty(1, 6, 3, 3)))
+    with pytest.raises(ValueError, match="one shape"):
+        m.interleave_channels(a, b[:, :3], nhwc(torch.empty(1, 8, 3, 3)))
+    with pytest.raises(ValueError, match="one dtype"):
+        m.interleave_channels(a, b.double(), nhwc(torch.empty(1, 8, 3, 3)))
+    with pytest.raises(ValueError, match="4-D"):
+        m.interleave_channels(a[0], b[0], torch.empty(8, 3, 3))
+    t = torch.randn(72)  # out (1x8x3x3 NHWC) and a (1x4x3x3 NHWC) share their first 36 floats
+    out, a = t.view(1, 3, 3, 8).permute(0, 3, 1, 2), t[:36].view(1, 3, 3, 4).permute(0, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        m.interleave_channels(a, b, out)  # out may not alias a half

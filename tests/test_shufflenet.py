@@ -27,7 +27,7 @@ from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2  # no
 
 DEV = KERNEL_DEVICE
 UNITS = {"s1": (8, 8, 1), "s2": (8, 16, 2)}
-BACKENDS = ["reference"] + (["triton"] if TRITON_RUNS else [])
+BACKENDS = ["reference"] + (["native"] if effops.native.available() else []) + (["triton"] if TRITON_RUNS else [])
 
 
 def _unit(name, device=DEV):
@@ -101,6 +101,32 @@ def test_channel_view_input(poisoned, name):
         y = fused(x)
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+
+
+@pytest.mark.skipif(not effops.native.available(), reason="native CPU extension unavailable")
+@pytest.mark.parametrize("layout", ["nhwc", "view", "nchw"])
+@pytest.mark.parametrize("n, hw", [(1, 1), (3, 7)])
+@pytest.mark.parametrize("name", list(UNITS))
+def test_native_backend_matches_pytorch(poisoned, monkeypatch, name, n, hw, layout):
+    """The native CPU path: each branch into a dense tensor, then one interleave pass (channel-minor
+    inputs: NHWC, or a channel view); NCHW inputs write the output's channel views instead."""
+    nat = effops.native.module()
+    calls = []
+    real = nat.interleave_channels
+    monkeypatch.setattr(nat, "interleave_channels", lambda *a: calls.append(1) or real(*a), raising=False)
+    ref = _unit(name, "cpu")
+    fused = FusedShuffleV2Block.from_module(copy.deepcopy(ref))
+    c = UNITS[name][0]
+    if layout == "view":  # channels c/2 .. 3c/2 of a wider NHWC buffer
+        x = _x(2 * c, n=n, hw=hw, device="cpu")[:, c // 2:c // 2 + c]
+    else:
+        x = _x(c, n=n, hw=hw, channels_last=layout == "nhwc", device="cpu")
+    with torch.no_grad(), effops.use_backend("native"):
+        y = fused(x)
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+        if name == "s1":
+            assert torch.equal(y[:, 0::2], x[:, :c // 2])
+    assert len(calls) == (1 if x.stride(1) == 1 else 0)  # NCHW 7x7: the channel-view writes
 
 
 @pytest.mark.parametrize("name", list(UNITS))
@@ -242,7 +268,17 @@ def test_hooks_make_the_block_call_its_modules(monkeypatch, backend):
         torch.testing.assert_close(seen[0], seen_ref[0], rtol=0, atol=0)
         h.remove()
         fused(x)
-    assert calls == ["conv_bn_act"] * 3
+    # Without the hook the fused path runs again: through the dispatcher, or (native) by one
+    # direct native call per conv and the interleave.
+    assert calls == ([] if backend == "native" else ["conv_bn_act"] * 3)
+    if backend == "native":
+        nat, interleaved = effops.native.module(), []
+        real = nat.interleave_channels
+        monkeypatch.setattr(nat, "interleave_channels", lambda *a: interleaved.append(1) or real(*a),
+                            raising=False)
+        with torch.no_grad(), effops.use_backend(backend):
+            assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        assert interleaved == [1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,7 +305,7 @@ def test_replaced_child_is_seen(backend):
 def test_autocast_result_dtype_as_pytorch(ac_dtype, name, backend):
     """Under autocast the convs run in the autocast dtype; stride 1 returns float32 as
     PyTorch does (torch.cat promotes the float32 identity half with branch2's output)."""
-    dev = "cpu" if backend == "reference" else KERNEL_DEVICE
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
     ref = _unit(name, dev)
     fused = FusedShuffleV2Block.from_module(copy.deepcopy(ref))
     x = _x(UNITS[name][0], device=dev)
@@ -278,6 +314,10 @@ def test_autocast_result_dtype_as_pytorch(ac_dtype, name, backend):
         with torch.autocast(dev, dtype=ac_dtype):
             y_ref = ref(x)
             with effops.use_backend(backend):
+                if backend == "native" and ac_dtype == torch.float16:  # forced, and it has no float16
+                    with pytest.raises(effops.BackendUnavailable, match="float32 or bfloat16, got torch.float16"):
+                        fused(x)
+                    return
                 y = fused(x)
     assert y_ref.dtype == (torch.float32 if name == "s1" else ac_dtype)
     assert y.dtype == y_ref.dtype

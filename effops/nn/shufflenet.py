@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import activation_of
-from ..ops.conv import _out_hw, output_format
+from ..native import module as native_module
+from ..ops.conv import _out_hw, native_fast, output_format
 from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, is_plain_sequential, looks_like_batch_norm, \
     register_block_rule
 from .conv_bn_act import FusedConvBNAct, resolve_padding, why_not_fusable
@@ -185,6 +186,9 @@ class FusedShuffleV2Block(nn.Module):
       (:class:`~effops.FusedConvBNAct`); branch2's last conv writes channels ``1::2`` of the
       output, branch1's last conv (stride > 1) writes ``0::2``, and for stride 1 the identity
       half ``x[:, :C/2]`` is copied once into ``0::2``. ``x[:, C/2:]`` feeds branch2 as a view.
+      On the native CPU backend the branches end in dense tensors instead (each last conv runs
+      whichever implementation is fastest for it) and one vectorised pass interleaves the two
+      halves into the output.
     * Training, gradients, hooks on a child: the forward above with the original modules,
       so running statistics and autograd are exactly PyTorch's.
     * An empty batch returns the empty result of the forward above.
@@ -330,6 +334,16 @@ class FusedShuffleV2Block(nn.Module):
             a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
             return torch.stack((a, b), dim=2).flatten(1, 2).contiguous(memory_format=output_format(x))
         out = _new_output((n, p.out_ch) + hw, out_dtype, x)
+        if out_dtype == dtype and native_fast(x) and x.stride(1) == 1:
+            # CPU, native backend: each branch ends in a dense tensor (the conv implementation that
+            # is fastest for it, not one that can write every other channel), and one vectorised
+            # pass interleaves the two halves into the output (strided channel copies run far
+            # slower than this on a CPU).
+            b = self._branch_value(p.right, x[:, half:] if p.stride == 1 else x)
+            a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
+            if a.dtype == b.dtype == out_dtype:
+                native_module().interleave_channels(a, b, out)
+                return out
         even, odd = out[:, 0::2], out[:, 1::2]
         self._branch(p.right, x[:, half:] if p.stride == 1 else x, odd, out_dtype == dtype)
         if p.stride == 1:

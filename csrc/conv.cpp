@@ -106,7 +106,9 @@ struct Packed {
   ConvParams params;
   Impl impl;
   at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
-                      // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32;
+                      // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32, or
+                      // where small_gemm_wins(C_out), [blocks][C_in][kGemmBlock] column panels
+                      // (the last one zero-padded: gemm_b);
                       // Winograd: G w G^T, [36][groups][C_out_g / 32][C_in_g][32] float32 panels (winograd.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
@@ -399,7 +401,8 @@ struct GemmEpilogue {
 
 // One input of a GEMM whose A is split by columns into segments (an OSA block's concat ->
 // 1x1 conv, without the concat): its rows lie lda apart and hold K values; b points at its
-// first row of B (B's rows are ldb apart).
+// first row of B in column block 0 (B's rows are ldb apart; column block blk starts
+// blk * bstride further on: kGemmBlock in a dense [K, N] B, K * kGemmBlock in panels).
 struct GemmSeg {
   const float* a;
   int64_t lda;
@@ -409,8 +412,8 @@ struct GemmSeg {
 
 template <int R, int NV, Act A, bool Full>
 inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
-                                                           float* __restrict__ c, int64_t ldc, const int64_t* cnt,
-                                                           const GemmEpilogue& ep, int64_t n0) {
+                                                           int64_t boff, float* __restrict__ c, int64_t ldc,
+                                                           const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
   auto ld = [&](const float* p, int j) { return Full ? Vec::loadu(p) : load_f(p, cnt[j]); };
   Vec acc[R][NV];
   for (int j = 0; j < NV; ++j) {
@@ -420,7 +423,7 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
   // Every segment accumulates into the same registers: C is stored once, whatever the segments.
   for (int s = 0; s < nseg; ++s) {
     const float* __restrict__ a = segs[s].a + p0 * segs[s].lda;
-    const float* __restrict__ b = segs[s].b + n0;
+    const float* __restrict__ b = segs[s].b + boff;
     const int64_t lda = segs[s].lda, K = segs[s].K;
     for (int64_t k = 0; k < K; ++k) {
       Vec bv[NV];
@@ -458,39 +461,44 @@ constexpr int64_t kGemmBlock = int64_t(kGemmVecs) * kVecSize;  // columns per bl
 
 // Rows [p0, p1) and the columns [n0, n0 + NV vectors) of C (cnt: each vector's valid lanes).
 template <int NV, Act A, bool Full>
-void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t ldb, float* c, int64_t ldc,
-                     const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t ldb, int64_t boff, float* c,
+                     int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
   constexpr int R = kGemmAcc / NV;
   int64_t p = p0;
   for (; p + R <= p1; p += R)
-    small_gemm_tile<R, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
+    small_gemm_tile<R, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   if constexpr (R > kGemmRows) {
     for (; p + kGemmRows <= p1; p += kGemmRows)
-      small_gemm_tile<kGemmRows, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
+      small_gemm_tile<kGemmRows, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   }
   for (; p < p1; ++p)
-    small_gemm_tile<1, NV, A, Full>(segs, nseg, p, ldb, c + p * ldc + n0, ldc, cnt, ep, n0);
+    small_gemm_tile<1, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
 }
+
+// Where B is laid out as column panels (see Packed::weight): N >= one block.
+bool gemm_paneled(int64_t N) { return N >= kGemmBlock; }
 
 // Rows [p0, p1) of C (N columns), column block `blk` (kGemmBlock columns; the last one as many
 // vectors as the remaining columns need, the last of them partial).
 template <Act A>
-void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t N, float* c, int64_t ldc,
-                      const GemmEpilogue& ep, int64_t blk) {
+void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t N, int64_t K, float* c,
+                      int64_t ldc, const GemmEpilogue& ep, int64_t blk) {
   const int64_t n0 = blk * kGemmBlock, rem = N - n0;
+  const bool panels = gemm_paneled(N);
+  const int64_t ldb = panels ? kGemmBlock : N, boff = panels ? blk * K * kGemmBlock : n0;
   int64_t cnt[kGemmVecs];
   for (int j = 0; j < kGemmVecs; ++j) cnt[j] = std::max<int64_t>(0, std::min<int64_t>(kVecSize, rem - j * kVecSize));
   if (rem >= kGemmBlock) {
-    small_gemm_cols<kGemmVecs, A, true>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
+    small_gemm_cols<kGemmVecs, A, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
     return;
   }
   const int64_t nv = (rem + kVecSize - 1) / kVecSize;
   const bool whole = rem % kVecSize == 0;  // no partial vector: plain loads and stores
   auto cols = [&](auto nv_tag) {
     if (whole)
-      small_gemm_cols<decltype(nv_tag)::value, A, true>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
+      small_gemm_cols<decltype(nv_tag)::value, A, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
     else
-      small_gemm_cols<decltype(nv_tag)::value, A, false>(segs, nseg, p0, p1, N, c, ldc, cnt, ep, n0);
+      small_gemm_cols<decltype(nv_tag)::value, A, false>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
   };
   if (nv == 1) cols(std::integral_constant<int, 1>{});
   else if (nv == 2 || kGemmVecs == 2) cols(std::integral_constant<int, kGemmVecs >= 2 ? 2 : 1>{});
@@ -498,13 +506,14 @@ void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int
   else cols(std::integral_constant<int, kGemmVecs>{});
 }
 
-// C[p0:p1, :] = act(A[p0:p1, :] @ B + bias ...) with one A and a dense B [K, N], single-threaded.
+// C[p0:p1, :] = act(A[p0:p1, :] @ B + bias ...) with one A and a GEMM entry's B (dense [K, N], or
+// panels where gemm_paneled(N)), single-threaded.
 void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, const float* b, int64_t N, float* c,
                 int64_t ldc, const GemmEpilogue& ep, Act act) {
   const GemmSeg seg{a, lda, K, b};
   dispatch_act(act, [&](auto tag) {
     for (int64_t blk = 0; blk * kGemmBlock < N; ++blk)
-      small_gemm_block<decltype(tag)::value>(&seg, 1, p0, p1, N, c, ldc, ep, blk);
+      small_gemm_block<decltype(tag)::value>(&seg, 1, p0, p1, N, K, c, ldc, ep, blk);
   });
 }
 
@@ -513,7 +522,7 @@ void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, 
 // MKL's packed panels win. At OSA, ResNet and MobileNet 1x1 shapes and OSA aggregations it runs
 // level with oneDNN (benchmarks/test_native_kernels.py -k "pointwise or aggregate"); the
 // per-problem measurement against oneDNN still decides each conv.
-bool small_gemm_wins(int64_t N) { return N >= kGemmBlock; }
+bool small_gemm_wins(int64_t N) { return gemm_paneled(N); }
 
 // y = act(sum_i x_i @ W[k_i : k_i + C_i] + bias [+ r]) [+ r] over NHWC rows (one x: a 1x1 conv;
 // several: the concat -> 1x1 conv of an OSA block, without the concat), threaded over (row chunk,
@@ -525,9 +534,10 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
                         r.defined() ? r.stride(0) : 0, residual_after_act, Vec(static_cast<float>(act_param))};
   std::vector<GemmSeg> segs;
   const float* b = e.weight.data_ptr<float>();
+  const int64_t ldb = gemm_paneled(N) ? kGemmBlock : N;
   int64_t K = 0;
   for (const auto& xr : x_rows) {
-    segs.push_back({xr.data_ptr<float>(), xr.stride(0), xr.size(1), b + K * N});
+    segs.push_back({xr.data_ptr<float>(), xr.stride(0), xr.size(1), b + K * ldb});
     K += xr.size(1);
   }
   float* c = y_rows.data_ptr<float>();
@@ -559,7 +569,8 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
         const int64_t blk = (t / (chunks * group)) * group + t % group, ci = (t / group) % chunks;
         if (blk >= blocks) continue;  // the last group's missing blocks
         const int64_t p0 = ci * chunk;
-        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, std::min(P, p0 + chunk), N, c, ldc, ep, blk);
+        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, std::min(P, p0 + chunk), N, K, c, ldc, ep,
+                                               blk);
       }
     });
   });
@@ -580,7 +591,17 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
   if (impl == Impl::Depthwise) {
     e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
   } else if (impl == Impl::Gemm) {
-    e->weight = w32.reshape({weight.size(0), -1}).t().contiguous();
+    const int64_t N = weight.size(0), K = weight.size(1);
+    at::Tensor wt = w32.reshape({N, -1}).t();  // [K, N]
+    if (gemm_paneled(N)) {
+      // column panels of kGemmBlock: a tile's B rows are contiguous, one stream for the prefetcher
+      const int64_t blocks = (N + kGemmBlock - 1) / kGemmBlock;
+      at::Tensor padded = at::zeros({K, blocks * kGemmBlock}, wt.options());
+      padded.narrow(1, 0, N).copy_(wt);
+      e->weight = padded.view({K, blocks, kGemmBlock}).permute({1, 0, 2}).contiguous();
+    } else {
+      e->weight = wt.contiguous();
+    }
   } else if (impl == Impl::Winograd) {
     e->weight = winograd_weight(w32, p.groups);
   } else {
@@ -938,7 +959,7 @@ void run_pair(const at::Tensor& x, const Packed& pw, Act act1, double param1, co
               int64_t kw, at::Tensor& out, Act act2, double param2) {
   EFFOPS_PROFILE_RANGE("effops::pointwise_depthwise");
   const auto& q = dw.params;
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ce = pw.weight.size(1);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Ce = pw.bias.size(0);
   const int64_t OH = out.size(2);
   const int64_t sh = q.stride[0], ph = q.padding[0], reach = (kh - 1) * q.dilation[0] + 1;
   const int64_t row_bytes = W * Ce * static_cast<int64_t>(sizeof(float));

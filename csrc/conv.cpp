@@ -107,8 +107,8 @@ struct Packed {
   Impl impl;
   at::Tensor weight;  // oneDNN: an MKLDNN tensor in the blocked format chosen for in_shape;
                       // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32, or
-                      // where small_gemm_wins(C_out), [blocks][C_in][kGemmBlock] column panels
-                      // (the last one zero-padded: gemm_b);
+                      // where gemm_paneled(C_out), [blocks][C_in][kGemmBlock] column panels
+                      // (the last one zero-padded);
                       // Winograd: G w G^T, [36][groups][C_out_g / 32][C_in_g][32] float32 panels (winograd.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
@@ -410,7 +410,8 @@ struct GemmSeg {
   const float* b;
 };
 
-template <int R, int NV, Act A, bool Full>
+// Full: every vector of the tile is whole; BFull: B's vectors are (zero-padded panels), whatever C's.
+template <int R, int NV, Act A, bool Full, bool BFull>
 inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
                                                            int64_t boff, float* __restrict__ c, int64_t ldc,
                                                            const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
@@ -427,7 +428,7 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
     const int64_t lda = segs[s].lda, K = segs[s].K;
     for (int64_t k = 0; k < K; ++k) {
       Vec bv[NV];
-      for (int j = 0; j < NV; ++j) bv[j] = ld(b + k * ldb + j * kVecSize, j);
+      for (int j = 0; j < NV; ++j) bv[j] = BFull ? Vec::loadu(b + k * ldb + j * kVecSize) : ld(b + k * ldb + j * kVecSize, j);
       for (int r = 0; r < R; ++r) {
         const Vec av(a[r * lda + k]);
         for (int j = 0; j < NV; ++j) acc[r][j] = at::vec::fmadd(av, bv[j], acc[r][j]);
@@ -460,23 +461,23 @@ constexpr int64_t kGemmUnit = kVecSize >= 16 ? 24 : 8;        // row chunks are 
 constexpr int64_t kGemmBlock = int64_t(kGemmVecs) * kVecSize;  // columns per block
 
 // Rows [p0, p1) and the columns [n0, n0 + NV vectors) of C (cnt: each vector's valid lanes).
-template <int NV, Act A, bool Full>
+template <int NV, Act A, bool Full, bool BFull>
 void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t ldb, int64_t boff, float* c,
                      int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
   constexpr int R = kGemmAcc / NV;
   int64_t p = p0;
   for (; p + R <= p1; p += R)
-    small_gemm_tile<R, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
+    small_gemm_tile<R, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   if constexpr (R > kGemmRows) {
     for (; p + kGemmRows <= p1; p += kGemmRows)
-      small_gemm_tile<kGemmRows, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
+      small_gemm_tile<kGemmRows, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   }
   for (; p < p1; ++p)
-    small_gemm_tile<1, NV, A, Full>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
+    small_gemm_tile<1, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
 }
 
-// Where B is laid out as column panels (see Packed::weight): N >= one block.
-bool gemm_paneled(int64_t N) { return N >= kGemmBlock; }
+// Where B is laid out as column panels (see Packed::weight): N >= one vector.
+bool gemm_paneled(int64_t N) { return N >= kVecSize; }
 
 // Rows [p0, p1) of C (N columns), column block `blk` (kGemmBlock columns; the last one as many
 // vectors as the remaining columns need, the last of them partial).
@@ -489,16 +490,19 @@ void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int
   int64_t cnt[kGemmVecs];
   for (int j = 0; j < kGemmVecs; ++j) cnt[j] = std::max<int64_t>(0, std::min<int64_t>(kVecSize, rem - j * kVecSize));
   if (rem >= kGemmBlock) {
-    small_gemm_cols<kGemmVecs, A, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+    small_gemm_cols<kGemmVecs, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
     return;
   }
   const int64_t nv = (rem + kVecSize - 1) / kVecSize;
   const bool whole = rem % kVecSize == 0;  // no partial vector: plain loads and stores
   auto cols = [&](auto nv_tag) {
+    constexpr int NV = decltype(nv_tag)::value;
     if (whole)
-      small_gemm_cols<decltype(nv_tag)::value, A, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+      small_gemm_cols<NV, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+    else if (panels)  // only C's last vector is partial
+      small_gemm_cols<NV, A, false, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
     else
-      small_gemm_cols<decltype(nv_tag)::value, A, false>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+      small_gemm_cols<NV, A, false, false>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
   };
   if (nv == 1) cols(std::integral_constant<int, 1>{});
   else if (nv == 2 || kGemmVecs == 2) cols(std::integral_constant<int, kGemmVecs >= 2 ? 2 : 1>{});
@@ -517,10 +521,11 @@ void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, 
   });
 }
 
-// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: at least one full block of output
-// columns. Below that its tiles broadcast one input value per row and k for few multiply-adds, and
-// MKL's packed panels win. At OSA, ResNet and MobileNet 1x1 shapes and OSA aggregations it runs
-// level with oneDNN (benchmarks/test_native_kernels.py -k "pointwise or aggregate"); the
+// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: every conv with at least one whole
+// vector of outputs (16 with AVX-512). With B in zero-padded panels, every B load is a whole
+// vector (Zen 4 runs masked loads slowly), and at 1x1 shapes of 16..58 outputs it measured
+// 0.5-1.0x MKL's time, at OSA, ResNet and MobileNet shapes and OSA aggregations level with or
+// ahead of oneDNN (benchmarks/test_native_kernels.py -k "pointwise or aggregate"). The
 // per-problem measurement against oneDNN still decides each conv.
 bool small_gemm_wins(int64_t N) { return gemm_paneled(N); }
 
@@ -550,11 +555,13 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
   const int64_t tiles = (P + kGemmRows - 1) / kGemmRows;
   int64_t nchunk = (P + cap - 1) / cap;
   while (nchunk * blocks < 2 * threads && nchunk < tiles) ++nchunk;
-  // even chunks, in whole full-width tiles (multiples of every tile height where that costs nothing)
+  // even chunks, in whole full-width tiles (multiples of every tile height where that costs nothing:
+  // as many chunks, and the last one still at least half as tall as the others, so the threads'
+  // shares stay even; 49 rows stay 30 + 19, not 48 + 1)
   int64_t chunk = ((tiles + nchunk - 1) / nchunk) * kGemmRows;
-  if (chunk % kGemmUnit != 0 && (chunk / kGemmUnit + 1) * kGemmUnit <= cap &&
-      (P + (chunk / kGemmUnit + 1) * kGemmUnit - 1) / ((chunk / kGemmUnit + 1) * kGemmUnit) == nchunk)
-    chunk = (chunk / kGemmUnit + 1) * kGemmUnit;
+  const int64_t up = (chunk / kGemmUnit + 1) * kGemmUnit;
+  if (chunk % kGemmUnit != 0 && up <= cap && (P + up - 1) / up == nchunk && P - (nchunk - 1) * up >= up / 2)
+    chunk = up;
   const int64_t chunks = (P + chunk - 1) / chunk;
   // Tasks walk groups of column blocks whose part of B stays in L2 (about 384 KB), and within a
   // group, row chunk by row chunk, the group's blocks: B is read from memory once per group and

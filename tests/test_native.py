@@ -112,7 +112,10 @@ def _policy(name):
 # groups of two blocks, the second one short; 1600 -> 256: four groups).
 GEMM_SHAPES = [(8, 64, 5, 7, 2), (16, 72, 3, 3, 1), (20, 100, 9, 9, 1), (12, 120, 1, 1, 3), (48, 192, 6, 6, 1),
                (200, 80, 7, 7, 1), (96, 96, 11, 13, 1), (130, 112, 5, 5, 2), (700, 160, 7, 7, 1),
-               (1600, 256, 7, 7, 1)]
+               (1600, 256, 7, 7, 1),
+               # fewer outputs than one column block: one vector, a partial one, whole vectors, and
+               # fewer than one vector (MKL's sgemm)
+               (24, 16, 4, 5, 1), (40, 20, 5, 5, 1), (58, 58, 6, 7, 1), (116, 48, 3, 3, 2), (16, 8, 3, 3, 1)]
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -143,7 +146,7 @@ def test_pointwise_gemm_kernel_matches_float64(shape, act, pointwise_policy):
 # lie: (segment channels, C_out, H, W, N). Every segment's rows accumulate into the same tile, so a
 # wrong segment offset into the weight, or a segment skipped, is an O(1) error.
 AGG_SHAPES = [((64, 128, 128, 128), 256, 9, 9, 1), ((5, 17, 3), 70, 4, 6, 2), ((256, 160, 160, 160), 512, 7, 7, 1),
-              ((33, 20), 96, 1, 1, 3)]
+              ((33, 20), 96, 1, 1, 3), ((24, 16, 16), 40, 5, 3, 1), ((8, 8), 12, 3, 3, 1)]
 
 
 @pytest.mark.parametrize("shape", AGG_SHAPES, ids=lambda s: f"{'+'.join(map(str, s[0]))}to{s[1]}")

@@ -415,7 +415,8 @@ template <int R, int NV, Act A, bool Full, bool BFull>
 inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
                                                            int64_t boff, float* __restrict__ c, int64_t ldc,
                                                            const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
-  auto ld = [&](const float* p, int j) { return Full ? Vec::loadu(p) : load_f(p, cnt[j]); };
+  // only a partial tile's last vector is partial: the others load and store whole vectors
+  auto ld = [&](const float* p, int j) { return Full || j < NV - 1 ? Vec::loadu(p) : load_f(p, cnt[j]); };
   Vec acc[R][NV];
   for (int j = 0; j < NV; ++j) {
     const Vec bj = ld(ep.bias + n0 + j * kVecSize, j);
@@ -444,7 +445,7 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
       } else {
         v = ActFn<A>::apply(v, ep.param);
       }
-      if (Full)
+      if (Full || j < NV - 1)
         v.store(c + r * ldc + j * kVecSize);
       else
         store_f(c + r * ldc + j * kVecSize, v, cnt[j]);

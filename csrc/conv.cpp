@@ -765,8 +765,7 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
                          double act_param, std::shared_ptr<Packed>& winner) {
   const bool has_res = residual.has_value() && residual->defined();
   // A channel view (the ShuffleNetV2 unit's split) is read in place by GEMM, copied first for oneDNN.
-  const at::Tensor xd = dense_input(x);
-  const bool dense = xd.is_same(x);
+  const bool dense = x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);  // dense_input(x) is x
   const auto key = std::make_tuple(alt, x.sizes().vec(), weight.size(0), p_alt.padding, has_res,
                                    static_cast<int64_t>(act), at::get_num_threads(), dense);
   {
@@ -775,6 +774,7 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
     if (it != g_alt_faster.end()) return it->second;
   }
   at::NoGradGuard no_grad;
+  const at::Tensor xd = dense_input(x);
   ConvParams po = p_alt;
   po.in_shape = xd.sizes().vec();
   auto ea = build(x, weight, fold, p_alt, alt);

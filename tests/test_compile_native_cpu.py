@@ -8,6 +8,7 @@ import effops
 from effops import native as _native
 from effops.nn.ghost import FusedGhostModule
 from effops.ops.conv import GHOST_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP
+from effops.ops.shuffle import INTERLEAVE_NATIVE_OP
 
 from helpers import assert_matches, randomize_bn
 
@@ -177,6 +178,8 @@ def test_opcheck_native_ops():
     torch.library.opcheck(GATE_NATIVE_OP, (x, rw, rb, ew, eb, "relu", 0.0, "sigmoid", 0.0))
     torch.library.opcheck(APPLY_NATIVE_OP, (x, torch.rand(2, 6), torch.randn_like(x), "relu", 0.0))
     torch.library.opcheck(APPLY_NATIVE_OP, (x.contiguous(), torch.rand(2, 6), None, "identity", 0.0))
+    buf = torch.randn(2, 12, 5, 4).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(INTERLEAVE_NATIVE_OP, (buf[:, :6], x))  # a channel view and a dense half
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nchw_channel_view", "one_pixel", "empty_batch"])
@@ -219,8 +222,8 @@ def test_compiled_nchw_model_after_optimize():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_compiled_shufflenet_unit_is_functional_native_ops(stride):
-    """Under compile a ShuffleNetV2 unit traces to the native conv op per conv and one interleave
-    (stack + flatten, one inductor copy kernel): no writes into channel views of a buffer."""
+    """Under compile a ShuffleNetV2 unit traces to the native conv op per conv and one native
+    interleave op: no writes into channel views of a buffer, no stack for inductor to gather."""
     from torchvision.models.shufflenetv2 import InvertedResidual
 
     from effops.nn.shufflenet import FusedShuffleV2Block
@@ -235,6 +238,7 @@ def test_compiled_shufflenet_unit_is_functional_native_ops(stride):
         y = torch.compile(fused, fullgraph=True, backend=_recording_backend(graphs))(x)
     targets = _targets(graphs[0])
     assert targets.count(NATIVE_BN_OP) == (3 if stride == 1 else 5), targets
+    assert targets.count(INTERLEAVE_NATIVE_OP) == 1 and torch.stack not in targets, targets
     assert torch.ops.effops.conv_bn_act.default not in targets and torch.empty not in targets, targets
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches(y, ref.double()(x.double()))

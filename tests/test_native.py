@@ -219,6 +219,30 @@ def winograd_policy():
     yield from _policy("winograd")
 
 
+@pytest.mark.parametrize("policy", [1, 2], ids=["gemm", "measured"])
+def test_channel_view_input_to_a_1x1_conv_is_read_in_place(policy, pointwise_policy):
+    """A 1x1 conv reading a channel view (ShuffleNetV2's split) runs on the view's rows: after the
+    first call (which may measure GEMM against oneDNN on a dense copy), no call copies the input,
+    whichever way the choice went for oneDNN's dense-copy cost included."""
+    from torch.profiler import profile
+
+    pointwise_policy(policy)
+    buf = torch.randn(1, 232, 14, 14).contiguous(memory_format=torch.channels_last)
+    x = buf[:, 116:]
+    w, scale, bias = torch.randn(116, 116, 1, 1) / 11, torch.rand(116) + 0.5, torch.randn(116)
+    mod = native.module()
+    with use_backend("native"):
+        conv_bn_act(x, w, scale, bias, act="relu")
+        mod.conv_impl_counts(reset=True)
+        with profile() as prof:
+            y = conv_bn_act(x, w, scale, bias, act="relu")
+    ran = [k for k, v in mod.conv_impl_counts(reset=True).items() if v]
+    copies = [e.name for e in prof.events() if e.name == "aten::copy_"]
+    assert ran == ["gemm"] if policy == 1 else ran in (["gemm"], ["onednn"])
+    assert len(copies) == (0 if ran == ["gemm"] else 1), (ran, copies)  # oneDNN reads a dense copy
+    assert_matches(y, _ref(x, w, scale, bias, None, 1, [0, 0], 1, 1, "relu", 0.0, True))
+
+
 def _runs(impl, fn):
     """fn()'s result, after checking that its convs ran the implementation `impl` and no other."""
     mod = native.module()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..activations import activation_of
 from ..native import module as native_module
 from ..ops.conv import _out_hw, native_fast, output_format
+from ..ops.shuffle import INTERLEAVE_NATIVE_OP
 from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, is_plain_sequential, looks_like_batch_norm, \
     register_block_rule
 from .conv_bn_act import FusedConvBNAct, resolve_padding, why_not_fusable
@@ -327,11 +328,13 @@ class FusedShuffleV2Block(nn.Module):
             return self.forward_unfused(x)
         half = p.in_ch // 2
         if torch.compiler.is_compiling() and out_dtype == dtype:
-            # Under torch.compile: the branches as functional ops and the interleave as one expression,
-            # which inductor lowers to a single copy kernel (writes into channel views of a fresh
-            # buffer would be functionalised into extra copies).
+            # Under torch.compile: the branches as functional ops and the interleave as one op (the
+            # native kernel on CPU) or one expression, which inductor lowers to a single copy kernel
+            # (writes into channel views of a fresh buffer would be functionalised into extra copies).
             b = self._branch_value(p.right, x[:, half:] if p.stride == 1 else x)
             a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
+            if native_fast(x) and x.stride(1) == 1 and a.dtype == b.dtype == x.dtype:
+                return INTERLEAVE_NATIVE_OP(a, b)  # the eager path's interleave kernel, as one op
             return torch.stack((a, b), dim=2).flatten(1, 2).contiguous(memory_format=output_format(x))
         out = _new_output((n, p.out_ch) + hw, out_dtype, x)
         if out_dtype == dtype and native_fast(x) and x.stride(1) == 1:

@@ -1169,7 +1169,7 @@ _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
 _OP = torch.ops.effops.conv_bn_act.default
 
 
-@torch.library.custom_op("effops::conv_bn_act_native", mutates_args=())
+@torch.library.custom_op("effops::conv_bn_act_native", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _conv_bn_act_native_op(
     x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float, residual: Optional[Tensor],

@@ -198,6 +198,27 @@ _OP = torch.ops.effops.channel_shuffle.default
 _OUT_OP = torch.ops.effops.channel_shuffle_out.default
 
 
+@torch.library.custom_op("effops::interleave_native", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _interleave_native_op(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.stack((a, b), dim=2).flatten(1, 2)`` (channel ``2c`` from ``a``, ``2c + 1`` from ``b``:
+    ShuffleNetV2's g = 2 shuffle of ``cat(a, b)``) by the native backend's one-pass kernel, NHWC,
+    for torch.compile on CPU (inference only: no autograd). Inductor's own loop for the stack
+    expression gathers every other channel element by element."""
+    n, c, h, w = a.shape
+    out = torch.empty((n, 2 * c, h, w), dtype=a.dtype, device=a.device, memory_format=torch.channels_last)
+    _conv._native.module().interleave_channels(a, b, out)
+    return out
+
+
+@_interleave_native_op.register_fake
+def _(a, b):
+    n, c, h, w = a.shape
+    return torch.empty((n, 2 * c, h, w), dtype=a.dtype, device=a.device, memory_format=torch.channels_last)
+
+
+INTERLEAVE_NATIVE_OP = torch.ops.effops.interleave_native.default
+
+
 def check_shuffle_inputs(x, groups) -> None:
     """Validate :func:`channel_shuffle`'s arguments; errors name what was expected."""
     if not isinstance(x, Tensor) or x.dim() != 4:

@@ -105,9 +105,19 @@ at::Tensor se_apply_native_cpu(const at::Tensor& x, const at::Tensor& gate, cons
   return en::se_apply(x, gate, residual, out, en::parse_act(std::string(act)), act_param);
 }
 
+// effops::interleave_native (effops/ops/shuffle.py): the ShuffleNetV2 unit's interleave, NHWC.
+at::Tensor interleave_native_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK_VALUE(a.dim() == 4, "effops interleave_native: expected 4-D halves, got ", a.dim(), "-D");
+  at::Tensor out = at::empty({a.size(0), 2 * a.size(1), a.size(2), a.size(3)},
+                             a.options().memory_format(at::MemoryFormat::ChannelsLast));
+  en::interleave_channels(a, b, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) {
+  m.impl("interleave_native", &interleave_native_cpu);
   m.impl("se_gate_native", &se_gate_native_cpu);
   m.impl("se_apply_native", &se_apply_native_cpu);
   m.impl("conv_bn_act_native", &conv_bn_act_native_cpu);
@@ -124,6 +134,7 @@ TORCH_LIBRARY_IMPL(effops, Autograd, m) {
   m.impl("pointwise_depthwise_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_gate_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_apply_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("interleave_native", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

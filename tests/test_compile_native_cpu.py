@@ -156,6 +156,11 @@ def test_native_ops_have_no_backward():
     assert_matches(y, torch.relu(torch.nn.functional.conv2d(x.double(), w.double())))
     with pytest.raises(RuntimeError, match="not implemented"):
         y.sum().backward()
+    a = torch.randn(1, 4, 3, 3, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    y = INTERLEAVE_NATIVE_OP(a, x[:, :, :3, :3])
+    assert torch.equal(y, torch.stack((a, x[:, :, :3, :3]), 2).flatten(1, 2))
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
 
 
 def test_opcheck_native_ops():

@@ -331,8 +331,8 @@ class FusedShuffleV2Block(nn.Module):
             # Under torch.compile: the branches as functional ops and the interleave as one op (the
             # native kernel on CPU) or one expression, which inductor lowers to a single copy kernel
             # (writes into channel views of a fresh buffer would be functionalised into extra copies).
-            b = self._branch_value(p.right, x[:, half:] if p.stride == 1 else x)
-            a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
+            b = self._branch_compiled(p.right, x[:, half:] if p.stride == 1 else x)
+            a = x[:, :half] if p.stride == 1 else self._branch_compiled(p.left, x)
             if native_fast(x) and x.stride(1) == 1 and a.dtype == b.dtype == x.dtype:
                 return INTERLEAVE_NATIVE_OP(a, b)  # the eager path's interleave kernel, as one op
             return torch.stack((a, b), dim=2).flatten(1, 2).contiguous(memory_format=output_format(x))
@@ -354,6 +354,16 @@ class FusedShuffleV2Block(nn.Module):
         else:
             self._branch(p.left, x, even, True)
         return out
+
+    @staticmethod
+    def _branch_compiled(runs: List[FusedConvBNAct], y: Tensor) -> Tensor:
+        # Each step as the functional native op where it applies (CPU): the unit's own snapshot and
+        # hook registries cover the steps' modules, so the trace needs no second copy of the
+        # steps' checks (each one a guard evaluated on every call of the compiled model).
+        for f in runs:
+            z = f._compiled_native(y)
+            y = f(y) if z is None else z
+        return y
 
     @staticmethod
     def _branch_value(runs: List[FusedConvBNAct], y: Tensor) -> Tensor:

@@ -40,6 +40,10 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   (``x * gate(conv_expand(act(conv_reduce(x.mean((2, 3))))))``) on channels_last inputs.
 * **shuffle** (``channel_shuffle``): ShuffleNetV2's ``view → transpose → reshape`` (g=2) and
   ``torch.channel_shuffle``, plus a ShuffleNetV1-style g=3 case.
+* **interleave** (``interleave_channels``): a stride-1 ShuffleNetV2 unit's output from the identity
+  half (a channel view of the unit's input) and the branch output: ``eager`` is the two strided
+  copies into ``out[:, 0::2]`` / ``out[:, 1::2]`` (the unit's channel-view writes), ``effops`` the
+  one interleave pass.
 
 GB/s counts the bytes of reading every input tensor and writing the output once (the floor
 for these memory-bound blocks). Times are CPU wall-clock medians, the providers of a case
@@ -268,8 +272,9 @@ def test_winograd(case, m, results):
 # ---- 1x1 conv + BN + act: effops' register-blocked GEMM ------------------------------------------
 
 POINTWISE = [
-    # name, C_in, C_out, H=W, activation (MobileNetV2 / EfficientNet-B0 expand convs; one projection,
-    # which runs MKL's GEMM: fewer than 64 outputs; VoVNet's and ResNet-50's square and contracting convs)
+    # name, C_in, C_out, H=W, activation (MobileNetV2 / EfficientNet-B0 expand convs; one projection;
+    # VoVNet's and ResNet-50's square and contracting convs; ShuffleNetV2 x1.0's branch convs, whose
+    # 58 / 116 / 232 outputs end in a partial vector)
     ("mnv2_112_c16_c96", 16, 96, 112, "relu6"),
     ("mnv2_56_c24_c144", 24, 144, 56, "relu6"),
     ("mnv2_28_c32_c192", 32, 192, 28, "relu6"),
@@ -280,6 +285,9 @@ POINTWISE = [
     ("vovnet_56_c128_c128", 128, 128, 56, "relu"),
     ("vovnet_28_c160_c160", 160, 160, 28, "relu"),
     ("resnet50_14_c1024_c256", 1024, 256, 14, "relu"),
+    ("shv2_28_c58_c58", 58, 58, 28, "relu"),
+    ("shv2_14_c116_c116", 116, 116, 14, "relu"),
+    ("shv2_7_c232_c232", 232, 232, 7, "relu"),
 ]
 
 
@@ -466,3 +474,23 @@ def test_shuffle(case, m, results):
                        "effops": lambda: m.channel_shuffle(x, g, None)})
     _record(results, timed, min_bytes=4 * 2 * c * hw * hw, flops=0, case=f"shuffle_{name}",
             shape=f"1x{c}x{hw}x{hw} g{g}", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)
+
+
+@pytest.mark.parametrize("case", [c for c in SHUFFLE if c[3] == 2], ids=lambda c: c[0])
+def test_interleave(case, m, results):
+    name, c, hw, _ = case
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    half = c // 2
+    a, b = x[:, :half], torch.randn(1, half, hw, hw).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+
+    def eager_fn():
+        out[:, 0::2].copy_(a)
+        out[:, 1::2].copy_(b)
+
+    m.interleave_channels(a, b, out)
+    assert torch.equal(out, torch.stack((a, b), dim=2).flatten(1, 2)), "effops interleave differs"
+    with torch.inference_mode():
+        timed = _time({"eager": eager_fn, "effops": lambda: m.interleave_channels(a, b, out)})
+    _record(results, timed, min_bytes=4 * 2 * c * hw * hw, flops=0, case=f"interleave_{name}",
+            shape=f"1x{half}x{hw}x{hw} x2", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)

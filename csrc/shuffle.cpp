@@ -15,6 +15,19 @@ struct Elem {
   unsigned char b[ES];
 };
 
+// fn(std::integral_constant<int, ES>{}) for an element size es of 1, 2, 4, 8 or 16 bytes.
+template <typename F>
+void by_element_size(int64_t es, const char* what, F&& fn) {
+  switch (es) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    case 16: fn(std::integral_constant<int, 16>{}); break;
+    default: TORCH_CHECK(false, what, ": unsupported element size ", es);
+  }
+}
+
 // out[2j] = a[j], out[2j + 1] = b[j] for j < n: one pixel's channel vectors (channel stride 1).
 template <int ES>
 inline void interleave_pixel(const Elem<ES>* a, const Elem<ES>* b, Elem<ES>* out, int64_t n) {
@@ -128,14 +141,7 @@ at::Tensor channel_shuffle(const at::Tensor& x, int64_t groups, const OptTensor&
     constexpr int ES = decltype(tag)::value;
     (nhwc ? shuffle_nhwc<ES> : shuffle_strided<ES>)(x, y, groups);
   };
-  switch (es) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 8: run(std::integral_constant<int, 8>{}); break;
-    case 16: run(std::integral_constant<int, 16>{}); break;
-    default: TORCH_CHECK(false, "channel_shuffle: unsupported element size ", es);
-  }
+  by_element_size(es, "channel_shuffle", run);
   return y;
 }
 
@@ -186,14 +192,7 @@ void interleave_channels(const at::Tensor& a, const at::Tensor& b, at::Tensor& o
                        }
                      });
   };
-  switch (es) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 8: run(std::integral_constant<int, 8>{}); break;
-    case 16: run(std::integral_constant<int, 16>{}); break;
-    default: TORCH_CHECK(false, "interleave: unsupported element size ", es);
-  }
+  by_element_size(es, "interleave", run);
 }
 
 }  // namespace effops_native

@@ -333,7 +333,7 @@ class FusedShuffleV2Block(nn.Module):
             # (writes into channel views of a fresh buffer would be functionalised into extra copies).
             b = self._branch_compiled(p.right, x[:, half:] if p.stride == 1 else x)
             a = x[:, :half] if p.stride == 1 else self._branch_compiled(p.left, x)
-            if native_fast(x) and x.stride(1) == 1 and a.dtype == b.dtype == x.dtype:
+            if native_fast(x) and x.stride(1) == 1 and a.dtype == b.dtype:
                 return INTERLEAVE_NATIVE_OP(a, b)  # the eager path's interleave kernel, as one op
             return torch.stack((a, b), dim=2).flatten(1, 2).contiguous(memory_format=output_format(x))
         out = _new_output((n, p.out_ch) + hw, out_dtype, x)
@@ -344,9 +344,8 @@ class FusedShuffleV2Block(nn.Module):
             # slower than this on a CPU).
             b = self._branch_value(p.right, x[:, half:] if p.stride == 1 else x)
             a = x[:, :half] if p.stride == 1 else self._branch_value(p.left, x)
-            if a.dtype == b.dtype == out_dtype:
-                native_module().interleave_channels(a, b, out)
-                return out
+            native_module().interleave_channels(a, b, out)  # both halves in out's dtype here
+            return out
         even, odd = out[:, 0::2], out[:, 1::2]
         self._branch(p.right, x[:, half:] if p.stride == 1 else x, odd, out_dtype == dtype)
         if p.stride == 1:

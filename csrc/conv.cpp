@@ -293,8 +293,13 @@ bool channels_last_ish(const at::Tensor& t) {
   return !t.is_contiguous() && t.stride(1) < t.stride(3);
 }
 
+bool is_dense(const at::Tensor& x) {
+  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// x as oneDNN reads it: x itself where it is dense (NCHW or NHWC), else a copy.
 at::Tensor dense_input(const at::Tensor& x) {
-  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  if (is_dense(x)) return x;
   return x.contiguous(channels_last_ish(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
@@ -401,8 +406,8 @@ struct GemmEpilogue {
 
 // One input of a GEMM whose A is split by columns into segments (an OSA block's concat ->
 // 1x1 conv, without the concat): its rows lie lda apart and hold K values; b points at its
-// first row of B in column block 0 (B's rows are ldb apart; column block blk starts
-// blk * bstride further on: kGemmBlock in a dense [K, N] B, K * kGemmBlock in panels).
+// first row of B in column block 0 (B's rows are ldb apart; small_gemm_block finds column block
+// blk at offset blk * kGemmBlock in a dense [K, N] B, blk * K * kGemmBlock in panels).
 struct GemmSeg {
   const float* a;
   int64_t lda;
@@ -477,7 +482,14 @@ void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int6
     small_gemm_tile<1, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
 }
 
-// Where B is laid out as column panels (see Packed::weight): N >= one vector.
+// Where a 1x1 conv's weight is packed as column panels (see Packed::weight) and
+// small_gemm_rows runs it: at least one whole vector of outputs (16 with AVX-512). With B in
+// zero-padded panels every B load is a whole vector (Zen 4 runs masked loads slowly); at
+// ShuffleNetV2's 58 / 116 / 232-channel convs it takes 0.57-0.61x oneDNN's time, at OSA, ResNet
+// and MobileNet shapes and OSA aggregations it is level with or ahead of oneDNN
+// (benchmarks/test_native_kernels.py -k "pointwise or aggregate"). Below, MKL's sgemm + an
+// epilogue pass (gemm_rows) on a dense [K, N] B. The per-problem measurement against oneDNN still
+// decides each conv.
 bool gemm_paneled(int64_t N) { return N >= kVecSize; }
 
 // Rows [p0, p1) of C (N columns), column block `blk` (kGemmBlock columns; the last one as many
@@ -522,13 +534,6 @@ void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, 
   });
 }
 
-// Where small_gemm_rows beats MKL's sgemm + the epilogue pass: every conv with at least one whole
-// vector of outputs (16 with AVX-512). With B in zero-padded panels, every B load is a whole
-// vector (Zen 4 runs masked loads slowly), and at 1x1 shapes of 16..58 outputs it measured
-// 0.5-1.0x MKL's time, at OSA, ResNet and MobileNet shapes and OSA aggregations level with or
-// ahead of oneDNN (benchmarks/test_native_kernels.py -k "pointwise or aggregate"). The
-// per-problem measurement against oneDNN still decides each conv.
-bool small_gemm_wins(int64_t N) { return gemm_paneled(N); }
 
 // y = act(sum_i x_i @ W[k_i : k_i + C_i] + bias [+ r]) [+ r] over NHWC rows (one x: a 1x1 conv;
 // several: the concat -> 1x1 conv of an OSA block, without the concat), threaded over (row chunk,
@@ -719,7 +724,7 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
       EFFOPS_PROFILE_RANGE("effops::gemm_1x1");
       at::Tensor dst = direct.defined() && rows_stride(direct) >= 0 ? direct : fresh();
       at::Tensor y_rows = as_rows(dst);
-      if (small_gemm_wins(weight.size(0)))
+      if (gemm_paneled(weight.size(0)))
         small_gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
       else
         gemm_rows({as_rows(x)}, e, y_rows, residual_rows(residual), residual_after_act, act, act_param);
@@ -765,7 +770,7 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
                          double act_param, std::shared_ptr<Packed>& winner) {
   const bool has_res = residual.has_value() && residual->defined();
   // A channel view (the ShuffleNetV2 unit's split) is read in place by GEMM, copied first for oneDNN.
-  const bool dense = x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);  // dense_input(x) is x
+  const bool dense = is_dense(x);
   const auto key = std::make_tuple(alt, x.sizes().vec(), weight.size(0), p_alt.padding, has_res,
                                    static_cast<int64_t>(act), at::get_num_threads(), dense);
   {
@@ -893,7 +898,7 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   const at::Tensor r_rows = residual_rows(residual);
   auto run_segments = [&] {
     EFFOPS_PROFILE_RANGE("effops::aggregate_gemm");
-    if (small_gemm_wins(Cout))
+    if (gemm_paneled(Cout))
       small_gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);
     else
       gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);

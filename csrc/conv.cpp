@@ -1061,6 +1061,135 @@ at::Tensor pair_common(const at::Tensor& x, const at::Tensor& w1, const std::vec
   return out;
 }
 
+
+// ---- depthwise conv -> 1x1 conv, a band of rows at a time -----------------------------------
+
+// Target size of a thread's band of depthwise output rows: the GEMM streams it once per 64-column
+// block of the 1x1 conv's output, from the core's L2.
+constexpr int64_t kDwBandBytes = 128 * 1024;
+
+// Depthwise -> 1x1 pairs: 0 = the two convs one after the other, 1 = banded, 2 = whichever is
+// measured faster per problem (the default).
+int g_dw_pair_policy = 2;
+// problem -> banded beat the two convs one after the other
+std::map<std::tuple<IntVec, int64_t, IntVec, IntVec, int64_t, bool, int64_t, int64_t, int>, bool> g_dw_pair_faster;
+
+// pw(act1(dw(x))) [+ r] as bands of output rows, one band at a time per thread: the depthwise
+// kernel writes the band's rows into a per-thread buffer and the register-blocked GEMM reads them
+// from the core's cache, with the 1x1 conv's bias, residual and activation in its epilogue. The
+// depthwise output is never written out.
+void run_dw_pair(const at::Tensor& x, const Packed& dw, int64_t kh, int64_t kw, Act act1, double param1,
+                 const Packed& pw, at::Tensor& out, const at::Tensor& r_rows, Act act2, double param2) {
+  EFFOPS_PROFILE_RANGE("effops::depthwise_pointwise");
+  const auto& q = dw.params;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = out.size(1), OH = out.size(2), OW = out.size(3);
+  const int64_t lda = rows_stride(x);
+  const int64_t row_bytes = OW * C * static_cast<int64_t>(sizeof(float));
+  int64_t band = std::max<int64_t>(1, kDwBandBytes / std::max<int64_t>(row_bytes, 1));
+  // at least two bands per thread where the image allows, so the threads finish together
+  band = std::min(band, std::max<int64_t>(1, (N * OH + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads())));
+  const int64_t bands = (OH + band - 1) / band;
+  const float* xp = x.data_ptr<float>();
+  const int64_t x_sn = x.size(0) > 1 ? x.stride(0) : H * W * lda;
+  at::Tensor y_rows = as_rows(out);
+  float* yp = y_rows.data_ptr<float>();
+  const int64_t ldc = y_rows.stride(0);
+  const float* rp = r_rows.defined() ? r_rows.data_ptr<float>() : nullptr;
+  const int64_t ldr = r_rows.defined() ? r_rows.stride(0) : 0;
+  at::parallel_for(0, N * bands, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(band * OW * C)) buf.resize(band * OW * C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / bands, o0 = (t % bands) * band, o1 = std::min(OH, o0 + band);
+      depthwise_rows_into_f32(xp + n * x_sn, H, W, C, W * lda, lda, dw.weight.data_ptr<float>(),
+                              dw.bias.data_ptr<float>(), buf.data(), OH, OW, o0, o1, kh, kw, q.stride, q.padding,
+                              q.dilation, act1, param1);
+      const int64_t p0 = (n * OH + o0) * OW;
+      const GemmEpilogue ep{pw.bias.data_ptr<float>(), rp ? rp + p0 * ldr : nullptr, ldr, true,
+                            Vec(static_cast<float>(param2))};
+      small_gemm(buf.data(), C, 0, (o1 - o0) * OW, C, pw.weight.data_ptr<float>(), Cout, yp + p0 * ldc, ldc, ep,
+                 act2);
+    }
+  });
+}
+
+at::Tensor dw_pair_common(const at::Tensor& x, const at::Tensor& w1, const std::vector<OptTensor>& srcs1,
+                          const FoldFn& fold1, double eps1, IntVec stride, IntVec padding, IntVec dilation,
+                          const std::string& act1_name, double param1, const at::Tensor& w2,
+                          const std::vector<OptTensor>& srcs2, const FoldFn& fold2, double eps2,
+                          const std::string& act2_name, double param2, const OptTensor& residual) {
+  const char* what = "effops native depthwise-pointwise: ";
+  TORCH_CHECK_VALUE(x.device().is_cpu() && w1.device().is_cpu() && w2.device().is_cpu(), what, "expected CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat, what, "expected a 4-D float32 x, got ", x.dim(),
+                    "-D ", x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 4 && w1.size(0) == C && w1.size(1) == 1 && w1.scalar_type() == at::kFloat, what,
+                    "expected a float32 depthwise weight [", C, ", 1, kh, kw], got ", w1.scalar_type(), " ",
+                    w1.sizes());
+  TORCH_CHECK_VALUE(w2.dim() == 4 && w2.size(1) == C && w2.size(2) == 1 && w2.size(3) == 1 &&
+                        w2.scalar_type() == at::kFloat,
+                    what, "expected a float32 1x1 weight [C_out, ", C, ", 1, 1], got ", w2.scalar_type(), " ",
+                    w2.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, what,
+                    "stride, padding and dilation need 2 values each");
+  const Act act1 = parse_act(act1_name), act2 = parse_act(act2_name);
+  const auto [oh, ow] = out_hw(x, w1, stride, padding, dilation);
+  TORCH_CHECK_VALUE(oh >= 1 && ow >= 1, what, "input ", x.sizes(), " is smaller than the dilated kernel");
+  const int64_t Cout = w2.size(0);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res)
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({x.size(0), Cout, oh, ow}) && residual->device().is_cpu(),
+                      what, "expected a CPU residual of the output's shape [", x.size(0), ", ", Cout, ", ", oh, ", ",
+                      ow, "], got ", residual->sizes());
+  const at::Tensor xr = rows_stride(x) >= 0 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({x.size(0), Cout, oh, ow}, x.options(), at::MemoryFormat::ChannelsLast);
+  if (x.size(0) == 0 || Cout == 0) return out;
+  auto separate = [&]() -> at::Tensor {
+    at::Tensor y = conv_common(xr, w1, srcs1, fold1, eps1, std::nullopt, std::nullopt, stride, padding, dilation, C,
+                               act1_name, param1, true, std::nullopt, 1);
+    return conv_common(y, w2, srcs2, fold2, eps2, residual, std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1, act2_name,
+                       param2, true, std::nullopt, 1);
+  };
+  // Banded where effops' depthwise kernel and the register-blocked GEMM would run the two convs.
+  if (g_dw_pair_policy == 0 || !use_own_depthwise(xr, w1, C, stride) || !gemm_paneled(Cout) || C == 0)
+    return separate();
+  std::shared_ptr<Packed> e1 = packed_for(xr, w1, srcs1, fold1, {stride, padding, dilation, {}, C, at::kFloat, eps1},
+                                          Impl::Depthwise);
+  std::shared_ptr<Packed> e2 = packed_for(xr, w2, srcs2, fold2, {{1, 1}, {0, 0}, {1, 1}, {}, 1, at::kFloat, eps2},
+                                          Impl::Gemm);
+  const at::Tensor r_rows = residual_rows(residual);
+  auto banded = [&] {
+    run_dw_pair(xr, *e1, w1.size(2), w1.size(3), act1, param1, *e2, out, r_rows, act2, param2);
+  };
+  bool use_bands = g_dw_pair_policy == 1;
+  if (g_dw_pair_policy == 2) {
+    // Measured once per problem against the two convs (each as fast as its own choice makes it).
+    const auto key = std::make_tuple(x.sizes().vec(), Cout, stride, padding, w1.size(2), has_res,
+                                     static_cast<int64_t>(act1), static_cast<int64_t>(act2), at::get_num_threads());
+    std::unique_lock<std::mutex> lock(g_choice_mutex);
+    auto it = g_dw_pair_faster.find(key);
+    if (it != g_dw_pair_faster.end()) {
+      use_bands = it->second;
+    } else {
+      lock.unlock();
+      at::NoGradGuard no_grad;
+      // From cold caches, as in a model, where the separate convs' intermediate tensor is written
+      // to memory the other layers' data has pushed out of the cache (timed hot, back to back, it
+      // stays in the cache and the separate convs look faster than they are there).
+      CacheEvictor evict(xr);
+      use_bands = first_is_faster(banded, [&] { separate(); }, 3, [&] { evict(); });
+      lock.lock();
+      g_dw_pair_faster[key] = use_bands;
+    }
+  }
+  if (!use_bands) return separate();
+  banded();
+  g_impl_calls[static_cast<int>(Impl::Gemm)].fetch_add(1, std::memory_order_relaxed);
+  g_impl_calls[static_cast<int>(Impl::Depthwise)].fetch_add(1, std::memory_order_relaxed);
+  return out;
+}
+
 }  // namespace
 
 std::pair<int64_t, int64_t> conv_out_hw(const at::Tensor& x, const at::Tensor& weight, const IntVec& stride,
@@ -1156,6 +1285,30 @@ at::Tensor pointwise_depthwise_bn_act(
       bn_fold(dw_conv_bias, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_eps), dw_eps, stride,
       padding, dilation, dw_act, dw_act_param);
 }
+
+at::Tensor depthwise_pointwise_bn_act(
+    const at::Tensor& x, const at::Tensor& dw_weight, const OptTensor& dw_conv_bias, const OptTensor& dw_bn_weight,
+    const OptTensor& dw_bn_bias, const OptTensor& dw_running_mean, const OptTensor& dw_running_var, double dw_eps,
+    const OptTensor& dw_stats_counter, IntVec stride, IntVec padding, IntVec dilation, const std::string& dw_act,
+    double dw_act_param, const at::Tensor& pw_weight, const OptTensor& pw_conv_bias, const OptTensor& pw_bn_weight,
+    const OptTensor& pw_bn_bias, const OptTensor& pw_running_mean, const OptTensor& pw_running_var, double pw_eps,
+    const OptTensor& pw_stats_counter, const std::string& pw_act, double pw_act_param, const OptTensor& residual) {
+  return dw_pair_common(
+      x, dw_weight,
+      {dw_weight, dw_conv_bias, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_stats_counter},
+      bn_fold(dw_conv_bias, dw_bn_weight, dw_bn_bias, dw_running_mean, dw_running_var, dw_eps), dw_eps, stride,
+      padding, dilation, dw_act, dw_act_param, pw_weight,
+      {pw_weight, pw_conv_bias, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_stats_counter},
+      bn_fold(pw_conv_bias, pw_bn_weight, pw_bn_bias, pw_running_mean, pw_running_var, pw_eps), pw_eps, pw_act,
+      pw_act_param, residual);
+}
+
+void set_dw_pair_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "depthwise-pointwise pair policy: 0 (separate), 1 (banded) or 2 "
+                    "(measured per problem), got ", policy);
+  g_dw_pair_policy = static_cast<int>(policy);
+}
+int64_t dw_pair_policy() { return g_dw_pair_policy; }
 
 std::map<std::string, int64_t> conv_impl_counts(bool reset) {
   std::map<std::string, int64_t> counts;

@@ -108,8 +108,9 @@ struct Epilogue {
   bool res_bf16;
   bool res_after_act;
   int64_t res_sn, res_sh, res_sw;
-  void* out;  // out at (n, 0, 0, 0)
+  void* out;  // out at (n, out_oh0, 0, 0)
   int64_t out_sn, out_sh, out_sw;
+  int64_t out_oh0;  // the output row `out` points at: 0, or a band's first row (a band buffer)
   float act_param;
 };
 
@@ -120,7 +121,7 @@ template <Act A, typename out_t, typename res_t>
 inline void epilogue_impl(const Epilogue& e, const float* acc, int64_t n, int64_t oh, int64_t ow0, int64_t npix,
                           int64_t c0, int64_t nc, const res_t* res) {
   const Vec p(e.act_param);
-  out_t* out = static_cast<out_t*>(e.out) + n * e.out_sn + oh * e.out_sh + ow0 * e.out_sw + c0;
+  out_t* out = static_cast<out_t*>(e.out) + n * e.out_sn + (oh - e.out_oh0) * e.out_sh + ow0 * e.out_sw + c0;
   if constexpr (!std::is_same_v<res_t, void>) res += n * e.res_sn + oh * e.res_sh + ow0 * e.res_sw + c0;
   const bool after = e.res_after_act;
   for (int64_t t = 0; t < npix; ++t) {
@@ -263,6 +264,7 @@ void set_conv(DwCall& d, int64_t C, int64_t H, int64_t W, at::Tensor& out, int64
   e.res_sn = e.res_sh = e.res_sw = 0;
   e.out = out.data_ptr();
   e.out_sn = out.stride(0), e.out_sh = out.stride(2), e.out_sw = out.stride(3);
+  e.out_oh0 = 0;
   e.act_param = static_cast<float>(act_param);
 }
 
@@ -365,6 +367,34 @@ void depthwise_rows_f32(const float* xb, int64_t row0, int64_t H, int64_t W, int
   alignas(64) float acc[kTile * kChunk];
   for (int64_t oh = oh0; oh < oh1; ++oh)
     for (int64_t cc = 0; cc < d.nchunks; ++cc) dw_row(d, reinterpret_cast<const char*>(xb), row0, n, oh, cc, acc);
+}
+
+void depthwise_rows_into_f32(const float* xn, int64_t H, int64_t W, int64_t C, int64_t x_sh, int64_t x_sw,
+                             const float* taps, const float* bias, float* buf, int64_t OH, int64_t OW, int64_t oh0,
+                             int64_t oh1, int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding,
+                             const IntVec& dilation, Act act, double act_param) {
+  DwCall d;
+  Geometry& g = d.g;
+  g.C = C, g.H = H, g.W = W, g.OH = OH, g.OW = OW;
+  g.kh = kh, g.kw = kw, g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  g.x_sn = 0, g.x_sh = x_sh, g.x_sw = x_sw;
+  g.taps = taps;
+  g.tap_stride = C;
+  g.bias = bias;
+  Epilogue& e = d.e;
+  e.res = nullptr;
+  e.res_bf16 = false;
+  e.res_after_act = true;
+  e.res_sn = e.res_sh = e.res_sw = 0;
+  e.out = buf;
+  e.out_sn = 0, e.out_sh = OW * C, e.out_sw = C;
+  e.out_oh0 = oh0;
+  e.act_param = static_cast<float>(act_param);
+  prepare(d, false, false, act);
+  alignas(64) float acc[kTile * kChunk];
+  for (int64_t oh = oh0; oh < oh1; ++oh)
+    for (int64_t cc = 0; cc < d.nchunks; ++cc) dw_row(d, reinterpret_cast<const char*>(xn), 0, 0, oh, cc, acc);
 }
 
 }  // namespace effops_native

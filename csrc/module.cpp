@@ -88,6 +88,24 @@ at::Tensor pointwise_depthwise_native_cpu(
   return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
 }
 
+// effops::depthwise_pointwise_native's CPU kernel (effops/ops/conv.py): a depthwise conv and a 1x1
+// conv as one banded pair (depthwise_pointwise_bn_act), with the fake's NHWC strides.
+at::Tensor depthwise_pointwise_native_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const en::OptTensor& cb1, const en::OptTensor& bw1,
+    const en::OptTensor& bb1, const en::OptTensor& rm1, const en::OptTensor& rv1, double eps1,
+    const en::OptTensor& counter1, c10::IntArrayRef stride1, c10::IntArrayRef padding1, c10::IntArrayRef dilation1,
+    c10::string_view act1, double act_param1, const at::Tensor& w2, const en::OptTensor& cb2,
+    const en::OptTensor& bw2, const en::OptTensor& bb2, const en::OptTensor& rm2, const en::OptTensor& rv2,
+    double eps2, const en::OptTensor& counter2, c10::string_view act2, double act_param2,
+    const en::OptTensor& residual) {
+  at::Tensor y = en::depthwise_pointwise_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, stride1.vec(),
+                                                padding1.vec(), dilation1.vec(), std::string(act1), act_param1, w2,
+                                                cb2, bw2, bb2, rm2, rv2, eps2, counter2, std::string(act2),
+                                                act_param2, residual);
+  if (y.strides() == c10::IntArrayRef(c10::get_channels_last_strides_2d(y.sizes()))) return y;  // as conv_bn_act_native
+  return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
+}
+
 // effops::se_gate_native / se_apply_native (effops/ops/se.py): the SE ops of compiled CPU inference.
 at::Tensor se_gate_native_cpu(const at::Tensor& x, const en::OptTensor& rw, const en::OptTensor& rb,
                               const at::Tensor& ew, const en::OptTensor& eb, c10::string_view act, double act_param,
@@ -123,6 +141,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
   m.impl("conv_bn_act_native", &conv_bn_act_native_cpu);
   m.impl("ghost_native", &ghost_native_cpu);
   m.impl("pointwise_depthwise_native", &pointwise_depthwise_native_cpu);
+  m.impl("depthwise_pointwise_native", &depthwise_pointwise_native_cpu);
 }
 
 // These ops are inference-only. This C++ autograd kernel replaces the Python one that
@@ -132,6 +151,7 @@ TORCH_LIBRARY_IMPL(effops, Autograd, m) {
   m.impl("conv_bn_act_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("ghost_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("pointwise_depthwise_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("depthwise_pointwise_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_gate_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_apply_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("interleave_native", torch::autograd::autogradNotImplementedFallback());
@@ -168,6 +188,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dw_stats_counter"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("dw_act"),
         py::arg("dw_act_param"),
         "act2(bn2(dwconv(act1(bn1(conv1x1(x)))))) with the expanded tensor computed a band of rows at a time");
+  m.def("depthwise_pointwise_bn_act", &en::depthwise_pointwise_bn_act, py::arg("x"), py::arg("dw_weight"),
+        py::arg("dw_conv_bias"), py::arg("dw_bn_weight"), py::arg("dw_bn_bias"), py::arg("dw_running_mean"),
+        py::arg("dw_running_var"), py::arg("dw_eps"), py::arg("dw_stats_counter"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("dw_act"), py::arg("dw_act_param"), py::arg("pw_weight"),
+        py::arg("pw_conv_bias"), py::arg("pw_bn_weight"), py::arg("pw_bn_bias"), py::arg("pw_running_mean"),
+        py::arg("pw_running_var"), py::arg("pw_eps"), py::arg("pw_stats_counter"), py::arg("pw_act"),
+        py::arg("pw_act_param"), py::arg("residual") = py::none(),
+        "act2(bn2(conv1x1(act1(bn1(dwconv(x)))))) [+ residual] with the depthwise output computed a band of rows "
+        "at a time");
+  m.def("set_dw_pair_policy", &en::set_dw_pair_policy, py::arg("policy"),
+        "depthwise -> 1x1 pairs: 0 = separate, 1 = banded, 2 = measured per problem");
+  m.def("dw_pair_policy", &en::dw_pair_policy);
   m.def("set_pair_policy", &en::set_pair_policy, py::arg("policy"),
         "expand 1x1 -> depthwise pairs: 0 the two convs, 1 banded, 2 banded up to 128 input channels (default)");
   m.def("pair_policy", &en::pair_policy);

@@ -92,6 +92,21 @@ at::Tensor pointwise_depthwise_bn_act(
     const OptTensor& dw_running_mean, const OptTensor& dw_running_var, double dw_eps,
     const OptTensor& dw_stats_counter, IntVec stride, IntVec padding, IntVec dilation, const std::string& dw_act,
     double dw_act_param);
+// A depthwise conv -> BN -> act and a 1x1 conv -> BN -> act [+ residual] (a depthwise-separable
+// conv: VoVNet-dw's stages and stem, MobileNet's first block), each BN given as conv_bn_act takes
+// it; the depthwise output computed a band of rows at a time per thread into a buffer the GEMM
+// reads from the core's cache, never written out. Float32; returns a new NHWC tensor. Runs the two
+// convs one after the other where that is measured faster for the problem (policy 2, the
+// default), always (policy 0), or never where the band applies (policy 1).
+at::Tensor depthwise_pointwise_bn_act(
+    const at::Tensor& x, const at::Tensor& dw_weight, const OptTensor& dw_conv_bias, const OptTensor& dw_bn_weight,
+    const OptTensor& dw_bn_bias, const OptTensor& dw_running_mean, const OptTensor& dw_running_var, double dw_eps,
+    const OptTensor& dw_stats_counter, IntVec stride, IntVec padding, IntVec dilation, const std::string& dw_act,
+    double dw_act_param, const at::Tensor& pw_weight, const OptTensor& pw_conv_bias, const OptTensor& pw_bn_weight,
+    const OptTensor& pw_bn_bias, const OptTensor& pw_running_mean, const OptTensor& pw_running_var, double pw_eps,
+    const OptTensor& pw_stats_counter, const std::string& pw_act, double pw_act_param, const OptTensor& residual);
+void set_dw_pair_policy(int64_t policy);
+int64_t dw_pair_policy();
 // Expand -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded up to 128
 // input channels (the default).
 void set_pair_policy(int64_t policy);
@@ -144,6 +159,14 @@ void depthwise_rows_f32(const float* xb, int64_t row0, int64_t H, int64_t W, int
                         const float* taps, const float* bias, at::Tensor& out, int64_t n, int64_t oh0, int64_t oh1,
                         int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding, const IntVec& dilation,
                         Act act, double act_param);
+// Output rows [oh0, oh1) of the same conv of one float32 image xn (all H rows; row stride x_sh,
+// pixel stride x_sw, channel stride 1), single-threaded, into a band buffer: output row oh at
+// buf + (oh - oh0) * OW * C, pixels C apart (callers that feed the rows to a GEMM straight from
+// the core's cache). taps: [kh*kw, C] dense; bias: [C].
+void depthwise_rows_into_f32(const float* xn, int64_t H, int64_t W, int64_t C, int64_t x_sh, int64_t x_sw,
+                             const float* taps, const float* bias, float* buf, int64_t OH, int64_t OW, int64_t oh0,
+                             int64_t oh1, int64_t kh, int64_t kw, const IntVec& stride, const IntVec& padding,
+                             const IntVec& dilation, Act act, double act_param);
 
 // ---- se.cpp: squeeze-and-excitation -------------------------------------------------------
 // The gate [N, C] float32 of reference.se_gate (pool in fp32, excitation, gate activation).

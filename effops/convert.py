@@ -96,13 +96,13 @@ from torch import nn
 from .activations import activation_of, make_activation
 from .nn.common import (BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, revalidate_snapshots,
                         sequential_children, timm_bn_act)
-from .nn.conv_bn_act import FusedConvBNAct, PointwiseDepthwise, resolve_padding, why_not_fusable
+from .nn.conv_bn_act import DepthwisePointwise, FusedConvBNAct, PointwiseDepthwise, resolve_padding, why_not_fusable
 from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
 from .nn.shuffle import ChannelShuffle
-from .nn.traced import (AggregateStep, ConcatStep, FusedStep, FusedTailStep, GhostGateStep, PairStep,
+from .nn.traced import (AggregateStep, ConcatStep, DwPairStep, FusedStep, FusedTailStep, GhostGateStep, PairStep,
                         SEEpilogueStep, SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
 from .ops.osa import MAX_SEGMENTS
 from .speedcheck import Measurement
@@ -684,6 +684,7 @@ class _Converter:
         self._concat_writes(graph, module, where, steps)
         self._se_epilogues(graph, module, steps)
         self._pointwise_depthwise(graph, steps)
+        self._depthwise_pointwise(graph, module, where, steps)
         if not steps:
             return
         graph.lint()
@@ -774,6 +775,42 @@ class _Converter:
             steps[name] = PairStep(first, second)
             with graph.inserting_before(node):
                 new = graph.call_module(name, (prev.args[0],))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            graph.erase_node(prev)
+
+    def _depthwise_pointwise(self, graph, owner, where, steps) -> None:
+        """A plain fused depthwise conv step, or a bare depthwise conv (nothing after it to fuse:
+        timm's SeparableConvNormAct), whose only user is a fused 1×1 conv step (with or without a
+        residual, no SE) → one :class:`DwPairStep`."""
+        for node in list(graph.nodes):
+            if node.op != "call_module" or type(steps.get(node.target)) is not FusedStep or not node.args \
+                    or len(node.args) > 2 or node.kwargs:
+                continue
+            prev = node.args[0]
+            if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or len(prev.users) != 1 \
+                    or len(prev.args) != 1 or prev.kwargs:
+                continue
+            second = steps[node.target]
+            first = steps.get(prev.target)
+            bare = first is None and type(_submodule(owner, prev.target)) is nn.Conv2d
+            if bare:
+                dw = _submodule(owner, prev.target)
+            elif type(first) is not FusedStep or first.se is not None or first.residual is not None:
+                continue
+            if second.se is not None or (second.residual is None) != (len(node.args) == 1) \
+                    or not DepthwisePointwise.applies(dw if bare else first.fused, second.fused):
+                continue
+            name = f"_effops_step{len(steps)}"
+            steps[name] = DwPairStep(dw if bare else first, second)
+            if bare:  # the bare conv is fused now: reported with the 1×1 conv it feeds
+                self.fused_convs.add(id(dw))
+                old = self.entry_of_conv.get(id(second.fused.conv))
+                if old is not None:
+                    self._replace_entry(second.fused.conv, f"{where}{prev.target}..{old.path.split('..')[-1]}",
+                                        f"{_describe_dw(dw)} → {old.what}")
+            with graph.inserting_before(node):
+                new = graph.call_module(name, (prev.args[0],) + tuple(node.args[1:]))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             graph.erase_node(prev)
@@ -1024,6 +1061,7 @@ class _Converter:
                 children = {id(c) for c in m.children()}
                 self.fused_convs.update(id(c) for s in m._plan if id(s) not in children
                                         for c in s.modules() if isinstance(c, nn.Conv2d))
+                self.fused_convs.update(id(c) for c in _bare_depthwise_paired(m))
             elif _is_fused_module(m):
                 self.fused_convs.update(id(c) for c in m.modules() if isinstance(c, nn.Conv2d))
             elif traced_forward_of(m) is not None:
@@ -1074,7 +1112,17 @@ class _Converter:
             seq = module
         else:  # a timm container: the same children (re-read: containers among them may have been swapped)
             seq = nn.Sequential(OrderedDict(sequential_children(module)))
-        return FusedSequential(seq, fused_runs)
+        fs = FusedSequential(seq, fused_runs)
+        names = {id(c): n for n, c in seq.named_children()}
+        for dw in _bare_depthwise_paired(fs):  # fused now: reported with the 1×1 conv it feeds
+            self.fused_convs.add(id(dw))
+            self.skip_reason.pop(id(dw), None)
+            pw = next(s.pw for s in fs._steps if isinstance(s, DepthwisePointwise) and s.dw is dw)
+            old = self.entry_of_conv.get(id(pw.conv))
+            if old is not None:
+                self._replace_entry(pw.conv, (f"{prefix}." if prefix else "") + f"{names[id(dw)]}.."
+                                    f"{old.path.split('..')[-1]}", f"{_describe_dw(dw)} → {old.what}")
+        return fs
 
     def report_leftovers(self, model: nn.Module) -> None:
         parents = {id(c): m for m in model.modules() for c in m.children()}
@@ -1088,6 +1136,17 @@ class _Converter:
                 self.report.skipped.append(ReportEntry(name or "<model>", why))
 
 
+def _bare_depthwise_paired(fs: FusedSequential) -> list:
+    """The bare depthwise convs of ``fs`` that run in a banded pair with the 1×1 unit after them."""
+    return [s.dw for s in fs._steps if isinstance(s, DepthwisePointwise) and type(s.dw) is nn.Conv2d]
+
+
+def _describe_dw(conv: nn.Conv2d) -> str:
+    """A bare depthwise conv run in a banded pair with the 1×1 conv after it, for the report."""
+    k, s = conv.kernel_size, conv.stride
+    return f"depthwise conv{k[0]}x{k[1]}{f' s{s[0]}' if s[0] > 1 else ''} {conv.in_channels}ch (banded pair)"
+
+
 def _is_fused_module(m: nn.Module) -> bool:
     return isinstance(m, (FusedConvBNAct, FusedSequential, FusedOSA)) or any(isinstance(m, r.fused_type)
                                                                            for r in BLOCK_RULES)
@@ -1095,7 +1154,8 @@ def _is_fused_module(m: nn.Module) -> bool:
 
 def _traced_convs(fwd: TracedForward):
     """ids of the convs the fused steps of a rewritten forward compute."""
-    return [id(m.fused.conv) for m in fwd.graph_module.modules() if isinstance(m, (FusedStep, AggregateStep))]
+    return [id(m.fused.conv) for m in fwd.graph_module.modules() if isinstance(m, (FusedStep, AggregateStep))] \
+        + [id(m.first) for m in fwd.graph_module.modules() if isinstance(m, DwPairStep) and type(m.first) is nn.Conv2d]
 
 
 def _resolve(module: nn.Module, target: str):

@@ -7,7 +7,7 @@ import torch._inductor.config as inductor_config
 import effops
 from effops import native as _native
 from effops.nn.ghost import FusedGhostModule
-from effops.ops.conv import GHOST_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP
+from effops.ops.conv import DW_PAIR_NATIVE_OP, GHOST_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP
 from effops.ops.shuffle import INTERLEAVE_NATIVE_OP
 
 from helpers import assert_matches, randomize_bn
@@ -92,8 +92,39 @@ def test_compiled_inverted_residuals_keep_their_pairs(name):
     targets = _targets(graphs[0])
     # every conv but the squeeze-excite modules' (their gate math is separate ops)
     convs = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and ".se." not in n)
-    pairs = targets.count(PAIR_NATIVE_OP)
-    assert pairs >= 15 and targets.count(NATIVE_BN_OP) + 2 * pairs == convs, (pairs, convs)
+    pairs, dw_pairs = targets.count(PAIR_NATIVE_OP), targets.count(DW_PAIR_NATIVE_OP)
+    # MobileNetV2's first block is a depthwise -> 1x1 pair; EfficientNet's has an SE between the two
+    assert pairs >= 15 and dw_pairs == (name == "tv:mobilenet_v2") and targets.count(NATIVE_BN_OP) + 2 * (pairs + dw_pairs) == convs, \
+        (pairs, dw_pairs, convs)
+    assert_matches(y, model.double()(x.double()))
+
+
+def test_compiled_separable_convs_keep_their_pairs():
+    """A bare depthwise conv before a fused 1x1 unit (a Sequential) and a traced dw -> BN -> act -> 1x1
+    -> BN + shortcut compile to one graph with one depthwise -> 1x1 pair op each, within 1e-5 of
+    float64."""
+    import torch.nn as nn
+
+    class DS(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv_dw, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c)
+            self.conv_pw, self.bn2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return self.bn2(self.conv_pw(torch.relu(self.bn1(self.conv_dw(x))))) + x
+
+    torch._dynamo.reset()
+    model = randomize_bn(nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1, groups=16, bias=False),
+                                       nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(), DS(24))).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(2, 16, 20, 20).contiguous(memory_format=torch.channels_last)
+    graphs = []
+    with torch.no_grad():
+        y = torch.compile(fast, fullgraph=True, backend=_recording_backend(graphs))(x)
+    assert len(graphs) == 1
+    targets = _targets(graphs[0])
+    assert targets.count(DW_PAIR_NATIVE_OP) == 2 and NATIVE_BN_OP not in targets, targets
     assert_matches(y, model.double()(x.double()))
 
 
@@ -179,6 +210,10 @@ def test_opcheck_native_ops():
     for stride in (1, 2):
         torch.library.opcheck(PAIR_NATIVE_OP, (x, w, None, bw, bb, rm, rv, 1e-5, None, "relu6", 0.0, dw, None, bw, bb,
                                                rm, rv, 1e-5, None, [stride, stride], [1, 1], [1, 1], "relu6", 0.0))
+    for stride, res in ((1, torch.randn_like(x)), (2, None)):
+        torch.library.opcheck(DW_PAIR_NATIVE_OP, (x, dw, None, bw, bb, rm, rv, 1e-5, None, [stride, stride], [1, 1],
+                                                  [1, 1], "relu6", 0.0, w, None, bw, bb, rm, rv, 1e-5, None,
+                                                  "identity", 0.0, res))
     rw, rb, ew, eb = torch.randn(2, 6), torch.randn(2), torch.randn(6, 2), torch.randn(6)
     torch.library.opcheck(GATE_NATIVE_OP, (x, rw, rb, ew, eb, "relu", 0.0, "sigmoid", 0.0))
     torch.library.opcheck(APPLY_NATIVE_OP, (x, torch.rand(2, 6), torch.randn_like(x), "relu", 0.0))

@@ -521,6 +521,164 @@ class _Counting:
         return lambda *a, **k: self._calls.append(a[0].shape) or f(*a, **k)
 
 
+# -- depthwise -> 1x1 pairs, banded (depthwise_pointwise_bn_act) --------------------------------
+
+@pytest.fixture
+def dw_pair_policy():
+    """Sets the native depthwise -> 1x1 pair policy for the test (0 the two convs, 1 banded, 2
+    measured per problem)."""
+    yield from _policy("dw_pair")
+
+
+def _dw_pair(c, cout, k, stride, dw_bn=True, dilation=1):
+    dw = [nn.Conv2d(c, c, k, stride, dilation * (k // 2), dilation, groups=c, bias=not dw_bn)]
+    if dw_bn:
+        dw.append(nn.BatchNorm2d(c))
+    pw = randomize_bn(nn.Sequential(nn.Conv2d(c, cout, 1, bias=False), nn.BatchNorm2d(cout))).eval()
+    return randomize_bn(nn.Sequential(*dw)).eval(), pw
+
+
+def _dw_pair_call(x, dw, pw, act1, act2, residual=None):
+    bn = lambda c, b: (c.bias, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.num_batches_tracked)
+    c1 = dw[0]
+    a1 = bn(c1, dw[1]) if len(dw) > 1 else (c1.bias, None, None, None, None, 0.0, None)
+    return native.module().depthwise_pointwise_bn_act(x, c1.weight, *a1, list(c1.stride), list(c1.padding),
+                                                     list(c1.dilation), act1, 0.0, pw[0].weight, *bn(*pw), act2, 0.0,
+                                                     residual)
+
+
+def _dw_pair_ref(x, dw, pw, act1, act2, residual=None):
+    y = apply_activation(copy.deepcopy(dw).double()(x.double()), act1, 0.0)
+    y = apply_activation(copy.deepcopy(pw).double()(y), act2, 0.0)
+    return y if residual is None else y + residual.double()
+
+
+# (C, C_out, k, stride, dilation, H, W, N, dw BN): 16-lane tails on both sides (C 20 / 40,
+# C_out 24 / 72), stride 2 on odd and even sizes, 5x5, dilation 2, one-row images, a batch of 3,
+# maps tall enough for several bands per thread, and a bias-only depthwise conv (VoVNet-dw's).
+DW_PAIR_SHAPES = [(16, 16, 3, 1, 1, 12, 12, 1, True), (20, 24, 3, 2, 1, 9, 7, 3, True),
+                  (40, 72, 5, 2, 1, 13, 11, 1, True), (32, 64, 3, 1, 2, 10, 10, 2, False),
+                  (24, 16, 3, 1, 1, 1, 6, 2, True), (64, 64, 3, 1, 1, 40, 40, 1, False),
+                  (48, 128, 3, 2, 1, 33, 57, 1, True)]
+
+
+@pytest.mark.parametrize("shape", DW_PAIR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("acts", [("relu6", "identity"), ("identity", "relu"), ("hardswish", "silu")])
+def test_depthwise_pointwise_matches_float64(shape, acts, dw_pair_policy):
+    c, cout, k, s, d, h, w, n, dw_bn = shape
+    dw, pw = _dw_pair(c, cout, k, s, dw_bn, d)
+    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    ref = _dw_pair_ref(x, dw, pw, *acts)
+    with torch.no_grad():
+        for policy in (1, 0, 2):  # banded, the two convs one after the other, measured
+            dw_pair_policy(policy)
+            y = _dw_pair_call(x, dw, pw, *acts)
+            assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+            assert_matches(y, ref)
+
+
+def test_depthwise_pointwise_residual_and_channel_views(dw_pair_policy):
+    """A channel view in, a residual (itself a channel view) added after the 1×1 conv's activation,
+    banded: one GEMM and one depthwise count."""
+    dw_pair_policy(1)
+    dw, pw = _dw_pair(12, 32, 3, 1)
+    buf = torch.randn(2, 20, 15, 15).contiguous(memory_format=torch.channels_last)
+    x = buf[:, 4:16]
+    rbuf = torch.randn(2, 40, 15, 15).contiguous(memory_format=torch.channels_last)
+    r = rbuf[:, 3:35]
+    with torch.no_grad():
+        y = _runs_pair(lambda: _dw_pair_call(x, dw, pw, "relu", "relu6", r))
+    assert_matches(y, _dw_pair_ref(x, dw, pw, "relu", "relu6", r))
+    with torch.no_grad():  # an NCHW input is read through an NHWC copy
+        assert_matches(_dw_pair_call(x.contiguous(), dw, pw, "relu", "relu6", r),
+                       _dw_pair_ref(x, dw, pw, "relu", "relu6", r))
+
+
+def test_depthwise_pointwise_bad_input():
+    dw, pw = _dw_pair(8, 16, 3, 1)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="depthwise weight"):
+            _dw_pair_call(x[:, :6], dw, pw, "relu", "relu")
+        with pytest.raises(ValueError, match="float32"):
+            _dw_pair_call(x.double(), dw, pw, "relu", "relu")
+        with pytest.raises(ValueError, match="unknown activation"):
+            _dw_pair_call(x, dw, pw, "mish", "relu")
+        with pytest.raises(ValueError, match="residual of the output's shape"):
+            _dw_pair_call(x, dw, pw, "relu", "relu", torch.randn(1, 16, 5, 5))
+        with pytest.raises(ValueError, match="pair policy"):
+            native.module().set_dw_pair_policy(3)
+        y = _dw_pair_call(x[:0], dw, pw, "relu", "relu")  # an empty batch: an empty result
+    assert y.shape == (0, 16, 6, 6)
+    bad = nn.Conv2d(16, 16, 3, padding=1, bias=False)  # a 3x3 "pointwise" weight
+    with torch.no_grad(), pytest.raises(ValueError, match="1x1 weight"):
+        native.module().depthwise_pointwise_bn_act(x, dw[0].weight, None, *[None] * 4, 0.0, None, [1, 1], [1, 1],
+                                                   [1, 1], "identity", 0.0, bad.weight, None, *[None] * 4, 0.0, None,
+                                                   "identity", 0.0)
+
+
+class _SeparableConv(nn.Module):
+    """timm's SeparableConvNormAct: a bare depthwise conv, then 1x1 conv -> BN -> ReLU."""
+
+    def __init__(self, c, cout, stride=1):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False)
+        self.conv_pw = nn.Conv2d(c, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv_pw(self.conv_dw(x))))
+
+
+class _DsBlock(nn.Module):
+    """timm's DepthwiseSeparableConv without SE: dw -> BN -> ReLU6 -> 1x1 -> BN (+ shortcut)."""
+
+    def __init__(self, c, cout):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act1 = nn.ReLU6()
+        self.conv_pw = nn.Conv2d(c, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = c == cout
+
+    def forward(self, x):
+        y = self.bn2(self.conv_pw(self.act1(self.bn1(self.conv_dw(x)))))
+        return y + x if self.skip else y
+
+
+@pytest.mark.parametrize("kind", ["sequential", "separable_s2", "ds_skip", "ds"])
+def test_depthwise_pointwise_pairs_in_models(kind, dw_pair_policy):
+    """A bare depthwise conv before a fused 1x1 unit (a Sequential, timm's SeparableConvNormAct as a
+    FusedSequential), and a traced dw -> BN -> act -> 1x1 -> BN (+ shortcut), run as one banded call
+    in the steady state and match float64; a hook on the depthwise conv runs it as a module again."""
+    dw_pair_policy(1)
+    if kind == "sequential":
+        model = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.Conv2d(16, 32, 1, bias=False),
+                              nn.BatchNorm2d(32), nn.ReLU())
+    elif kind == "separable_s2":
+        model = _SeparableConv(24, 40, stride=2)
+    else:
+        model = _DsBlock(24, 24 if kind == "ds_skip" else 32)
+    model = randomize_bn(model).eval()
+    c_in = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(2, c_in, 14, 14).contiguous(memory_format=torch.channels_last)
+    fast = effops.optimize(copy.deepcopy(model), check_speed=False)
+    ref = copy.deepcopy(model).double()(x.double())
+    with torch.no_grad():
+        fast(x)  # plans each conv
+        y = _runs_pair(lambda: fast(x))
+        assert_matches(y, ref)
+        dw = next(m for m in fast.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        seen = []
+        handle = dw.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert_matches(fast(x), ref)
+        handle.remove()
+        assert len(seen) == 1
+        assert_matches(_runs_pair(lambda: fast(x)), ref)
+
+
 # -- the packed-weight cache ------------------------------------------------------------------
 
 def _module(act=nn.ReLU):

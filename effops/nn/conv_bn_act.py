@@ -11,7 +11,7 @@ from .. import dispatch
 from ..activations import activation_of, apply_activation, make_activation
 from ..ops import reference
 from ..native import module as native_module
-from ..ops.conv import (NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
+from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
 from .common import ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
@@ -632,13 +632,147 @@ class PointwiseDepthwise:
         return dw(pw(x))
 
 
+def _plain_depthwise(m) -> bool:
+    """A bare depthwise ``nn.Conv2d`` (no BN or activation after it to fuse: timm's
+    SeparableConvNormAct, VoVNet-dw's stem), which a :class:`DepthwisePointwise` can run."""
+    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels and m.padding_mode == "zeros" \
+        and resolve_padding(m) is not None and m.kernel_size[0] <= 5 and m.kernel_size[1] <= 5 \
+        and m.stride[0] <= 2 and m.stride[1] <= 2
+
+
+class DepthwisePointwise:
+    """A depthwise conv (a :class:`FusedConvBNAct`, or a bare depthwise ``nn.Conv2d``) followed by a
+    1×1 conv unit (a :class:`FusedConvBNAct`): a depthwise-separable conv (VoVNet-dw's stem and
+    stages, MobileNet's first block). Equivalent PyTorch::
+
+        pw(dw(x))            # pw(dw(x), residual) where a residual is given
+
+    On the native CPU backend in eval, once the 1×1 unit has run once and planned its calls, the pair
+    is one native call (``depthwise_pointwise_bn_act``) that computes the depthwise output a band of
+    rows at a time per thread into a buffer the GEMM reads from the core's cache (where that is
+    measured faster for the problem than the two convs one after the other): the depthwise output
+    is never written out. Everything else (the first call, a hook on either unit or a module inside
+    it, train mode, gradients, another input signature, other dtypes and backends) calls the two
+    units; under torch.compile the pair is one functional op (``effops::depthwise_pointwise_native``).
+
+    A plain object, not a module: its units stay registered where they were."""
+
+    __slots__ = ("dw", "pw", "hooks")
+
+    def __init__(self, dw: nn.Module, pw: "FusedConvBNAct"):
+        self.dw, self.pw = dw, pw
+        self.hooks = hook_dicts([dw, pw])
+
+    @staticmethod
+    def applies(dw, pw) -> bool:
+        """Whether ``pw(dw(x))`` has the shape of a depthwise → 1×1 pair (read once, when a plan is
+        built; every call checks the live settings again)."""
+        if not isinstance(pw, FusedConvBNAct):
+            return False
+        if isinstance(dw, FusedConvBNAct):
+            dconv = dw.conv
+        elif _plain_depthwise(dw):
+            dconv = dw
+        else:
+            return False
+        b = pw.conv
+        return dconv.groups == dconv.in_channels == dconv.out_channels == b.in_channels \
+            and dconv.kernel_size[0] <= 5 and dconv.kernel_size[1] <= 5 and _pointwise(b)
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled(x, residual)
+        y = self.native(x, residual)
+        if y is not None:
+            return y
+        return self.pw(self.dw(x)) if residual is None else self.pw(self.dw(x), residual)
+
+    def _dw_args(self, x: Tensor) -> Optional[tuple]:
+        """The depthwise conv's ``(weight, bn args..., stride, padding, dilation, act, act_param)`` as
+        held now, for an eager native call; None where a guard fails."""
+        dw = self.dw
+        if isinstance(dw, FusedConvBNAct):
+            pa = dw._native_plan
+            if pa is None or x.shape != pa.x_shape:
+                return None
+            a = pa.live_args(x)
+            if a is None:
+                return None
+            return a + (pa.stride, pa.pad, pa.dilation, pa.act, pa.act_param)
+        w = dw._parameters["weight"]
+        if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu \
+                or not _plain_depthwise(dw) or dw.in_channels != x.shape[1]:
+            return None
+        b = dw._parameters.get("bias")
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        return (w, b, None, None, None, None, 0.0, None, dw.stride, resolve_padding(dw), dw.dilation, "identity", 0.0)
+
+    def native(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The pair as one eager native call, or None where it does not apply (the caller runs the
+        units)."""
+        pb = self.pw._native_plan
+        if pb is None or type(x) is not Tensor or x.dtype is not torch.float32 or pb.dtype is not torch.float32 \
+                or not x.is_cpu or x.dim() != 4 or hooked(self.hooks):
+            return None
+        a = self._dw_args(x)
+        if a is None:
+            return None
+        stride, pad, dilation = a[8], a[9], a[10]
+        oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], stride, pad, dilation)
+        if pb.x_shape != (x.shape[0], x.shape[1], oh, ow) or tuple(pb.kernel_size) != (1, 1) or pb.groups != 1 \
+                or tuple(pb.stride) != (1, 1) or pb.pad != (0, 0) or tuple(pb.dilation) != (1, 1) or pb.shuffle != 1:
+            return None
+        b = pb.live_args(x, residual)
+        if b is None:
+            return None
+        return native_module().depthwise_pointwise_bn_act(x, *a[:8], stride, pad, dilation, a[11], a[12], *b,
+                                                          pb.act, pb.act_param, residual)
+
+    def _compiled(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """Under torch.compile on CPU, inference: one functional pair op; the two units wherever they
+        would not run their native ops (their own checks decide)."""
+        dw, pw = self.dw, self.pw
+        if type(x) is Tensor and x.dtype is torch.float32 and x.dim() == 4 and not hooked(self.hooks) \
+                and (residual is None or (type(residual) is Tensor and residual.dtype is torch.float32)):
+            if isinstance(dw, FusedConvBNAct):
+                a = None if dw._snapshot.changed() else dw._compiled_native_args(x)
+                if a is not None and a[5] == x.shape[1] == a[0].shape[0] and a[0].shape[1] == 1:
+                    w1, st1, stride, padding, dilation, _, act1, p1 = a
+                    a = (w1, *st1, stride, padding, dilation, act1, p1)
+                else:
+                    a = None
+            else:
+                a = self._dw_args(x) if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
+                if a is not None:
+                    a = a[:8] + (list(a[8]), list(a[9]), list(a[10]), a[11], float(a[12]))
+            if a is not None and not pw._snapshot.changed():
+                oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], a[8], a[9], a[10])
+                b = pw._compiled_native_args(x, check=False)
+                if b is not None and b[0].shape[1] == x.shape[1] and tuple(b[0].shape[2:]) == (1, 1) \
+                        and b[2:6] == ([1, 1], [0, 0], [1, 1], 1) \
+                        and (residual is None or tuple(residual.shape) == (x.shape[0], b[0].shape[0], oh, ow)):
+                    w2, st2, *_, act2, p2 = b
+                    return DW_PAIR_NATIVE_OP(x, *a, w2, *st2[:6], st2[6], act2, p2, residual)
+        return pw(dw(x)) if residual is None else pw(dw(x), residual)
+
+
+def _pointwise(conv) -> bool:
+    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1 \
+        and resolve_padding(conv) == (0, 0) and tuple(conv.dilation) == (1, 1)
+
+
 def pair_steps(steps: list) -> list:
     """``steps`` (callables applied one after another) with each expand → depthwise pair of fused
-    units replaced by one :class:`PointwiseDepthwise`."""
+    units replaced by one :class:`PointwiseDepthwise`, and each depthwise → 1×1 pair by one
+    :class:`DepthwisePointwise`."""
     out, i = [], 0
     while i < len(steps):
         if i + 1 < len(steps) and PointwiseDepthwise.applies(steps[i], steps[i + 1]):
             out.append(PointwiseDepthwise(steps[i], steps[i + 1]))
+            i += 2
+        elif i + 1 < len(steps) and DepthwisePointwise.applies(steps[i], steps[i + 1]):
+            out.append(DepthwisePointwise(steps[i], steps[i + 1]))
             i += 2
         else:
             out.append(steps[i])

@@ -15,7 +15,7 @@ from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, check_osa_inputs
 from .common import ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children
-from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
+from .conv_bn_act import DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
 from .se import SqueezeExcite
 
 
@@ -66,6 +66,11 @@ class _Unit:
     container: nn.Module                 # the original module (called as-is on the unfused path)
     fused: FusedConvBNAct                # conv → BN → act, sharing the original modules
     dw: Optional[nn.Conv2d] = None
+    pair: Optional[DepthwisePointwise] = None  # dw → fused as one banded native call
+
+    def __post_init__(self):
+        if self.dw is not None:
+            self.pair = DepthwisePointwise(self.dw, self.fused)
 
 
 @dataclass
@@ -466,6 +471,11 @@ class FusedOSA(nn.Module):
         nat = native_module()
         for u in p.mid:
             if u.dw is not None:  # depthwise-separable stage: a plain depthwise conv, then the 1x1
+                z = u.pair.native(y)  # the two as one banded native call (steady state)
+                if z is not None:
+                    y = z
+                    feats.append(y)
+                    continue
                 dw = u.dw
                 y = nat.conv_bn_act(y, dw._parameters["weight"], dw._parameters.get("bias"), None, None, None, None,
                                     0.0, None, None, dw.stride, resolve_padding(dw), dw.dilation, dw.groups, "identity", 0.0,
@@ -474,16 +484,18 @@ class FusedOSA(nn.Module):
             feats.append(y)
         res = x if identity else None
         agg = p.agg.fused
-        if hooked(agg._hooks) or not agg._folds(agg.bn):
-            cat = torch.cat(feats, 1)
-            y = agg(cat, None if p.ese_fc is not None else res)
-        else:  # GEMMs over the stage outputs where they lie: the concat is never built
+        own = not hooked(agg._hooks) and agg._folds(agg.bn)
+        if own:  # GEMMs over the stage outputs where they lie: the concat is never built
             y = agg.native_segments(feats, None if p.ese_fc is not None else res)
+        else:
+            y = agg(torch.cat(feats, 1), None if p.ese_fc is not None else res)
         if p.ese_fc is None:
             return y
         gate = dispatch.run("se_gate", y, None, None, p.ese_fc._parameters["weight"], p.ese_fc._parameters["bias"],
                             "identity", 0.0, "hardsigmoid", 0.0)
-        return dispatch.run("se_apply", y, gate, res, None, "identity", 0.0)
+        # Gated in place where y is this call's own fresh tensor (a second fresh one is written
+        # from cold cache lines); not where a hook on the aggregation conv may have kept y.
+        return dispatch.run("se_apply", y, gate, res, y if own else None, "identity", 0.0)
 
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""

@@ -42,7 +42,7 @@ from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
 from .common import ChildrenSnapshot, hook_dicts, hooked
-from .conv_bn_act import (FusedConvBNAct, PointwiseDepthwise, _cast, _compute_dtype, pair_steps, resolve_padding,
+from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, PointwiseDepthwise, _cast, _compute_dtype, pair_steps, resolve_padding,
                           why_not_fusable)
 
 
@@ -157,6 +157,29 @@ class PairStep(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._pair(x)
+
+
+class DwPairStep(nn.Module):
+    """A plain fused depthwise conv step (timm's DepthwiseSeparableConv without SE: ``conv_dw → bn1 →
+    conv_pw → bn2 [+ shortcut]``) or a bare depthwise conv (SeparableConvNormAct) whose only user is
+    a fused 1×1 conv step, run as one :class:`~effops.nn.conv_bn_act.DepthwisePointwise`. Equivalent PyTorch::
+
+        return second(first(x), r)
+    """
+
+    def __init__(self, first: nn.Module, second: FusedStep):
+        """``first``: a :class:`FusedStep`, or a bare depthwise ``nn.Conv2d``."""
+        super().__init__()
+        self.first, self.second = first, second
+        self._pair = DepthwisePointwise(first.fused if isinstance(first, FusedStep) else first, second.fused)
+
+    def forward(self, x: Tensor, r: Optional[Tensor] = None) -> Tensor:
+        if r is None and self.second.residual is None:
+            return self._pair(x)
+        # the pair adds a residual after the 1×1 conv's activation
+        if r is not None and (self.second.residual == "after_act" or self.second.fused.activation[0] == "identity"):
+            return self._pair(x, r)
+        return self.second(self.first(x), r)
 
 
 def _needs_grad(tensors) -> bool:

@@ -1273,6 +1273,36 @@ def _(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, act1, act_param1, w2, cb2,
 PAIR_NATIVE_OP = torch.ops.effops.pointwise_depthwise_native.default
 
 
+@torch.library.custom_op("effops::depthwise_pointwise_native", mutates_args=())
+def _depthwise_pointwise_native_op(
+    x: Tensor,
+    w1: Tensor, cb1: Optional[Tensor], bw1: Optional[Tensor], bb1: Optional[Tensor], rm1: Optional[Tensor],
+    rv1: Optional[Tensor], eps1: float, counter1: Optional[Tensor], stride1: List[int], padding1: List[int],
+    dilation1: List[int], act1: str, act_param1: float,
+    w2: Tensor, cb2: Optional[Tensor], bw2: Optional[Tensor], bb2: Optional[Tensor], rm2: Optional[Tensor],
+    rv2: Optional[Tensor], eps2: float, counter2: Optional[Tensor], act2: str, act_param2: float,
+    residual: Optional[Tensor],
+) -> Tensor:
+    """A depthwise conv + BN + act and a 1×1 conv + BN + act (+ residual) on the native backend, for
+    torch.compile on CPU (inference only): ``depthwise_pointwise_bn_act``, whose depthwise output is
+    computed a band of rows at a time and never written out. BNs as their own tensors, as in
+    ``conv_bn_act_native`` (the C++ CPU kernel in csrc/module.cpp replaces this body on CPU)."""
+    y = _native.module().depthwise_pointwise_bn_act(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, stride1, padding1,
+                                                    dilation1, act1, act_param1, w2, cb2, bw2, bb2, rm2, rv2, eps2,
+                                                    counter2, act2, act_param2, residual)
+    out = _native_nhwc_output(x, w2.shape[0], stride1, padding1, dilation1, w1.shape[2:])
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+@_depthwise_pointwise_native_op.register_fake
+def _(x, w1, cb1, bw1, bb1, rm1, rv1, eps1, counter1, stride1, padding1, dilation1, act1, act_param1, w2, cb2, bw2,
+      bb2, rm2, rv2, eps2, counter2, act2, act_param2, residual):
+    return _native_nhwc_output(x, w2.shape[0], stride1, padding1, dilation1, w1.shape[2:])
+
+
+DW_PAIR_NATIVE_OP = torch.ops.effops.depthwise_pointwise_native.default
+
+
 # ----------------------------------------------------------------------------
 # 3. Public entry point with input checks
 # ----------------------------------------------------------------------------

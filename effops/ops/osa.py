@@ -640,7 +640,8 @@ def _run_aggregate_native(segments, weight, scale, bias, residual, ese_w, ese_b,
     if ese_w is None:
         return y
     gate = nat.se_gate(y, None, None, ese_w, ese_b, "identity", 0.0, "hardsigmoid", 0.0)
-    return nat.se_apply(y, gate, residual, out, "identity", 0.0)
+    # gated in place when y is this call's own new tensor (a second one is written from cold cache lines)
+    return nat.se_apply(y, gate, residual, y if out is None else out, "identity", 0.0)
 
 
 def _osa_native_reasons(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, *rest) -> List[str]:
@@ -657,11 +658,21 @@ def _run_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, ag
     if red_w is not None:
         y = nat.conv_scale_bias_act(y, red_w, red_s, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
     for i, (w, b) in enumerate(zip(mid_ws, mid_bs)):
+        s = mid_ss[i] if mid_ss else None
+        if dw_ws and y.dtype == torch.float32 and w.shape[-1] == 1:
+            # depthwise -> 1x1 as one banded pair; the 1x1 conv's scale and bias given as a BN with
+            # zero mean, unit variance and eps 0 (scale * rsqrt(1) is exactly scale)
+            c = w.shape[0]
+            y = nat.depthwise_pointwise_bn_act(
+                y, dw_ws[i], None, None, None, None, None, 0.0, None, _ONE, _same(dw_ws[i].shape[-1]), _ONE,
+                "identity", 0.0, w, None, s, b, w.new_zeros(c, dtype=torch.float32),
+                w.new_ones(c, dtype=torch.float32), 0.0, None, act, float(act_param))
+            feats.append(y)
+            continue
         if dw_ws:
             y = nat.conv_scale_bias_act(y, dw_ws[i], None, None, None, None, _ONE, _same(dw_ws[i].shape[-1]), _ONE,
                                         y.shape[1], "identity", 0.0, False)
-        y = nat.conv_scale_bias_act(y, w, mid_ss[i] if mid_ss else None, b, None, None, _ONE, _same(w.shape[-1]),
-                                    _ONE, 1, act, act_param, False)
+        y = nat.conv_scale_bias_act(y, w, s, b, None, None, _ONE, _same(w.shape[-1]), _ONE, 1, act, act_param, False)
         feats.append(y)
     return _run_aggregate_native(feats, agg_w, agg_s, agg_b, x if identity else None, ese_w, ese_b, None, act,
                                  act_param)

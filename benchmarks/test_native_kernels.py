@@ -494,3 +494,24 @@ def test_interleave(case, m, results):
         timed = _time({"eager": eager_fn, "effops": lambda: m.interleave_channels(a, b, out)})
     _record(results, timed, min_bytes=4 * 2 * c * hw * hw, flops=0, case=f"interleave_{name}",
             shape=f"1x{half}x{hw}x{hw} x2", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)
+
+
+# (name, C, H, kernel, stride, padding, ceil_mode): VoVNet-39 / ese_vovnet's stage pools,
+# ResNet-50's and ShuffleNetV2's stem pools.
+POOLS = [("vovnet_s2_256x56", 256, 56, 3, 2, 0, True), ("vovnet_s3_512x28", 512, 28, 3, 2, 0, True),
+         ("resnet_stem_64x112", 64, 112, 3, 2, 1, False), ("shufflenet_stem_24x112", 24, 112, 3, 2, 1, False)]
+
+
+@pytest.mark.parametrize("case", POOLS, ids=lambda c: c[0])
+def test_max_pool(case, m, results):
+    """effops.MaxPool2d's native kernel against ATen's CPU max pool (which also writes the indices)."""
+    name, c, hw, k, s, p, ceil = case
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.max_pool2d(x, k, s, p, ceil_mode=ceil)
+    y = m.max_pool_nhwc(x, [k, k], [s, s], [p, p], ceil)
+    assert torch.equal(y, want), "effops max pool differs"
+    with torch.inference_mode():
+        timed = _time({"eager": lambda: torch.nn.functional.max_pool2d(x, k, s, p, ceil_mode=ceil),
+                       "effops": lambda: m.max_pool_nhwc(x, [k, k], [s, s], [p, p], ceil)})
+    _record(results, timed, min_bytes=4 * (x.numel() + y.numel()), flops=0, case=f"max_pool_{name}",
+            shape=f"1x{c}x{hw}x{hw} k{k} s{s} p{p}", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)

@@ -244,6 +244,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return en::se_apply(x, gate, residual, out, en::parse_act(act), act_param);
       },
       py::arg("x"), py::arg("gate"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"));
+  m.def("max_pool_nhwc", &en::max_pool_nhwc, py::arg("x"), py::arg("kernel"), py::arg("stride"),
+        py::arg("padding"), py::arg("ceil_mode"), "F.max_pool2d without the indices, NHWC");
   m.def("channel_shuffle", &en::channel_shuffle, py::arg("x"), py::arg("groups"), py::arg("out"));
   m.def(
       "interleave_channels", [](const at::Tensor& a, const at::Tensor& b, at::Tensor out) {

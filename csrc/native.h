@@ -178,6 +178,11 @@ at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const Op
 at::Tensor se_apply(const at::Tensor& x, const at::Tensor& gate, const OptTensor& residual,
                     const OptTensor& out, Act act, double act_param);
 
+// ---- pool.cpp --------------------------------------------------------------------------------
+// F.max_pool2d(x, kernel, stride, padding, dilation=1, ceil_mode) of a channel-minor float32 or
+// bfloat16 x (NHWC, or a channel view of one), without the indices, into a new NHWC tensor.
+at::Tensor max_pool_nhwc(const at::Tensor& x, IntVec kernel, IntVec stride, IntVec padding, bool ceil_mode);
+
 // ---- shuffle.cpp ---------------------------------------------------------------------------
 // reference.channel_shuffle(x, groups) in one pass, into out (any strides) or a new tensor in
 // x's memory format.

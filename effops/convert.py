@@ -101,6 +101,7 @@ from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
+from .nn.pool import MaxPool2d
 from .nn.shuffle import ChannelShuffle
 from .nn.traced import (AggregateStep, ConcatStep, DwPairStep, FusedStep, FusedTailStep, GhostGateStep, PairStep,
                         SEEpilogueStep, SEResidualStep, ShuffleStep, TracedForward, traced_forward_of)
@@ -1071,6 +1072,12 @@ class _Converter:
     def convert(self, module: nn.Module, prefix: str = "") -> nn.Module:
         if self._optimized_before(module):
             return module
+        if type(module) is nn.MaxPool2d and not module.return_indices:  # a leaf: the same values, no indices
+            k, s = _as_pair(module.kernel_size), _as_pair(module.stride or module.kernel_size)
+            self.report.swapped.append(ReportEntry(
+                prefix or "<model>", f"max pool {k[0]}x{k[1]} s{s[0]}" + (" ceil" if module.ceil_mode else "")
+                + " (NHWC, no indices)"))
+            return MaxPool2d.from_module(module)
         if type(module) is nn.ChannelShuffle:  # a leaf: the same permutation by effops' kernel
             self.report.swapped.append(ReportEntry(prefix or "<model>", f"channel shuffle g={module.groups}"))
             return ChannelShuffle(module.groups)
@@ -1134,6 +1141,10 @@ class _Converter:
                     why = (f"inside {type(parent).__name__}, which has its own forward: the conv → bn → act order "
                            "can't be seen without tracing") if parent is not None else "a bare conv"
                 self.report.skipped.append(ReportEntry(name or "<model>", why))
+
+
+def _as_pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _bare_depthwise_paired(fs: FusedSequential) -> list:

@@ -37,9 +37,12 @@ def test_classic_vovnet27_slim_through_the_kernel():
     fast = _check_model(classic_vovnet("vovnet27_slim", num_classes=10), torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
     rep = fast.effops_report
     assert not rep.skipped
-    assert [e.path for e in rep.swapped] == ["stem.stem_1/conv..stem_1/relu", "stem.stem_2/conv..stem_2/relu",
-                                             "stem.stem_3/conv..stem_3/relu", "stage2.OSA2_1", "stage3.OSA3_1",
-                                             "stage4.OSA4_1", "stage5.OSA5_1"]
+    assert [e.path for e in rep.swapped if not e.what.startswith("max pool")] == [
+        "stem.stem_1/conv..stem_1/relu", "stem.stem_2/conv..stem_2/relu", "stem.stem_3/conv..stem_3/relu",
+        "stage2.OSA2_1", "stage3.OSA3_1", "stage4.OSA4_1", "stage5.OSA5_1"]
+    # the max pools starting stages 3-5 (stage 2 follows the stem's stride-2 conv)
+    assert [e.path for e in rep.swapped if e.what.startswith("max pool")] == [
+        "stage3.Pooling", "stage4.Pooling", "stage5.Pooling"]
     assert isinstance(fast.stem, FusedSequential)
     assert isinstance(fast.stage2.OSA2_1, FusedOSA) and fast.stage2.OSA2_1.layer_per_block == 5
 
@@ -83,10 +86,12 @@ def test_timm_resnet_hand_written_blocks_are_traced():
     rep = fast.effops_report
     assert not rep.skipped
     swapped = {e.path: e.what for e in rep.swapped}
-    assert [p for p, w in swapped.items() if "[traced]" not in w] == [f"layer{i}.0.downsample" for i in (2, 3, 4)]
+    assert [p for p, w in swapped.items() if "[traced]" not in w] == ["maxpool"] + [f"layer{i}.0.downsample"
+                                                                                    for i in (2, 3, 4)]
+    assert swapped["maxpool"] == "max pool 3x3 s2 (NHWC, no indices)"
     assert swapped["layer1.0.conv1..act1"] == "conv3x3 64→64 + bn + relu [traced]"  # timm's Identity `aa` absorbed
     assert swapped["layer1.0.conv2..act2"] == "conv3x3 64→64 + bn + relu + residual (before act) [traced]"
-    assert "20 swapped, 0 skipped" in str(rep)
+    assert "21 swapped, 0 skipped" in str(rep)
 
 
 def _ordered_dict_block():
@@ -107,7 +112,7 @@ def test_ordered_dict_sequential_keeps_names_and_reports():
     assert isinstance(fast, FusedSequential)
     assert list(fast.state_dict()) == list(model.state_dict())
     rep = fast.effops_report
-    assert [e.path for e in rep.swapped] == ["stem_1/conv..stem_1/relu", "stem_2/conv..stem_2/act"]
+    assert [e.path for e in rep.swapped] == ["pool", "stem_1/conv..stem_1/relu", "stem_2/conv..stem_2/act"]
     assert rep.skipped[0].path == "head/conv" and "nothing to fuse" in rep.skipped[0].what
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad(), effops.use_backend("reference"):

@@ -65,6 +65,7 @@ _KINDS = [
     (r"^SE gate → ghost module", "se_gate_ghost"),
     (r"^cat\(", "aggregate"),
     (r"^conv", "conv"),
+    (r"^max pool", "max_pool"),
 ]
 
 
@@ -87,9 +88,9 @@ def _timm(name):
 
 # name -> (builder, input shape, expected swapped entries by kind). Counts follow the architectures:
 EXPECTED = {
-    # 16 units (3 stride 2 + 13 stride 1, stages_repeats 4/8/4); conv1 and conv5.
+    # 16 units (3 stride 2 + 13 stride 1, stages_repeats 4/8/4); conv1 and conv5; the stem max pool.
     "tv_shufflenet_v2_x1_0": (_tv("shufflenet_v2_x1_0"), (1, 3, 64, 64),
-                              {"shufflenet_unit": 16, "conv": 2}),
+                              {"shufflenet_unit": 16, "conv": 2, "max_pool": 1}),
     # 15 bnecks, 8 with SE (5 of them residual); the 7 without SE: 5 residual projects, 2 plain;
     # 14 expand + 15 dw + stem + last conv = 31 convs with act.
     "tv_mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64),
@@ -111,7 +112,7 @@ EXPECTED = {
     # The same with effops' SqueezeExcite built in (nothing to swap for it).
     "effops_resnet_rs50": (lambda: resnet_rs(50), (1, 3, 64, 64), {"se_residual": 16, "conv": 56}),
     # 7x7 stem, 16 × 3 block convs, 4 downsample convs.
-    "seresnet50": (_timm("seresnet50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 53}),
+    "seresnet50": (_timm("seresnet50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 53, "max_pool": 1}),
     # depths 2/6/17/2 = 27 blocks with SE; conv3 takes gate, residual and ReLU; stem + 27 conv1 +
     # 27 grouped conv2 + 4 downsample convs.
     "regnety_016": (_timm("regnety_016"), (1, 3, 64, 64), {"se": 27, "se_gate_conv+residual": 27, "conv": 59}),
@@ -125,7 +126,7 @@ EXPECTED = {
     # stem + 2/4/14/1 blocks; the stem and each stage's first block (stride 2) have no identity branch.
     "repvgg_a2": (_timm("repvgg_a2"), (1, 3, 64, 64), {"repvgg": 22}),
     # 4 cross-stage transitions (cat → 1x1); 3/3/5/2 residual blocks.
-    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38}),
+    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38, "max_pool": 1}),
     # cv1, cv2, four 3x3 convs; cat([b4, b2, b, a]) → 1x1.
     "elan": (lambda: ELAN(16, 8, 32), (1, 16, 16, 16), {"aggregate": 1, "conv": 6}),
 }

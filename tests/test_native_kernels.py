@@ -385,3 +385,48 @@ def test_interleave_channels_batch0_and_errors(m):
     out, a = t.view(1, 3, 3, 8).permute(0, 3, 1, 2), t[:36].view(1, 3, 3, 4).permute(0, 3, 1, 2)
     with pytest.raises(RuntimeError, match="single memory location"):
         m.interleave_channels(a, b, out)  # out may not alias a half
+
+
+# ---- max pooling (no indices) ---------------------------------------------------------------------
+
+# (C, H, W, kernel, stride, padding, ceil_mode): VoVNet's stage pools (3x3 s2 ceil, odd and even
+# maps), ResNet / ShuffleNetV2's stem pool (3x3 s2 p1), 2x2 s2, stride 1, a rectangular kernel, and
+# channel counts around the 64-channel chunk and the 16-lane vector (tails of 1 and 48 lanes).
+POOL_CASES = [(32, 13, 13, 3, 2, 0, True), (64, 14, 14, 3, 2, 0, True), (24, 15, 11, 3, 2, 1, False),
+              (17, 8, 8, 2, 2, 0, False), (65, 7, 9, 3, 1, 1, False), (112, 9, 10, (3, 2), (2, 1), (1, 0), True),
+              (1, 5, 5, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nhwc", "view"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_max_pool_nhwc(m, case, layout, dtype):
+    """Bit-exact against F.max_pool2d (NaN and -inf included), NHWC out."""
+    c, h, w, k, s, p, ceil = case
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    x0 = torch.randn(2, c, h, w).to(dtype)
+    x0[0, 0, 0, 0], x0[1, -1, -1, -1], x0[1, 0, 1, 1] = float("nan"), float("-inf"), float("inf")
+    if layout == "nhwc":
+        x = nhwc(x0)
+    else:
+        x, _ = channel_view(x0.shape, dtype)
+        x.copy_(x0)
+    want = F.max_pool2d(x0, k, s, p, ceil_mode=ceil)
+    y = m.max_pool_nhwc(x, pair(k), pair(s), pair(p), ceil)
+    assert y.shape == want.shape and y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+def test_max_pool_nhwc_batch0_and_errors(m):
+    assert m.max_pool_nhwc(nhwc(torch.randn(0, 8, 5, 5)), [3, 3], [2, 2], [1, 1], False).shape == (0, 8, 3, 3)
+    x = nhwc(torch.randn(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="at most half the kernel"):
+        m.max_pool_nhwc(x, [3, 3], [2, 2], [2, 2], False)
+    with pytest.raises(ValueError, match="channel stride 1"):
+        m.max_pool_nhwc(x.contiguous(), [3, 3], [2, 2], [1, 1], False)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        m.max_pool_nhwc(x.double(), [3, 3], [2, 2], [1, 1], False)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        m.max_pool_nhwc(nhwc(torch.randn(1, 8, 2, 2)), [3, 3], [1, 1], [0, 0], False)
+    with pytest.raises(ValueError, match="4-D"):
+        m.max_pool_nhwc(torch.randn(8, 5, 5), [3, 3], [2, 2], [1, 1], False)

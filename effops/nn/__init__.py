@@ -7,10 +7,11 @@ from .conv_bn_act import FusedConvBNAct
 from .se import SqueezeExcite
 from .osa import EffectiveSE, FusedOSA
 from .sequential import FusedSequential
+from .pool import MaxPool2d
 from .shuffle import ChannelShuffle
 from .shufflenet import FusedShuffleV2Block
 from .ghost import FusedGhostModule
 from .repvgg import FusedRepVGGBlock
 
 __all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedGhostModule", "FusedOSA", "FusedRepVGGBlock",
-           "FusedSequential", "FusedShuffleV2Block", "SqueezeExcite"]
+           "FusedSequential", "FusedShuffleV2Block", "MaxPool2d", "SqueezeExcite"]

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <optional>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 
@@ -538,8 +539,28 @@ void small_gemm(const float* a, int64_t lda, int64_t p0, int64_t p1, int64_t K, 
 // y = act(sum_i x_i @ W[k_i : k_i + C_i] + bias [+ r]) [+ r] over NHWC rows (one x: a 1x1 conv;
 // several: the concat -> 1x1 conv of an OSA block, without the concat), threaded over (row chunk,
 // column block) tasks: one pass over the output.
+// Adds the column sums of C's rows [p0, p1), columns [n0, n0 + nc), into sums[img][column], img =
+// row / hw (rows are pixels of images hw pixels each). C's rows were just stored: read from L1.
+void add_column_sums(const float* c, int64_t ldc, int64_t p0, int64_t p1, int64_t n0, int64_t nc, int64_t hw,
+                     float* sums, int64_t ld_sums) {
+  for (int64_t p = p0; p < p1;) {
+    const int64_t img = p / hw, end = std::min(p1, (img + 1) * hw);
+    float* s = sums + img * ld_sums + n0;
+    for (int64_t j = 0; j < nc; j += kVecSize) {
+      const int64_t n = std::min<int64_t>(kVecSize, nc - j);
+      Vec acc(0.f);
+      for (int64_t q = p; q < end; ++q) {
+        const float* src = c + q * ldc + n0 + j;
+        acc = acc + (n == kVecSize ? Vec::loadu(src) : load_f(src, n));
+      }
+      store_f(s + j, load_f(s + j, n) + acc, n);
+    }
+    p = end;
+  }
+}
+
 void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at::Tensor& y_rows, const at::Tensor& r,
-                     bool residual_after_act, Act act, double act_param) {
+                     bool residual_after_act, Act act, double act_param, float* means = nullptr, int64_t hw = 0) {
   const int64_t P = y_rows.size(0), N = y_rows.size(1);
   const GemmEpilogue ep{e.bias.data_ptr<float>(), r.defined() ? r.data_ptr<float>() : nullptr,
                         r.defined() ? r.stride(0) : 0, residual_after_act, Vec(static_cast<float>(act_param))};
@@ -576,17 +597,31 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
   const int64_t fit = std::max<int64_t>(1, (int64_t(384) << 10) / (K * kGemmBlock * 4));
   const int64_t groups = (blocks + fit - 1) / fit, group = (blocks + groups - 1) / groups;  // groups of even size
   const int nseg = static_cast<int>(segs.size());
+  // means: each image's column means of C (an eSE's squeeze), summed per thread as the tiles are
+  // stored, then reduced.
+  const int64_t images = means ? P / hw : 0;
+  std::vector<float> part(means ? static_cast<size_t>(threads * images * N) : 0, 0.f);
   dispatch_act(act, [&](auto tag) {
     at::parallel_for(0, groups * chunks * group, 1, [&](int64_t t0, int64_t t1) {
+      float* sums = means ? part.data() + at::get_thread_num() * images * N : nullptr;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t blk = (t / (chunks * group)) * group + t % group, ci = (t / group) % chunks;
         if (blk >= blocks) continue;  // the last group's missing blocks
-        const int64_t p0 = ci * chunk;
-        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, std::min(P, p0 + chunk), N, K, c, ldc, ep,
-                                               blk);
+        const int64_t p0 = ci * chunk, p1 = std::min(P, p0 + chunk);
+        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, p1, N, K, c, ldc, ep, blk);
+        if (sums)
+          add_column_sums(c, ldc, p0, p1, blk * kGemmBlock, std::min(kGemmBlock, N - blk * kGemmBlock), hw, sums, N);
       }
     });
   });
+  if (means) {
+    const float inv = 1.f / static_cast<float>(hw);
+    for (int64_t i = 0; i < images * N; ++i) {
+      float s = 0.f;
+      for (int64_t t = 0; t < threads; ++t) s += part[t * images * N + i];
+      means[i] = s * inv;
+    }
+  }
 }
 
 using FoldFn = std::function<std::pair<at::Tensor, at::Tensor>()>;  // (scale or undefined, bias or undefined), fp32
@@ -865,7 +900,7 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
 at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor& weight,
                            const std::vector<OptTensor>& srcs, const FoldFn& fold, double eps, const OptTensor& residual,
                            const OptTensor& out, const std::string& act_name, double act_param,
-                           bool residual_after_act) {
+                           bool residual_after_act, const OptTensor& pool) {
   TORCH_CHECK_VALUE(!segs.empty(), "effops native aggregate: expected at least one segment");
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1,
                     "effops native aggregate: expected a 1x1 conv weight [C_out, sum(C_i), 1, 1], got ",
@@ -886,9 +921,16 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   TORCH_CHECK_VALUE(k == weight.size(1), "effops native aggregate: the segments have ", k,
                     " channels in all, the weight expects ", weight.size(1));
   const int64_t N = s0.size(0), H = s0.size(2), W = s0.size(3), Cout = weight.size(0);
+  const bool pooled = pool.has_value() && pool->defined();
+  if (pooled)
+    TORCH_CHECK_VALUE(pool->scalar_type() == at::kFloat && pool->is_contiguous() &&
+                          pool->sizes() == at::IntArrayRef({N, Cout}),
+                      "effops native aggregate: pool must be a contiguous float32 [", N, ", ", Cout, "] tensor, got ",
+                      pool->scalar_type(), " ", pool->sizes());
   at::Tensor out_rows = out.has_value() ? as_rows(*out) : at::Tensor();
   at::Tensor dst = out_rows.defined() ? *out : at::empty({N, Cout, H, W}, s0.options(), at::MemoryFormat::ChannelsLast);
   if (N * H * W == 0 || Cout == 0) {
+    if (pooled) pool->fill_(H * W == 0 ? std::numeric_limits<float>::quiet_NaN() : 0.f);  // as torch's mean
     if (out.has_value() && !out_rows.defined()) return *out;
     return dst;
   }
@@ -896,12 +938,19 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   std::shared_ptr<Packed> e = packed_for(s0, weight, srcs, fold, p, Impl::Gemm);
   at::Tensor y_rows = out_rows.defined() ? out_rows : as_rows(dst);
   const at::Tensor r_rows = residual_rows(residual);
+  // The pooled means ride the register-blocked GEMM's stores; otherwise one more pass over y.
+  auto pool_after = [&](const at::Tensor& y) {
+    if (pooled) pool->copy_(y.to(at::kFloat).mean({2, 3}));
+  };
   auto run_segments = [&] {
     EFFOPS_PROFILE_RANGE("effops::aggregate_gemm");
-    if (gemm_paneled(Cout))
-      small_gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);
-    else
+    if (gemm_paneled(Cout)) {
+      small_gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param,
+                      pooled ? pool->data_ptr<float>() : nullptr, H * W);
+    } else {
       gemm_rows(rows, *e, y_rows, r_rows, residual_after_act, act, act_param);
+      pool_after(dst);
+    }
   };
   // The concat-free GEMMs, or one NHWC concat + the 1x1 conv (oneDNN or GEMM, as measured for
   // it): whichever is measured faster for this problem. The concat costs a copy of the inputs;
@@ -911,8 +960,10 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   const auto key = std::make_tuple(N * H * W, widths, Cout, residual.has_value() && residual->defined(),
                                    static_cast<int64_t>(act), at::get_num_threads());
   auto run_concat = [&]() -> at::Tensor {
-    return conv_common(at::cat(segs, 1), weight, srcs, fold, eps, residual, out, {1, 1}, {0, 0}, {1, 1}, 1, act_name,
-                       act_param, residual_after_act, std::nullopt, 1);
+    at::Tensor y = conv_common(at::cat(segs, 1), weight, srcs, fold, eps, residual, out, {1, 1}, {0, 0}, {1, 1}, 1,
+                               act_name, act_param, residual_after_act, std::nullopt, 1);
+    pool_after(y);
+    return y;
   };
   bool concat_free = g_pointwise_policy == 1;
   if (g_pointwise_policy == 2) {
@@ -1203,22 +1254,23 @@ at::Tensor conv_bn_act_segments(const std::vector<at::Tensor>& segments, const a
                                 const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                 const OptTensor& running_mean, const OptTensor& running_var, double eps,
                                 const OptTensor& residual, const OptTensor& out, const std::string& act,
-                                double act_param, bool residual_after_act, const OptTensor& stats_counter) {
+                                double act_param, bool residual_after_act, const OptTensor& stats_counter,
+                                const OptTensor& pool) {
   return segments_common(segments, weight,
                          {weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, stats_counter},
                          bn_fold(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps), eps, residual, out,
-                         act, act_param, residual_after_act);
+                         act, act_param, residual_after_act, pool);
 }
 
 at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
                                         const OptTensor& scale, const OptTensor& bias, const OptTensor& residual,
                                         const OptTensor& out, const std::string& act, double act_param,
-                                        bool residual_after_act) {
+                                        bool residual_after_act, const OptTensor& pool) {
   FoldFn fold = [=]() {
     return std::make_pair(scale.has_value() ? *scale : at::Tensor(), bias.has_value() ? *bias : at::Tensor());
   };
   return segments_common(segments, weight, {weight, scale, bias}, fold, 0.0, residual, out, act, act_param,
-                         residual_after_act);
+                         residual_after_act, pool);
 }
 
 void set_pointwise_policy(int64_t policy) {

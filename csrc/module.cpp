@@ -176,10 +176,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bn_act_segments", &en::conv_bn_act_segments, py::arg("segments"), py::arg("weight"),
         py::arg("conv_bias"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("running_mean"),
         py::arg("running_var"), py::arg("eps"), py::arg("residual"), py::arg("out"), py::arg("act"),
-        py::arg("act_param"), py::arg("residual_after_act"), py::arg("stats_counter") = py::none());
+        py::arg("act_param"), py::arg("residual_after_act"), py::arg("stats_counter") = py::none(),
+        py::arg("pool") = py::none());
   m.def("conv_scale_bias_act_segments", &en::conv_scale_bias_act_segments, py::arg("segments"), py::arg("weight"),
         py::arg("scale"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("act"), py::arg("act_param"),
-        py::arg("residual_after_act"));
+        py::arg("residual_after_act"), py::arg("pool") = py::none());
   m.def("pointwise_depthwise_bn_act", &en::pointwise_depthwise_bn_act, py::arg("x"), py::arg("pw_weight"),
         py::arg("pw_conv_bias"), py::arg("pw_bn_weight"), py::arg("pw_bn_bias"), py::arg("pw_running_mean"),
         py::arg("pw_running_var"), py::arg("pw_eps"), py::arg("pw_stats_counter"), py::arg("pw_act"),
@@ -237,6 +238,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("x"), py::arg("reduce_weight"), py::arg("reduce_bias"), py::arg("expand_weight"),
       py::arg("expand_bias"), py::arg("act"), py::arg("act_param"), py::arg("gate"), py::arg("gate_param"));
+  m.def(
+      "se_gate_of_means",
+      [](const at::Tensor& means, const en::OptTensor& rw, const en::OptTensor& rb, const at::Tensor& ew,
+         const en::OptTensor& eb, const std::string& act, double act_param, const std::string& gate,
+         double gate_param) {
+        return en::se_gate_of_means(means, rw, rb, ew, eb, en::parse_act(act), act_param, en::parse_act(gate),
+                                    gate_param);
+      },
+      py::arg("means"), py::arg("reduce_weight"), py::arg("reduce_bias"), py::arg("expand_weight"),
+      py::arg("expand_bias"), py::arg("act"), py::arg("act_param"), py::arg("gate"), py::arg("gate_param"),
+      "se_gate's excitation of pooled means [N, C] computed elsewhere");
   m.def(
       "se_apply",
       [](const at::Tensor& x, const at::Tensor& gate, const en::OptTensor& residual, const en::OptTensor& out,

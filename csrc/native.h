@@ -68,16 +68,19 @@ at::Tensor conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const OptT
                        int64_t out_shuffle_groups, const OptTensor& stats_counter);
 
 // The concat of `segments` (NHWC rows, channel views included) -> 1x1 conv -> BN -> act
-// [+ residual], as GEMMs over the segments where they lie: no concatenated tensor.
+// [+ residual], as GEMMs over the segments where they lie: no concatenated tensor. `pool`, when
+// given (float32 [N, C_out], contiguous), receives each image's channel means of the result (an
+// eSE's squeeze), summed as the GEMM stores its tiles.
 at::Tensor conv_bn_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
                                 const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                 const OptTensor& running_mean, const OptTensor& running_var, double eps,
                                 const OptTensor& residual, const OptTensor& out, const std::string& act,
-                                double act_param, bool residual_after_act, const OptTensor& stats_counter);
+                                double act_param, bool residual_after_act, const OptTensor& stats_counter,
+                                const OptTensor& pool);
 at::Tensor conv_scale_bias_act_segments(const std::vector<at::Tensor>& segments, const at::Tensor& weight,
                                         const OptTensor& scale, const OptTensor& bias, const OptTensor& residual,
                                         const OptTensor& out, const std::string& act, double act_param,
-                                        bool residual_after_act);
+                                        bool residual_after_act, const OptTensor& pool);
 // An inverted residual block's expand 1x1 conv -> BN -> act and depthwise conv -> BN -> act (each BN
 // given as conv_bn_act takes it), the depthwise conv's input computed a band of rows at a time
 // per thread into a buffer that stays in the core's cache: the expanded tensor is never written
@@ -173,6 +176,10 @@ void depthwise_rows_into_f32(const float* xn, int64_t H, int64_t W, int64_t C, i
 at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                    const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
                    Act gate, double gate_param);
+// The same gate from the pooled means [N, C] (float32) computed elsewhere (an aggregation's epilogue).
+at::Tensor se_gate_of_means(const at::Tensor& means, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
+                            const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
+                            Act gate, double gate_param);
 // act(x * gate[:, :, None, None] (+ residual)) of reference.se_apply, into out (or a new tensor
 // in x's memory format).
 at::Tensor se_apply(const at::Tensor& x, const at::Tensor& gate, const OptTensor& residual,

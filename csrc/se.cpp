@@ -159,8 +159,18 @@ at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const Op
   TORCH_CHECK(x.dim() == 4, "se_gate: x must be [N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "se_gate: CPU tensors only");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "se_gate: x must be floating point, got ", x.scalar_type());
-  const int64_t N = x.size(0), C = x.size(1);
-  at::Tensor h = pool_means(x);
+  return se_gate_of_means(pool_means(x), reduce_weight, reduce_bias, expand_weight, expand_bias, act, act_param, gate,
+                          gate_param);
+}
+
+at::Tensor se_gate_of_means(const at::Tensor& means, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
+                            const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
+                            Act gate, double gate_param) {
+  TORCH_CHECK_VALUE(means.dim() == 2 && means.scalar_type() == at::kFloat && means.device().is_cpu(),
+                    "se_gate: the pooled means must be a float32 CPU [N, C] tensor, got ", means.scalar_type(), " ",
+                    means.sizes());
+  const int64_t N = means.size(0), C = means.size(1);
+  at::Tensor h = means.contiguous();
   int64_t width = C;
   if (reduce_weight && reduce_weight->defined()) {
     at::Tensor w1 = as_f32_matrix(*reduce_weight, "reduce_weight");

@@ -335,3 +335,28 @@ def test_tuner_key_holds_the_segment_count(monkeypatch):
     assert_matches(y, _expected(segs, w, s, b, "relu"), fp32_tol=1e-5)
     keys = [k for _, k in tuning._CACHE]
     assert keys == [("osa_agg", 3, tuning.bucket(84), 0, chans, 6, torch.float32, False, True, False, "relu")]
+
+
+@pytest.mark.parametrize("cout,hw,n", [(64, (7, 9), 2), (72, (5, 5), 3), (12, (6, 4), 2), (40, (1, 1), 4)],
+                         ids=["block", "tail", "narrow", "pixel"])
+def test_native_aggregate_pools_the_output(cout, hw, n):
+    """The pool argument of the native aggregation: each image's channel means of the result (the eSE
+    squeeze), from the register-blocked GEMM's stores (16+ outputs; tails and images that share a
+    row chunk) or one pass after it (fewer outputs)."""
+    from effops import native
+    from effops.ops.conv import native_fast
+
+    if not native_fast(torch.empty(1)):
+        pytest.skip("the native backend is not the CPU backend in this run (EFFOPS_CPU_BACKEND=triton)")
+    mod = native.module()
+    segs = [torch.randn(n, c, *hw).contiguous(memory_format=torch.channels_last) for c in (8, 13, 16)]
+    w, scale, bias = torch.randn(cout, 37, 1, 1) * 0.2, torch.rand(cout) + 0.5, torch.randn(cout)
+    means = torch.full((n, cout), float("nan"))
+    with torch.no_grad():
+        y = mod.conv_scale_bias_act_segments(segs, w, scale, bias, None, None, "relu", 0.0, True, means)
+    ref = torch.relu(F.conv2d(torch.cat(segs, 1).double(), w.double()) * scale.double()[:, None, None]
+                     + bias.double()[:, None, None])
+    assert_matches(y, ref)
+    assert_matches(means, ref.mean((2, 3)))
+    with pytest.raises(ValueError, match="pool must be a contiguous float32"):
+        mod.conv_scale_bias_act_segments(segs, w, scale, bias, None, None, "relu", 0.0, True, means[:, :3])

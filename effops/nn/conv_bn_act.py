@@ -413,15 +413,18 @@ class FusedConvBNAct(nn.Module):
                                 out_shuffle_groups)
         return dispatch.run("conv_bn_act", x, args[1], scale, bias, residual, None, *args[5:])
 
-    def native_segments(self, segments, residual: Optional[Tensor] = None, residual_after_act: bool = True) -> Tensor:
+    def native_segments(self, segments, residual: Optional[Tensor] = None, residual_after_act: bool = True,
+                        pool: Optional[Tensor] = None) -> Tensor:
         """``self(torch.cat(segments, 1), residual, residual_after_act)`` on the native CPU backend,
         for a 1×1 stride-1 conv in eval: GEMMs over the segments where they lie (no concat), the
-        BN folded into a cached weight. Callers check the conditions (FusedOSA, AggregateStep)."""
+        BN folded into a cached weight. ``pool`` (float32 ``[N, C_out]``): filled with the result's
+        per-image channel means (``y.mean((2, 3))``), summed as the GEMM stores its tiles. Callers
+        check the conditions (FusedOSA, AggregateStep)."""
         conv, bn, act_mod = self._live_modules()
         st = _native_bn_args(conv, bn)
         act, act_param = self._settings(conv, bn, act_mod)[-1]
         return native_module().conv_bn_act_segments(list(segments), conv._parameters["weight"], *st[:6], residual,
-                                                    None, act, act_param, residual_after_act, st[6])
+                                                    None, act, act_param, residual_after_act, st[6], pool)
 
     def _modules_compute_it(self, bn, residual, residual_after_act) -> bool:
         # A timm BatchNormAct2d applies its own activation, so calling it can't put a

@@ -485,14 +485,20 @@ class FusedOSA(nn.Module):
         res = x if identity else None
         agg = p.agg.fused
         own = not hooked(agg._hooks) and agg._folds(agg.bn)
+        means = None
         if own:  # GEMMs over the stage outputs where they lie: the concat is never built
-            y = agg.native_segments(feats, None if p.ese_fc is not None else res)
+            if p.ese_fc is not None and x.dtype == torch.float32:  # the eSE squeeze rides the GEMM's stores
+                means = torch.empty(x.shape[0], agg.conv.out_channels, dtype=torch.float32)
+            y = agg.native_segments(feats, None if p.ese_fc is not None else res, pool=means)
         else:
             y = agg(torch.cat(feats, 1), None if p.ese_fc is not None else res)
         if p.ese_fc is None:
             return y
-        gate = dispatch.run("se_gate", y, None, None, p.ese_fc._parameters["weight"], p.ese_fc._parameters["bias"],
-                            "identity", 0.0, "hardsigmoid", 0.0)
+        fc_w, fc_b = p.ese_fc._parameters["weight"], p.ese_fc._parameters["bias"]
+        if means is not None:
+            gate = nat.se_gate_of_means(means, None, None, fc_w, fc_b, "identity", 0.0, "hardsigmoid", 0.0)
+        else:
+            gate = dispatch.run("se_gate", y, None, None, fc_w, fc_b, "identity", 0.0, "hardsigmoid", 0.0)
         # Gated in place where y is this call's own fresh tensor (a second fresh one is written
         # from cold cache lines); not where a hook on the aggregation conv may have kept y.
         return dispatch.run("se_apply", y, gate, res, y if own else None, "identity", 0.0)

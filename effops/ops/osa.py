@@ -632,14 +632,20 @@ def _run_aggregate_native(segments, weight, scale, bias, residual, ese_w, ese_b,
     nat = _conv._native.module()
     segs = list(segments)
     res, dst = (residual, out) if ese_w is None else (None, None)
+    means = None
     if segs[0].dtype == torch.float32:
-        y = nat.conv_scale_bias_act_segments(segs, weight, scale, bias, res, dst, act, float(act_param), True)
+        if ese_w is not None:  # the eSE squeeze rides the GEMM's stores
+            means = torch.empty(segs[0].shape[0], weight.shape[0], dtype=torch.float32)
+        y = nat.conv_scale_bias_act_segments(segs, weight, scale, bias, res, dst, act, float(act_param), True, means)
     else:
         y = nat.conv_scale_bias_act(torch.cat(segs, 1), weight, scale, bias, res, dst, _ONE, _ZERO, _ONE, 1, act,
                                     float(act_param), True)
     if ese_w is None:
         return y
-    gate = nat.se_gate(y, None, None, ese_w, ese_b, "identity", 0.0, "hardsigmoid", 0.0)
+    if means is not None:
+        gate = nat.se_gate_of_means(means, None, None, ese_w, ese_b, "identity", 0.0, "hardsigmoid", 0.0)
+    else:
+        gate = nat.se_gate(y, None, None, ese_w, ese_b, "identity", 0.0, "hardsigmoid", 0.0)
     # gated in place when y is this call's own new tensor (a second one is written from cold cache lines)
     return nat.se_apply(y, gate, residual, y if out is None else out, "identity", 0.0)
 

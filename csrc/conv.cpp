@@ -601,9 +601,14 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
   // stored, then reduced.
   const int64_t images = means ? P / hw : 0;
   std::vector<float> part(means ? static_cast<size_t>(threads * images * N) : 0, 0.f);
+  // Called inside another parallel region, parallel_for runs its range on this one thread, whose
+  // number is the outer region's: one slot then.
+  const bool nested = at::in_parallel_region();
   dispatch_act(act, [&](auto tag) {
     at::parallel_for(0, groups * chunks * group, 1, [&](int64_t t0, int64_t t1) {
-      float* sums = means ? part.data() + at::get_thread_num() * images * N : nullptr;
+      const int64_t slot = nested ? 0 : at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(slot < threads, "effops aggregate: thread ", slot, " of ", threads);
+      float* sums = means ? part.data() + slot * images * N : nullptr;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t blk = (t / (chunks * group)) * group + t % group, ci = (t / group) % chunks;
         if (blk >= blocks) continue;  // the last group's missing blocks

@@ -406,6 +406,59 @@ def test_pair(case, m, results):
             case=f"pair_{name}", shape=f"1x{c}x{hw}x{hw} -> {ce} dw{k} s{s} {act}", **errs)
 
 
+DW_PAIRS = [
+    # name, C, C_out, H=W (input), stride, depthwise BN + activation: ese_vovnet19b_dw's stem (bare
+    # depthwise convs) and OSA stages, MobileNetV2's first block
+    ("vovdw_stem_112_c64", 64, 64, 112, 1, False),
+    ("vovdw_stem_112_c64_s2", 64, 64, 112, 2, False),
+    ("vovdw_56_c128", 128, 128, 56, 1, False),
+    ("vovdw_28_c160", 160, 160, 28, 1, False),
+    ("vovdw_14_c192", 192, 192, 14, 1, False),
+    ("vovdw_7_c224", 224, 224, 7, 1, False),
+    ("mnv2_112_c32_c16", 32, 16, 112, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", DW_PAIRS, ids=lambda c: c[0])
+def test_dw_pair(case, m, results):
+    """A depthwise conv and a 1x1 conv + BN + ReLU: banded (the depthwise output never written out)
+    against the two convs one after the other, hot caches."""
+    name, c, co, hw, s, dw_bn = case
+    dw = [nn.Conv2d(c, c, 3, s, 1, groups=c, bias=False)] + ([nn.BatchNorm2d(c), nn.ReLU6()] if dw_bn else [])
+    blocks = randomize_bn(nn.Sequential(*dw, nn.Conv2d(c, co, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    bn = lambda cv, b: (cv.bias, b.weight, b.bias, b.running_mean, b.running_var, b.eps, b.num_batches_tracked)
+    d, pw, pbn = blocks[0], blocks[-3], blocks[-2]
+    dargs = bn(d, blocks[1]) + ("relu6",) if dw_bn else (None, None, None, None, None, 0.0, None, "identity")
+
+    def pair():
+        return m.depthwise_pointwise_bn_act(x, d.weight, *dargs[:7], [s, s], [1, 1], [1, 1], dargs[7], 0.0, pw.weight,
+                                            *bn(pw, pbn), "relu", 0.0)
+
+    def with_policy(policy):
+        def run():
+            m.set_dw_pair_policy(policy)
+            return pair()
+        return run
+
+    before = m.dw_pair_policy()
+    try:
+        with torch.inference_mode():
+            m.set_dw_pair_policy(1)
+            with torch.profiler.profile() as prof:
+                out = pair()
+            assert any(e.name == "effops::depthwise_pointwise" for e in prof.events()), "the banded pair did not run"
+            ref64 = copy.deepcopy(blocks).double()(x.double())
+            errs = check_numerics(out, ref64, blocks(x))
+            timed = _time({"eager": lambda: blocks(x), "effops_separate": with_policy(0), "effops": with_policy(1)})
+    finally:
+        m.set_dw_pair_policy(before)
+    oh = (hw - 1) // s + 1
+    _record(results, timed, min_bytes=4 * (hw * hw * c + oh * oh * co + c * co + c * 9 + 2 * co),
+            flops=2 * oh * oh * c * 9 + 2 * oh * oh * c * co,
+            case=f"dw_pair_{name}", shape=f"1x{c}x{hw}x{hw} dw3 s{s} -> {co}", **errs)
+
+
 # ---- squeeze-excitation ------------------------------------------------------------------------
 
 SE = [

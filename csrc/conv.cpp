@@ -1360,6 +1360,63 @@ at::Tensor depthwise_pointwise_bn_act(
       pw_act_param, residual);
 }
 
+at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const OptTensor& red_s,
+                            const OptTensor& red_b, const std::vector<at::Tensor>& dw_ws,
+                            const std::vector<at::Tensor>& mid_ws, const std::vector<at::Tensor>& mid_ss,
+                            const std::vector<at::Tensor>& mid_bs, const at::Tensor& agg_w, const OptTensor& agg_s,
+                            const OptTensor& agg_b, const OptTensor& ese_w, const OptTensor& ese_b, bool identity,
+                            const std::string& act, double act_param) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "effops osa_block_native: expected a 4-D float32 CPU input, got ", x.dim(), "-D ", x.scalar_type());
+  TORCH_CHECK_VALUE(!mid_ws.empty() && mid_bs.size() == mid_ws.size() &&
+                        (mid_ss.empty() || mid_ss.size() == mid_ws.size()) &&
+                        (dw_ws.empty() || dw_ws.size() == mid_ws.size()),
+                    "effops osa_block_native: expected one weight, bias (and scale, depthwise weight) per stage conv");
+  auto scale_bias = [](const OptTensor& s, const OptTensor& b) -> FoldFn {
+    return [=]() {
+      return std::make_pair(s.has_value() ? *s : at::Tensor(), b.has_value() ? *b : at::Tensor());
+    };
+  };
+  const FoldFn none = [] { return std::make_pair(at::Tensor(), at::Tensor()); };
+  std::vector<at::Tensor> feats{x};
+  at::Tensor y = x;
+  if (red_w.has_value() && red_w->defined())
+    y = conv_common(y, *red_w, {*red_w, red_s, red_b}, scale_bias(red_s, red_b), 0.0, std::nullopt, std::nullopt,
+                    {1, 1}, {0, 0}, {1, 1}, 1, act, act_param, true, std::nullopt, 1);
+  for (size_t i = 0; i < mid_ws.size(); ++i) {
+    const at::Tensor& w = mid_ws[i];
+    const OptTensor s = mid_ss.empty() ? OptTensor() : OptTensor(mid_ss[i]);
+    const OptTensor b = mid_bs[i];
+    if (!dw_ws.empty()) {
+      const at::Tensor& dw = dw_ws[i];
+      const IntVec same{dw.size(2) / 2, dw.size(3) / 2};
+      if (w.size(2) == 1 && w.size(3) == 1) {  // depthwise -> 1x1: one banded pair where measured faster
+        y = dw_pair_common(y, dw, {dw}, none, 0.0, {1, 1}, same, {1, 1}, "identity", 0.0, w, {w, s, b},
+                           scale_bias(s, b), 0.0, act, act_param, std::nullopt);
+        feats.push_back(y);
+        continue;
+      }
+      y = conv_common(y, dw, {dw}, none, 0.0, std::nullopt, std::nullopt, {1, 1}, same, {1, 1}, y.size(1), "identity",
+                      0.0, true, std::nullopt, 1);
+    }
+    y = conv_common(y, w, {w, s, b}, scale_bias(s, b), 0.0, std::nullopt, std::nullopt, {1, 1},
+                    {w.size(2) / 2, w.size(3) / 2}, {1, 1}, 1, act, act_param, true, std::nullopt, 1);
+    feats.push_back(y);
+  }
+  const OptTensor res = identity ? OptTensor(x) : OptTensor();
+  const std::vector<OptTensor> agg_srcs{agg_w, agg_s, agg_b};
+  if (!(ese_w.has_value() && ese_w->defined()))
+    return segments_common(feats, agg_w, agg_srcs, scale_bias(agg_s, agg_b), 0.0, res, std::nullopt, act, act_param,
+                           true, std::nullopt);
+  // the eSE squeeze rides the aggregation's stores; gate * y (+ identity) in place
+  at::Tensor means = at::empty({x.size(0), agg_w.size(0)}, x.options().dtype(at::kFloat));
+  y = segments_common(feats, agg_w, agg_srcs, scale_bias(agg_s, agg_b), 0.0, std::nullopt, std::nullopt, act, act_param,
+                      true, means);
+  at::Tensor gate = se_gate_of_means(means, std::nullopt, std::nullopt, *ese_w, ese_b, Act::Identity, 0.0,
+                                     Act::Hardsigmoid, 0.0);
+  return se_apply(y, gate, res, y, Act::Identity, 0.0);
+}
+
 void set_dw_pair_policy(int64_t policy) {
   TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "depthwise-pointwise pair policy: 0 (separate), 1 (banded) or 2 "
                     "(measured per problem), got ", policy);

@@ -106,6 +106,19 @@ at::Tensor depthwise_pointwise_native_cpu(
   return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
 }
 
+// effops::osa_block_native (effops/ops/osa.py): a whole OSA block under torch.compile on CPU, NHWC
+// out as the op's fake implementation promises.
+at::Tensor osa_block_native_cpu(const at::Tensor& x, const en::OptTensor& red_w, const en::OptTensor& red_s,
+                                const en::OptTensor& red_b, at::TensorList dw_ws, at::TensorList mid_ws,
+                                at::TensorList mid_ss, at::TensorList mid_bs, const at::Tensor& agg_w,
+                                const en::OptTensor& agg_s, const en::OptTensor& agg_b, const en::OptTensor& ese_w,
+                                const en::OptTensor& ese_b, bool identity, c10::string_view act, double act_param) {
+  at::Tensor y = en::osa_block_native(x, red_w, red_s, red_b, dw_ws.vec(), mid_ws.vec(), mid_ss.vec(), mid_bs.vec(),
+                                      agg_w, agg_s, agg_b, ese_w, ese_b, identity, std::string(act), act_param);
+  if (y.strides() == c10::IntArrayRef(c10::get_channels_last_strides_2d(y.sizes()))) return y;
+  return at::empty(y.sizes(), y.options().memory_format(at::MemoryFormat::ChannelsLast)).copy_(y);
+}
+
 // effops::se_gate_native / se_apply_native (effops/ops/se.py): the SE ops of compiled CPU inference.
 at::Tensor se_gate_native_cpu(const at::Tensor& x, const en::OptTensor& rw, const en::OptTensor& rb,
                               const at::Tensor& ew, const en::OptTensor& eb, c10::string_view act, double act_param,
@@ -142,6 +155,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
   m.impl("ghost_native", &ghost_native_cpu);
   m.impl("pointwise_depthwise_native", &pointwise_depthwise_native_cpu);
   m.impl("depthwise_pointwise_native", &depthwise_pointwise_native_cpu);
+  m.impl("osa_block_native", &osa_block_native_cpu);
 }
 
 // These ops are inference-only. This C++ autograd kernel replaces the Python one that
@@ -152,6 +166,7 @@ TORCH_LIBRARY_IMPL(effops, Autograd, m) {
   m.impl("ghost_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("pointwise_depthwise_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("depthwise_pointwise_native", torch::autograd::autogradNotImplementedFallback());
+  m.impl("osa_block_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_gate_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("se_apply_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("interleave_native", torch::autograd::autogradNotImplementedFallback());
@@ -198,6 +213,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pw_act_param"), py::arg("residual") = py::none(),
         "act2(bn2(conv1x1(act1(bn1(dwconv(x)))))) [+ residual] with the depthwise output computed a band of rows "
         "at a time");
+  m.def("osa_block_native", &en::osa_block_native, py::arg("x"), py::arg("red_w"), py::arg("red_s"),
+        py::arg("red_b"), py::arg("dw_ws"), py::arg("mid_ws"), py::arg("mid_ss"), py::arg("mid_bs"), py::arg("agg_w"),
+        py::arg("agg_s"), py::arg("agg_b"), py::arg("ese_w"), py::arg("ese_b"), py::arg("identity"), py::arg("act"),
+        py::arg("act_param"), "a whole OSA block (effops::osa_block's arguments), float32");
   m.def("set_dw_pair_policy", &en::set_dw_pair_policy, py::arg("policy"),
         "depthwise -> 1x1 pairs: 0 = separate, 1 = banded, 2 = measured per problem");
   m.def("dw_pair_policy", &en::dw_pair_policy);

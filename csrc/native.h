@@ -109,6 +109,16 @@ at::Tensor depthwise_pointwise_bn_act(
     const OptTensor& pw_bn_bias, const OptTensor& pw_running_mean, const OptTensor& pw_running_var, double pw_eps,
     const OptTensor& pw_stats_counter, const std::string& pw_act, double pw_act_param, const OptTensor& residual);
 void set_dw_pair_policy(int64_t policy);
+// A whole OSA block as effops::osa_block's arguments state it (BNs folded into scales and biases),
+// float32: each conv through conv_common (its measured implementation), depthwise stages as
+// banded depthwise -> 1x1 pairs, the aggregation over the stage outputs where they lie with the
+// eSE squeeze in its epilogue, then gate * y (+ identity) in place.
+at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const OptTensor& red_s,
+                            const OptTensor& red_b, const std::vector<at::Tensor>& dw_ws,
+                            const std::vector<at::Tensor>& mid_ws, const std::vector<at::Tensor>& mid_ss,
+                            const std::vector<at::Tensor>& mid_bs, const at::Tensor& agg_w, const OptTensor& agg_s,
+                            const OptTensor& agg_b, const OptTensor& ese_w, const OptTensor& ese_b, bool identity,
+                            const std::string& act, double act_param);
 int64_t dw_pair_policy();
 // Expand -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded up to 128
 // input channels (the default).

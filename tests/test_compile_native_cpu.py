@@ -220,6 +220,19 @@ def test_opcheck_native_ops():
     torch.library.opcheck(APPLY_NATIVE_OP, (x.contiguous(), torch.rand(2, 6), None, "identity", 0.0))
     buf = torch.randn(2, 12, 5, 4).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(INTERLEAVE_NATIVE_OP, (buf[:, :6], x))  # a channel view and a dense half
+    from effops.ops.osa import OSA_NATIVE_OP
+
+    s5, b5 = torch.rand(5) + 0.5, torch.randn(5)
+    mids = [torch.randn(5, 5, 1, 1), torch.randn(5, 5, 1, 1)]
+    for identity, ese in ((False, True), (True, False)):  # depthwise stages with a reduction; NCHW in
+        c = 6 if not identity else 5
+        xi = torch.randn(2, c, 5, 4)
+        red = (torch.randn(5, c, 1, 1), s5, b5) if c != 5 else (None, None, None)
+        agg = torch.randn(c, c + 10, 1, 1)
+        torch.library.opcheck(OSA_NATIVE_OP, (xi, *red, [dw[:5], dw[:5]], mids, [s5, s5], [b5, b5], agg,
+                                              torch.rand(c) + 0.5, torch.randn(c),
+                                              torch.randn(c, c, 1, 1) if ese else None,
+                                              torch.randn(c) if ese else None, identity, "relu", 0.0))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nchw_channel_view", "one_pixel", "empty_batch"])

@@ -49,8 +49,8 @@ def _x(c, n=2, h=5, w=7, dtype=torch.float32, channels_last=True):
 @pytest.mark.parametrize("variant", ["dw_reduced", "dw_identity", "dw_wide", "v2"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_native_cpu_eval_matches_classic_module(variant, compiled):
-    """The native CPU path (eager: the modules' native calls; compiled: the osa_block op's native
-    implementation) within 1e-5 of float64, on maps tall enough for several bands per thread; with
+    """The native CPU path (eager: the modules' native calls; compiled: the osa_block_native op)
+    within 1e-5 of float64, on maps tall enough for several bands per thread; with
     16 or more stage channels each depthwise stage runs as one banded depthwise -> 1x1 pair."""
     if not native_fast(torch.empty(1)):
         pytest.skip("the native backend is not the CPU backend in this run (EFFOPS_CPU_BACKEND=triton)")
@@ -74,6 +74,8 @@ def test_native_cpu_eval_matches_classic_module(variant, compiled):
         mod.set_dw_pair_policy(before)
     pairs = sum(1 for e in prof.events() if e.name == "effops::depthwise_pointwise")
     assert pairs == (2 if variant == "dw_wide" else 0)
+    # compiled: the whole block is one C++ op call, no Python between its convs
+    assert sum(1 for e in prof.events() if e.name == "effops::osa_block_native") == (1 if compiled else 0)
     assert_matches(y, copy.deepcopy(ref).double()(x.double()))
 
 

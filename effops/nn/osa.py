@@ -13,7 +13,7 @@ from ..activations import activation_of, make_activation
 from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
-from ..ops.osa import _OP, check_osa_inputs
+from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children
 from .conv_bn_act import DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
 from .se import SqueezeExcite
@@ -450,7 +450,9 @@ class FusedOSA(nn.Module):
             return self._run_native(x, identity)
         args = self.fused_arguments(x, dtype, identity)
         if torch.compiler.is_compiling():
-            return _OP(*args)
+            # CPU float32 inference on the native backend: the whole block as one C++ call
+            native = native_fast(x) and x.dtype == torch.float32  # (forward sent gradients elsewhere)
+            return (OSA_NATIVE_OP if native else _OP)(*args)
         w = args[8]
         sig = (x.shape, x.dtype, x.device, w.dtype, w.device, identity)
         if sig != self._checked:  # validate each new (input, weight) signature once

@@ -470,6 +470,31 @@ def _(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b
 _OP = torch.ops.effops.osa_block.default
 
 
+@torch.library.custom_op("effops::osa_block_native", mutates_args=())
+def _osa_block_native_op(
+    x: Tensor, red_w: Optional[Tensor], red_s: Optional[Tensor], red_b: Optional[Tensor], dw_ws: List[Tensor],
+    mid_ws: List[Tensor], mid_ss: List[Tensor], mid_bs: List[Tensor], agg_w: Tensor, agg_s: Optional[Tensor],
+    agg_b: Optional[Tensor], ese_w: Optional[Tensor], ese_b: Optional[Tensor], identity: bool, act: str,
+    act_param: float,
+) -> Tensor:
+    """``osa_block`` for torch.compile on CPU (float32 inference, native backend): the whole block in
+    one C++ call (``osa_block_native`` in csrc/conv.cpp, whose CPU kernel replaces this body), with
+    no Python between its convs. Always NHWC out."""
+    y = _conv._native.module().osa_block_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s,
+                                                agg_b, ese_w, ese_b, identity, act, act_param)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@_osa_block_native_op.register_fake
+def _(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity, act,
+      act_param):
+    return torch.empty((x.shape[0], agg_w.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+OSA_NATIVE_OP = torch.ops.effops.osa_block_native.default
+
+
 def check_osa_inputs(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
                      act) -> None:
     """Validate a whole block's arguments; errors name what was expected."""

@@ -747,6 +747,21 @@ bool first_is_faster(const std::function<void()>& a, const std::function<void()>
   return ta <= tb;
 }
 
+// choices[key], measured once by measure() for a problem not seen before (outside the lock: a
+// measurement runs the kernels, which may take the lock for their own choices).
+template <typename Map, typename Key>
+bool measured_once(Map& choices, const Key& key, const std::function<bool()>& measure) {
+  {
+    std::lock_guard<std::mutex> lock(g_choice_mutex);
+    auto it = choices.find(key);
+    if (it != choices.end()) return it->second;
+  }
+  const bool v = measure();
+  std::lock_guard<std::mutex> lock(g_choice_mutex);
+  choices[key] = v;
+  return v;
+}
+
 
 // Runs the conv with entry e's implementation. The GEMM, depthwise and Winograd paths write into
 // `direct` when it is defined and channel-minor (a channel view of a block buffer, say) and return
@@ -813,32 +828,27 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
   const bool dense = is_dense(x);
   const auto key = std::make_tuple(alt, x.sizes().vec(), weight.size(0), p_alt.padding, has_res,
                                    static_cast<int64_t>(act), at::get_num_threads(), dense);
-  {
-    std::lock_guard<std::mutex> lock(g_choice_mutex);
-    auto it = g_alt_faster.find(key);
-    if (it != g_alt_faster.end()) return it->second;
-  }
-  at::NoGradGuard no_grad;
-  const at::Tensor xd = dense_input(x);
-  ConvParams po = p_alt;
-  po.in_shape = xd.sizes().vec();
-  auto ea = build(x, weight, fold, p_alt, alt);
-  auto eo = build(xd, weight, fold, po, Impl::OneDNN);
-  std::optional<CacheEvictor> evict;
-  if (alt == Impl::Winograd) evict.emplace(ea->weight);  // the transformed weight: 4x the conv's
-  const bool faster = first_is_faster(
-      [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
-      [&] {
-        // oneDNN's time includes the copy that makes a channel view dense, as in the model
-        run_packed(dense ? xd : dense_input(x), *eo, weight, residual, residual_after_act, act, act_param,
-                   at::Tensor());
-      },
-      // cold: best of 3 each (each eviction writes 64 MB; Winograd's wins are mostly wide)
-      evict ? 3 : 5, evict ? std::function<void()>([&] { (*evict)(); }) : std::function<void()>());
-  winner = faster ? ea : eo;
-  std::lock_guard<std::mutex> lock(g_choice_mutex);
-  g_alt_faster[key] = faster;
-  return faster;
+  return measured_once(g_alt_faster, key, [&] {
+    at::NoGradGuard no_grad;
+    const at::Tensor xd = dense_input(x);
+    ConvParams po = p_alt;
+    po.in_shape = xd.sizes().vec();
+    auto ea = build(x, weight, fold, p_alt, alt);
+    auto eo = build(xd, weight, fold, po, Impl::OneDNN);
+    std::optional<CacheEvictor> evict;
+    if (alt == Impl::Winograd) evict.emplace(ea->weight);  // the transformed weight: 4x the conv's
+    const bool faster = first_is_faster(
+        [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
+        [&] {
+          // oneDNN's time includes the copy that makes a channel view dense, as in the model
+          run_packed(dense ? xd : dense_input(x), *eo, weight, residual, residual_after_act, act, act_param,
+                     at::Tensor());
+        },
+        // cold: best of 3 each (each eviction writes 64 MB; Winograd's wins are mostly wide)
+        evict ? 3 : 5, evict ? std::function<void()>([&] { (*evict)(); }) : std::function<void()>());
+    winner = faster ? ea : eo;
+    return faster;
+  });
 }
 
 at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const std::vector<OptTensor>& srcs,
@@ -971,18 +981,9 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
     return y;
   };
   bool concat_free = g_pointwise_policy == 1;
-  if (g_pointwise_policy == 2) {
-    std::unique_lock<std::mutex> lock(g_choice_mutex);
-    auto it = g_segments_faster.find(key);
-    if (it != g_segments_faster.end()) {
-      concat_free = it->second;
-    } else {
-      lock.unlock();
-      concat_free = first_is_faster(run_segments, [&] { run_concat(); });
-      lock.lock();
-      g_segments_faster[key] = concat_free;
-    }
-  }
+  if (g_pointwise_policy == 2)
+    concat_free = measured_once(g_segments_faster, key,
+                                [&] { return first_is_faster(run_segments, [&] { run_concat(); }); });
   if (!concat_free) return run_concat();
   run_segments();
   g_impl_calls[static_cast<int>(Impl::Gemm)].fetch_add(1, std::memory_order_relaxed);
@@ -1223,21 +1224,14 @@ at::Tensor dw_pair_common(const at::Tensor& x, const at::Tensor& w1, const std::
     // Measured once per problem against the two convs (each as fast as its own choice makes it).
     const auto key = std::make_tuple(x.sizes().vec(), Cout, stride, padding, w1.size(2), has_res,
                                      static_cast<int64_t>(act1), static_cast<int64_t>(act2), at::get_num_threads());
-    std::unique_lock<std::mutex> lock(g_choice_mutex);
-    auto it = g_dw_pair_faster.find(key);
-    if (it != g_dw_pair_faster.end()) {
-      use_bands = it->second;
-    } else {
-      lock.unlock();
+    use_bands = measured_once(g_dw_pair_faster, key, [&] {
       at::NoGradGuard no_grad;
       // From cold caches, as in a model, where the separate convs' intermediate tensor is written
       // to memory the other layers' data has pushed out of the cache (timed hot, back to back, it
       // stays in the cache and the separate convs look faster than they are there).
       CacheEvictor evict(xr);
-      use_bands = first_is_faster(banded, [&] { separate(); }, 3, [&] { evict(); });
-      lock.lock();
-      g_dw_pair_faster[key] = use_bands;
-    }
+      return first_is_faster(banded, [&] { separate(); }, 3, [&] { evict(); });
+    });
   }
   if (!use_bands) return separate();
   banded();

@@ -686,9 +686,11 @@ class DepthwisePointwise:
         if torch.compiler.is_compiling():
             return self._compiled(x, residual)
         y = self.native(x, residual)
-        if y is not None:
-            return y
-        return self.pw(self.dw(x)) if residual is None else self.pw(self.dw(x), residual)
+        return y if y is not None else self._units(x, residual)
+
+    def _units(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        y = self.dw(x)
+        return self.pw(y) if residual is None else self.pw(y, residual)
 
     def _dw_args(self, x: Tensor) -> Optional[tuple]:
         """The depthwise conv's ``(weight, bn args..., stride, padding, dilation, act, act_param)`` as
@@ -757,7 +759,7 @@ class DepthwisePointwise:
                         and (residual is None or tuple(residual.shape) == (x.shape[0], b[0].shape[0], oh, ow)):
                     w2, st2, *_, act2, p2 = b
                     return DW_PAIR_NATIVE_OP(x, *a, w2, *st2[:6], st2[6], act2, p2, residual)
-        return pw(dw(x)) if residual is None else pw(dw(x), residual)
+        return self._units(x, residual)
 
 
 def _pointwise(conv) -> bool:

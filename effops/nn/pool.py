@@ -33,8 +33,7 @@ class MaxPool2d(nn.MaxPool2d):
         if type(x) is Tensor and x.dim() == 4 and not self.return_indices and not torch.compiler.is_compiling() \
                 and (x.shape[1] <= 1 or x.stride(1) == 1) and x.numel() > 0 and native_fast(x) \
                 and not (x.requires_grad and torch.is_grad_enabled()) and _pair(self.dilation) == [1, 1]:
-            k, s, p = _pair(self.kernel_size), _pair(self.stride if self.stride is not None else self.kernel_size), \
-                _pair(self.padding)
+            k, s, p = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)  # (nn.MaxPool2d stores kernel_size for stride=None)
             if 2 * p[0] <= k[0] and 2 * p[1] <= k[1] and min(k + s) >= 1 and min(p) >= 0 \
                     and x.shape[2] + 2 * p[0] >= k[0] and x.shape[3] + 2 * p[1] >= k[1]:
                 return native_module().max_pool_nhwc(x, k, s, p, self.ceil_mode)

@@ -682,24 +682,18 @@ def _osa_native_reasons(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, a
 def _run_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w, ese_b, identity,
                 act, act_param):
     # The op form (FusedOSA's CPU inference calls its modules' native paths instead, which
-    # cache the folded weights): each conv through csrc/conv.cpp, one concat, the aggregation.
+    # cache the folded weights). float32: the whole block in one C++ call (osa_block_native, as a
+    # compiled FusedOSA runs it); bfloat16: each conv through csrc/conv.cpp, then the aggregation.
     nat = _conv._native.module()
+    if x.dtype == torch.float32:
+        return nat.osa_block_native(x, red_w, red_s, red_b, dw_ws, mid_ws, mid_ss, mid_bs, agg_w, agg_s, agg_b, ese_w,
+                                    ese_b, identity, act, float(act_param))
     feats = [x]
     y = x
     if red_w is not None:
         y = nat.conv_scale_bias_act(y, red_w, red_s, red_b, None, None, _ONE, _ZERO, _ONE, 1, act, act_param, False)
     for i, (w, b) in enumerate(zip(mid_ws, mid_bs)):
         s = mid_ss[i] if mid_ss else None
-        if dw_ws and y.dtype == torch.float32 and w.shape[-1] == 1:
-            # depthwise -> 1x1 as one banded pair; the 1x1 conv's scale and bias given as a BN with
-            # zero mean, unit variance and eps 0 (scale * rsqrt(1) is exactly scale)
-            c = w.shape[0]
-            y = nat.depthwise_pointwise_bn_act(
-                y, dw_ws[i], None, None, None, None, None, 0.0, None, _ONE, _same(dw_ws[i].shape[-1]), _ONE,
-                "identity", 0.0, w, None, s, b, w.new_zeros(c, dtype=torch.float32),
-                w.new_ones(c, dtype=torch.float32), 0.0, None, act, float(act_param))
-            feats.append(y)
-            continue
         if dw_ws:
             y = nat.conv_scale_bias_act(y, dw_ws[i], None, None, None, None, _ONE, _same(dw_ws[i].shape[-1]), _ONE,
                                         y.shape[1], "identity", 0.0, False)

@@ -14,7 +14,8 @@ from ..native import module as native_module
 from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
-from .common import ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act
+from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
+                     trace_register, traced_constants)
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
@@ -189,6 +190,11 @@ class FusedConvBNAct(nn.Module):
         self._checked = None
         self._why_unfused = None
         self._native_plan = None
+        trace_register(self)
+
+    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
+        super().__setstate__(state)
+        trace_register(self)
 
     def _live_modules(self):
         """``(conv, bn, act)`` as registered now (``act`` may be None: identity)."""
@@ -271,6 +277,15 @@ class FusedConvBNAct(nn.Module):
             y = plan.run(x, residual, residual_after_act, gate, out_shuffle_groups, None)
             if y is not None:
                 return y
+        if out is None and torch.compiler.is_compiling():
+            # torch.compile on CPU, inference: the native op, configured by graph constants
+            a = self._compiled_native_args(x, gate, residual=residual)
+            if a is not None:
+                w, st, stride, padding, dilation, groups, act, act_param = a
+                if out_shuffle_groups != 1:
+                    check_shuffle_groups(out_shuffle_groups, w.shape[0])
+                return NATIVE_BN_OP(x, w, *st[:6], residual, stride, padding, dilation, groups, act, act_param,
+                                    residual_after_act, gate, out_shuffle_groups, st[6])
         return self._forward(x, residual, residual_after_act, out, gate, out_shuffle_groups)
 
     def _into_trusted(self, x: Tensor, dst: Tensor, gate: Optional[Tensor] = None) -> Tensor:
@@ -296,26 +311,70 @@ class FusedConvBNAct(nn.Module):
         return NATIVE_BN_OP(x, w, *st[:6], None, stride, padding, dilation, groups, act, act_param, True, gate, 1,
                             st[6])
 
-    def _compiled_native_args(self, x: Tensor, gate: Optional[Tensor] = None, check: bool = True) -> Optional[tuple]:
+    def _compiled_native_args(self, x: Tensor, gate: Optional[Tensor] = None, check: bool = True,
+                              residual: Optional[Tensor] = None) -> Optional[tuple]:
         """``(weight, bn args, stride, padding, dilation, groups, act, act_param)`` of
-        :meth:`_compiled_native`, or None; ``check=False``: ``x``'s shape was settled by the owner
-        (FusedGhostModule's cheap conv, reading the primary conv's output)."""
-        conv, bn, act_mod = self._live_modules()
-        if why_not_fusable(conv, bn, act_mod) is not None or not self._folds(bn):
+        :meth:`_compiled_native`, or None where another path of ``forward`` applies (a child replaced,
+        a hook, unfusable settings, a train-mode BN, gradients, autocast, not the native backend);
+        ``check=False``: ``x``'s shape was settled by the owner (FusedGhostModule's cheap conv, reading
+        the primary conv's output). The configuration comes from :meth:`_trace_constants`, a constant
+        of the trace; the tensors and the BN's mode are read live."""
+        if self._snapshot.changed() or not native_fast(x) or torch.is_autocast_enabled("cpu"):
             return None
-        w = conv._parameters["weight"]
-        if not native_fast(x) or w.dtype != x.dtype or torch.is_autocast_enabled("cpu") \
-                or (torch.is_grad_enabled() and _any_requires_grad(x, w, None, gate, conv, bn)):
+        c = traced_constants(self)
+        if c is None:
             return None
-        settings = self._settings(conv, bn, act_mod)
+        conv_name, bn_name, affine_in_buffers, frozen, stride, padding, dilation, groups, act, act_param, eps = c
+        mods = self._modules
+        conv = mods[conv_name]
+        cp = conv._parameters
+        w = cp["weight"]
+        if w.dtype != x.dtype:
+            return None
+        cb = cp["bias"]
+        if bn_name is None:
+            bn, st = None, (cb, None, None, None, None, 0.0, None)
+        else:
+            bn = mods[bn_name]
+            if bn.training and not frozen:
+                return None  # batch statistics: nothing to fold
+            bb = bn._buffers
+            affine = bb if affine_in_buffers else bn._parameters
+            st = (cb, affine["weight"], affine["bias"], bb["running_mean"], bb["running_var"], eps,
+                  bb.get("num_batches_tracked"))
+        if torch.is_grad_enabled() and _any_requires_grad(x, w, residual, gate, conv, bn):
+            return None
         if check:
-            check_inputs(x, w, None, None, None, conv.stride, resolve_padding(conv), conv.dilation, conv.groups,
-                         settings[-1][0])
+            check_inputs(x, w, None, None, residual, stride, padding, dilation, groups, act)
         if gate is not None:
-            check_gate(gate, x, w.shape[1] * conv.groups)
-        act, act_param = settings[-1]
-        return (w, _native_bn_args(conv, bn), list(conv.stride), list(resolve_padding(conv)), list(conv.dilation),
-                conv.groups, act, float(act_param))
+            check_gate(gate, x, w.shape[1] * groups)
+        return (w, st, stride, padding, dilation, groups, act, act_param)
+
+    def _trace_constants(self) -> Optional[tuple]:
+        """This unit's configuration as a traced native call takes it: ``(conv name, BN name,
+        BN affine tensors are buffers, frozen BN, stride, padding, dilation, groups, act, act_param,
+        eps)`` as lists and numbers, or None where the fused op can't run it (unfusable settings, a BN
+        without running statistics, a hook watching). Under torch.compile it is read once, while
+        Dynamo traces (:func:`~effops.nn.common.traced_constants`)."""
+        conv, bn, act_mod = self._live_modules()
+        if why_not_fusable(conv, bn, act_mod) is not None or hooked(self._hooks):
+            return None
+        if "bias" not in conv._parameters:
+            return None
+        frozen, in_buffers, eps = False, False, 0.0
+        if bn is not None:
+            bb = bn._buffers
+            if bb.get("running_mean") is None or bb.get("running_var") is None:
+                return None
+            frozen = frozen_bn(bn)
+            in_buffers = "weight" not in bn._parameters
+            affine = bb if in_buffers else bn._parameters
+            if "weight" not in affine or "bias" not in affine:
+                return None
+            eps = float(bn.eps)
+        act, act_param = _fused_activation(bn, act_mod)
+        return (self._names[0], None if bn is None else self._names[1], in_buffers, frozen, list(conv.stride),
+                list(resolve_padding(conv)), list(conv.dilation), int(conv.groups), act, float(act_param), eps)
 
     def _forward(self, x, residual, residual_after_act, out, gate, out_shuffle_groups):
         if self._snapshot.changed():  # a child was replaced since the last call
@@ -623,8 +682,7 @@ class PointwiseDepthwise:
         native ops (their own ``_compiled_native_args`` decide) or the live settings are no longer a
         pair."""
         pw, dw = self.pw, self.dw
-        if type(x) is Tensor and x.dtype is torch.float32 and not hooked(self.hooks) \
-                and not pw._snapshot.changed() and not dw._snapshot.changed():
+        if type(x) is Tensor and x.dtype is torch.float32 and not hooked(self.hooks):
             a = pw._compiled_native_args(x)
             b = None if a is None else dw._compiled_native_args(x, check=False)
             if b is not None and tuple(a[0].shape[2:]) == (1, 1) and a[2:6] == ([1, 1], [0, 0], [1, 1], 1) \
@@ -741,7 +799,7 @@ class DepthwisePointwise:
         if type(x) is Tensor and x.dtype is torch.float32 and x.dim() == 4 and not hooked(self.hooks) \
                 and (residual is None or (type(residual) is Tensor and residual.dtype is torch.float32)):
             if isinstance(dw, FusedConvBNAct):
-                a = None if dw._snapshot.changed() else dw._compiled_native_args(x)
+                a = dw._compiled_native_args(x)
                 if a is not None and a[5] == x.shape[1] == a[0].shape[0] and a[0].shape[1] == 1:
                     w1, st1, stride, padding, dilation, _, act1, p1 = a
                     a = (w1, *st1, stride, padding, dilation, act1, p1)
@@ -751,7 +809,7 @@ class DepthwisePointwise:
                 a = self._dw_args(x) if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
                 if a is not None:
                     a = a[:8] + (list(a[8]), list(a[9]), list(a[10]), a[11], float(a[12]))
-            if a is not None and not pw._snapshot.changed():
+            if a is not None:
                 oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], a[8], a[9], a[10])
                 b = pw._compiled_native_args(x, check=False)
                 if b is not None and b[0].shape[1] == x.shape[1] and tuple(b[0].shape[2:]) == (1, 1) \

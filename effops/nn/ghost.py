@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..activations import activation_of, make_activation
-from ..ops.conv import _OP, GHOST_NATIVE_OP, check_gate, check_inputs, derived_reusable, native_fast, output_format
+from ..ops.conv import _OP, GHOST_NATIVE_OP, NATIVE_BN_OP, check_gate, check_inputs, derived_reusable, native_fast, output_format
 from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, slot_tensors, tensor_slots, hooked, looks_like_batch_norm, register_block_rule,
-                     sequential_children)
+                     sequential_children, trace_register, traced_constants)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
 from .repvgg import MergedBranches, conv_bn_branch
 
@@ -306,6 +306,54 @@ class FusedGhostModule(nn.Module):
         self._fingerprint = self._live_settings()
         self._checked = None
         self.__dict__["_native_plan"] = None
+        trace_register(self)
+
+    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
+        super().__setstate__(state)
+        trace_register(self)
+
+    def _trace_constants(self) -> Optional[tuple]:
+        """``(out_keep, init_chs, cheap conv outputs)`` when :meth:`_forward_compiled` applies (two
+        FusedConvBNAct units, no gate branch, settings as planned, no hook), else None; read once
+        while torch.compile traces (:func:`~effops.nn.common.traced_constants`)."""
+        p = self._plan
+        if p is None or p.short is not None or p.primary.unit is None or p.cheap.unit is None \
+                or self._live_settings() != self._fingerprint or hooked(self._hooks):
+            return None
+        return (p.out_keep, p.init_chs, p.cheap.conv.out_channels)
+
+    def _forward_compiled(self, x: Tensor, gate: Optional[Tensor]) -> Optional[Tensor]:
+        """Under torch.compile on CPU, inference: both convs as the functional native op with their
+        BNs' own tensors (the extension's folded, packed weights stay cached), concatenated by the
+        graph (no writes into views of an empty buffer for functionalization to copy); the
+        configuration comes from graph constants. None where :meth:`forward`'s full path decides."""
+        if type(x) is not Tensor or x.dim() != 4 or x.shape[1] != self.in_chs or x.shape[0] == 0 \
+                or self._snapshot.changed() or not native_fast(x) or torch.is_autocast_enabled("cpu") \
+                or (gate is not None and (type(gate) is not Tensor or gate.requires_grad)):
+            return None
+        c = traced_constants(self)
+        if c is None:
+            return None
+        out_keep, init, cheap_out = c
+        p = self._plan
+        primary, cheap = p.primary.unit, p.cheap.unit
+        a1 = primary._compiled_native_args(x, gate)
+        if a1 is None or (gate is not None and a1[5] != 1):
+            return None  # a grouped primary conv takes no gate: the full path applies it first
+        w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
+        keep = out_keep - init
+        a2 = cheap._compiled_native_args(x, None, False) if keep == cheap_out else None
+        if a2 is not None:  # every cheap output is kept: one node writing one buffer
+            w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
+            return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,
+                                   w2, *st2[:6], st2[6], pad2, dil2, g2, act2, ap2)
+        x1 = NATIVE_BN_OP(x, w1, *st1[:6], None, s1, pad1, dil1, g1, act1, ap1, True, gate, 1, st1[6])
+        x2 = cheap._compiled_native(x1)
+        if x2 is None:
+            x2 = cheap(x1)
+        if x2.shape[1] != keep:
+            x2 = x2[:, :keep]
+        return torch.cat([x1, x2], 1)
 
     def _live_settings(self) -> tuple:
         p = self._plan
@@ -351,6 +399,10 @@ class FusedGhostModule(nn.Module):
         fast = self.__dict__.get("_native_plan")
         if fast is not None and not torch.compiler.is_compiling():  # CPU inference, steady state: see _GhostPlan
             y = fast.run(x, gate)
+            if y is not None:
+                return y
+        if torch.compiler.is_compiling():
+            y = self._forward_compiled(x, gate)
             if y is not None:
                 return y
         if not isinstance(x, Tensor) or x.dim() != 4:

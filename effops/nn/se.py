@@ -16,7 +16,7 @@ from ..ops.se import (APPLY_NATIVE_OP, APPLY_OP, GATE_NATIVE_OP, GATE_OP, check_
                       se_gate_from_sums)
 from ..native import module as native_module
 from ..ops.conv import native_fast, native_first
-from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, register_block_rule
+from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, register_block_rule, trace_register, traced_constants
 from .conv_bn_act import _STATIC_ACTS
 
 
@@ -174,6 +174,16 @@ class SqueezeExcite(nn.Module):
         self._snapshot = ChildrenSnapshot([self])
         self._checked = self._checked_apply = None
         self.__dict__["_native_gate"] = None
+        trace_register(self)
+
+    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
+        super().__setstate__(state)
+        trace_register(self)
+
+    def _trace_constants(self):
+        """:meth:`_plan` as torch.compile's trace takes it: read once, kept in the graph
+        (:func:`~effops.nn.common.traced_constants`)."""
+        return self._plan()
 
     # -- the live structure ----------------------------------------------------------
     def _child(self, name: Optional[str]) -> Optional[nn.Module]:
@@ -280,7 +290,7 @@ class SqueezeExcite(nn.Module):
             self._watch()
         if self.training or hooked(self._hooks):
             return None
-        plan = self._plan()
+        plan = traced_constants(self) if torch.compiler.is_compiling() else self._plan()
         if isinstance(plan, str):
             if self._warned != plan:
                 warnings.warn(f"effops.SqueezeExcite runs unfused: {plan}", stacklevel=3)

@@ -8,6 +8,7 @@ from typing import List, Tuple
 
 from torch import nn
 
+from .common import ChildrenSnapshot
 from .conv_bn_act import pair_steps
 
 
@@ -52,10 +53,12 @@ class FusedSequential(nn.Sequential):
         self._plan = plan
         self._steps = pair_steps(plan)  # what forward runs: the plan with expand → depthwise pairs joined
         self._runs = [(start, length) for start, length, _ in runs]
-        self._children_at_plan = dict(self._modules)
+        # which child sits in each slot, compared when the structure epoch moved (under torch.compile:
+        # two integer guards instead of one per child)
+        self._snapshot = ChildrenSnapshot([self], deep=False)
 
     def forward(self, x):
-        if self._modules != self._children_at_plan:  # dict equality: modules compare by identity
+        if self._snapshot.changed():
             if not getattr(self, "_warned", False):
                 self._warned = True
                 warnings.warn("effops.FusedSequential: a child was replaced after optimize(); running the children "

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..activations import activation_of
 from ..native import module as native_module
-from ..ops.conv import _out_hw, native_fast, output_format
+from ..ops.conv import NATIVE_BN_OP, _out_hw, native_fast, output_format
 from ..ops.shuffle import INTERLEAVE_NATIVE_OP
 from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, is_plain_sequential, looks_like_batch_norm, \
     register_block_rule
@@ -298,6 +298,10 @@ class FusedShuffleV2Block(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedShuffleV2Block expected a 4-D input (N, C, H, W), got {got}")
+        if torch.compiler.is_compiling():
+            y = self._forward_compiled(x)
+            if y is not None:
+                return y
         if self._snapshot.changed() or self.stride != self._planned_stride:
             self._reparse()
         p = self._plan
@@ -353,6 +357,41 @@ class FusedShuffleV2Block(nn.Module):
         else:
             self._branch(p.left, x, even, True)
         return out
+
+    def _forward_compiled(self, x: Tensor) -> Optional[Tensor]:
+        """Under torch.compile on CPU, inference: each branch as functional native ops (their
+        configuration from graph constants: :meth:`FusedConvBNAct._compiled_native_args`) and the
+        interleave as one op. None where the full path of :meth:`forward` decides (a child replaced,
+        a hook, gradients, autocast, other backends, shapes that don't interleave)."""
+        p = self._plan
+        if p is None or self._snapshot.changed() or self.stride != self._planned_stride or hooked(self._hooks) \
+                or type(x) is not Tensor or x.dim() != 4 or x.shape[1] != p.in_ch or x.shape[0] == 0 \
+                or not native_fast(x) or x.stride(1) != 1 or torch.is_autocast_enabled("cpu"):
+            return None
+        half = p.in_ch // 2
+        b = self._branch_native(p.right, x[:, half:] if p.stride == 1 else x)
+        if b is None:
+            return None
+        if p.stride == 1:
+            a = x[:, :half]
+            if b.shape[2:] != x.shape[2:]:
+                return None
+        else:
+            a = self._branch_native(p.left, x)
+            if a is None or a.shape != b.shape:
+                return None
+        return INTERLEAVE_NATIVE_OP(a, b)
+
+    @staticmethod
+    def _branch_native(runs: List[FusedConvBNAct], y: Tensor) -> Optional[Tensor]:
+        for f in runs:
+            a = f._compiled_native_args(y)
+            if a is None:
+                return None
+            w, st, stride, padding, dilation, groups, act, act_param = a
+            y = NATIVE_BN_OP(y, w, *st[:6], None, stride, padding, dilation, groups, act, act_param, True, None, 1,
+                             st[6])
+        return y
 
     @staticmethod
     def _branch_compiled(runs: List[FusedConvBNAct], y: Tensor) -> Tensor:

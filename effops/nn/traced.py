@@ -41,7 +41,7 @@ from ..activations import apply_activation
 from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
-from .common import ChildrenSnapshot, hook_dicts, hooked
+from .common import ChildrenSnapshot, hook_dicts, hooked, traced_constants
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, PointwiseDepthwise, _cast, _compute_dtype, pair_steps, resolve_padding,
                           why_not_fusable)
 
@@ -109,16 +109,20 @@ class FusedStep(nn.Module):
         # The common case, answered from the conv's plan; anything else is worked out below.
         if plan is not None and not torch.compiler.is_compiling() and plan.exact_residual(x, r):
             return True
-        conv = self.fused.conv
         if not isinstance(r, Tensor) or r.dim() != 4 or x.dim() != 4:
             return False
         if r.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
-        k, s, d = conv.kernel_size, conv.stride, conv.dilation
-        p = resolve_padding(conv)
+        c = traced_constants(self.fused) if torch.compiler.is_compiling() else None
+        if c is not None:  # the configuration as graph constants, the kernel size from the weight
+            w = self.fused._modules[c[0]]._parameters["weight"]
+            k, s, p, d, cout = w.shape[2:], c[4], c[5], c[6], w.shape[0]
+        else:
+            conv = self.fused.conv
+            k, s, d, p, cout = conv.kernel_size, conv.stride, conv.dilation, resolve_padding(conv), conv.out_channels
         oh = (x.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         ow = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        return tuple(r.shape) == (x.shape[0], conv.out_channels, oh, ow)
+        return tuple(r.shape) == (x.shape[0], cout, oh, ow)
 
 
 class FusedTailStep(nn.Module):

@@ -3,14 +3,16 @@
     python benchmarks/tools/compile_overhead.py                                  # the mobile nets
     python benchmarks/tools/compile_overhead.py --models ghostnet_100,mobilenet_v2 --rounds 3
     python benchmarks/tools/compile_overhead.py --models resnet50 --batch 8 --runs 5
+    python benchmarks/tools/compile_overhead.py --plain        # the models without effops, eager vs compiled
 
 Per model: ``effops.optimize`` of the channels_last model (speed check on the benchmark input),
 the same object compiled with inductor and ``freezing=True`` (called in ``torch.inference_mode()``,
 as ``benchmarks/cpu_run.py`` times every provider), then rounds that time the eager and
 the compiled model one after the other (median of ``--runs`` calls each), so drift on a shared
 machine hits both alike. Prints one line per model with every round's medians, eager / compiled,
-in ms, and Dynamo's guard evaluation per compiled call (torch.profiler's "TorchDynamo Cache
-Lookup", µs).
+in ms, the number of guards Dynamo installed and their evaluation per compiled call (torch.profiler's
+"TorchDynamo Cache Lookup", µs: inflated by the profiler, and paid from cold caches after the
+kernels of the previous call).
 ``benchmarks/test_cpu_models.py`` is the number of record (one process per provider); this tool
 isolates the compiled path's own cost (guards, the wrapper, one dispatcher call per op).
 """
@@ -40,7 +42,7 @@ def _median_ms(fn, runs: int) -> float:
     return time_ms(fn, torch.device("cpu"), cpu_iters=runs)
 
 
-def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1) -> dict:
+def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1, plain: bool = False) -> dict:
     import torch._inductor.config as inductor_config
 
     import effops
@@ -51,16 +53,49 @@ def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1) -> 
     x = cpu_run.make_input(batch).contiguous(memory_format=cl)
     torch._dynamo.reset()
     with torch.no_grad():  # as benchmarks/cpu_run.py prepares and then times every provider
-        fast = effops.optimize(model, example_inputs=(x,))
+        fast = model if plain else effops.optimize(model, example_inputs=(x,))
     with torch.inference_mode(), inductor_config.patch(freezing=True):
         compiled = torch.compile(fast)
-        compiled(x)
+        with _GuardCounter() as guards:
+            compiled(x)
         eager, comp = [], []
         for _ in range(rounds):
             eager.append(_median_ms(lambda: fast(x), runs))
             comp.append(_median_ms(lambda: compiled(x), runs))
         guards_us = _guard_us(lambda: compiled(x), runs)
-    return {"model": name, "eager_ms": eager, "compiled_ms": comp, "guards_us": guards_us}
+    return {"model": name, "eager_ms": eager, "compiled_ms": comp, "guards_us": guards_us, "guards": guards.count}
+
+
+class _GuardCounter:
+    """The number of leaf guards Dynamo installs while the block runs (its guard tree as
+    ``TORCH_LOGS=guards`` prints it: one ``+- KIND: ...`` line per guard)."""
+
+    def __enter__(self):
+        import logging
+
+        self.count, self._lines = 0, []
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer._lines.append(record.getMessage())
+
+        self._handler = _Handler()
+        self._loggers = [logging.getLogger(n) for n in ("torch._dynamo.guards", "torch.__guards")]
+        torch._logging.set_logs(guards=True)
+        for lg in self._loggers:
+            lg.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import re
+
+        torch._logging.set_logs()
+        for lg in self._loggers:
+            lg.removeHandler(self._handler)
+        leaf = re.compile(r"^[| ]*\+- [A-Z_]+:")
+        self.count = sum(1 for msg in self._lines for line in msg.splitlines() if leaf.match(line))
+        return False
 
 
 def _guard_us(fn, runs: int) -> float:
@@ -81,13 +116,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--plain", action="store_true", help="the channels_last model without effops (the baseline's guards)")
     args = ap.parse_args(argv)
     for name in args.models.split(","):
-        r = measure(name, args.threads, args.rounds, args.runs, args.batch)
+        r = measure(name, args.threads, args.rounds, args.runs, args.batch, args.plain)
         e, c = statistics.median(r["eager_ms"]), statistics.median(r["compiled_ms"])
         rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["eager_ms"], r["compiled_ms"]))
         print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}   "
-              f"guards {r['guards_us']:.0f} us/call", flush=True)
+              f"guards {r['guards']} ({r['guards_us']:.0f} us/call)", flush=True)
     return 0
 
 

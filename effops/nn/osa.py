@@ -14,7 +14,8 @@ from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
-from .common import ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children
+from .common import (ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children,
+                     trace_register, traced_constants)
 from .conv_bn_act import DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
 from .se import SqueezeExcite
 
@@ -329,6 +330,20 @@ class FusedOSA(nn.Module):
         # setting changed after construction (then the block is parsed again).
         self._snapshot = ChildrenSnapshot(list(self.children()))
         self._fingerprint = self._live_settings()
+        trace_register(self)
+
+    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
+        super().__setstate__(state)
+        trace_register(self)
+
+    def _trace_constants(self) -> bool:
+        """Whether the conv settings are still those the plan was built for, as torch.compile's trace
+        takes it: compared once, kept in the graph (:func:`~effops.nn.common.traced_constants`;
+        compared in the trace, the settings of every conv would be guards evaluated on every call)."""
+        return self._live_settings() == self._fingerprint
+
+    def _as_planned(self) -> bool:
+        return traced_constants(self) if torch.compiler.is_compiling() else self._live_settings() == self._fingerprint
 
     def _live_settings(self) -> tuple:
         return tuple(u.fused._settings(*u.fused._live_modules()) + (u.fused.conv._parameters["weight"].shape,)
@@ -428,7 +443,7 @@ class FusedOSA(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             got = f"a {x.dim()}-D tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FusedOSA expected a 4-D input (N, C, H, W), got {got}")
-        if self._snapshot.changed() or self._live_settings() != self._fingerprint:
+        if self._snapshot.changed() or not self._as_planned():
             self._reparse()
         if not self._fusable() or self._needs_grad(x) or hooked(self._hooks):
             return self.forward_unfused(x)
@@ -507,7 +522,7 @@ class FusedOSA(nn.Module):
 
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""
-        if self._snapshot.changed() or self._live_settings() != self._fingerprint:
+        if self._snapshot.changed() or not self._as_planned():
             self._reparse()
         p = self._parts
         feats = [x]

@@ -975,7 +975,9 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   const auto key = std::make_tuple(N * H * W, widths, Cout, residual.has_value() && residual->defined(),
                                    static_cast<int64_t>(act), at::get_num_threads());
   auto run_concat = [&]() -> at::Tensor {
-    at::Tensor y = conv_common(at::cat(segs, 1), weight, srcs, fold, eps, residual, out, {1, 1}, {0, 0}, {1, 1}, 1,
+    // (one segment: the conv itself, no copy)
+    at::Tensor y = conv_common(segs.size() == 1 ? segs[0] : at::cat(segs, 1), weight, srcs, fold, eps, residual, out,
+                               {1, 1}, {0, 0}, {1, 1}, 1,
                                act_name, act_param, residual_after_act, std::nullopt, 1);
     pool_after(y);
     return y;

@@ -174,3 +174,55 @@ def test_se_bottleneck_compiles_without_graph_breaks():
         ref64 = model.double()(x.double())
         y = torch.compile(fast, backend="aot_eager", fullgraph=True)(x)
     assert_matches(y, ref64)
+
+
+@pytest.mark.skipif(not effops.native.available() or effops.dispatch.CPU_PREFERENCE != "native",
+                    reason="the native CPU backend's path (not in the EFFOPS_CPU_BACKEND=triton pass)")
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "onednn"])
+def test_se_bottleneck_native_pools_in_the_gemm(batch, gemm, monkeypatch):
+    """On the native CPU backend the SE squeeze rides the 1×1 conv3's GEMM (``pool=``: each image's
+    channel means summed as the tiles are stored), the excitation reads the means, and one in-place
+    se_apply adds the shortcut: no pool pass, no se_gate over the tensor; float64-exact to the fp32
+    rule. The first call plans the conv (the usual path); later calls take the pooled one. Where
+    oneDNN runs the conv (``onednn``), the means come from one pass after it: same result."""
+    from effops.native import module as native_module
+
+    model = _bottleneck()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(batch, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref64 = model.double()(x.double())
+    model.float()
+    nat = native_module()
+    policy = nat.pointwise_policy()
+    nat.set_pointwise_policy(1 if gemm else 0)  # every 1x1 conv on the GEMM / on oneDNN (not measured)
+    try:
+        _pooled_calls(fast, x, ref64, nat, monkeypatch, gemm)
+    finally:
+        nat.set_pointwise_policy(policy)
+
+
+def _pooled_calls(fast, x, ref64, nat, monkeypatch, gemm):
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(nat, name)
+            # (conv_bn_act_segments' last argument is ``pool``: the means its GEMM fills)
+            return lambda *a, **k: (seen.append((name, isinstance(a[-1], torch.Tensor))), fn(*a, **k))[1]
+
+    with torch.no_grad():
+        assert_matches(fast(x), ref64)  # plans the convs
+        monkeypatch.setattr("effops.nn.traced.native_module", lambda: Spy())
+        monkeypatch.setattr("effops.nn.conv_bn_act.native_module", lambda: Spy())
+        calls = count_dispatch(monkeypatch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fast(x)
+    assert_matches(out, ref64)
+    assert ("conv_bn_act_segments", True) in seen and ("se_gate_of_means", False) in seen, seen
+    assert "se_gate" not in calls and calls.count("se_apply") == 1, calls
+    names = [e.name for e in prof.events()]
+    assert "effops::se_gate" not in names and ("effops::aggregate_gemm" in names) == gemm, names
+    if gemm:
+        assert not [n for n in names if n in SE_POOL_OPS], names

@@ -83,7 +83,11 @@ class FusedConvBNAct(nn.Module):
     * Settings are read live too: replacing a child (``fused.act = nn.SiLU()``) or
       changing a conv setting (``fused.conv.padding = (2, 2)``) takes effect on the next
       call; a combination the kernels can't express then runs the modules one after the
-      other (exact PyTorch, with a one-time warning saying why).
+      other (exact PyTorch, with a one-time warning saying why). Under torch.compile the
+      configuration (conv settings, activation, BN eps) is read once, when Dynamo traces,
+      and kept in the graph as a constant (fewer guards per call): a setting changed after
+      compiling takes effect after a recompile (``torch._dynamo.reset()``); a replaced
+      child or a train/eval switch retraces by itself.
 
     * While a hook is registered on the conv, the BN or the activation (or a
       global module hook exists), those modules are called one after the other,

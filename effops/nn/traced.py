@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from . import common
 from ..activations import apply_activation
+from ..native import module as native_module
 from ..ops import reference
 from ..ops.conv import conv_bn_act_with_channel_sums, native_fast, output_format
 from ..ops.osa import MAX_SEGMENTS, aggregate, check_aggregate_inputs
@@ -495,6 +496,9 @@ class SEEpilogueStep(nn.Module):
         se_step = self.se_step
         if hooked(se_step._hooks) or any(m.training for m in se_step.passthrough) or not isinstance(r, Tensor):
             return se_step(self.conv_step(x), r)
+        y = self._native(x, r)
+        if y is not None:
+            return y
         found = self._with_sums(x, r)
         if found is None:
             return se_step(self.conv_step(x), r)
@@ -502,6 +506,31 @@ class SEEpilogueStep(nn.Module):
         if r.shape != y.shape or r.dtype != y.dtype:
             return se_step(y, r)
         return se_step.se.forward_residual_from_sums(y, psum, num_hb, r, se_step.act, se_step.act_param)
+
+    def _native(self, x: Tensor, r: Tensor) -> Optional[Tensor]:
+        """Eager float32 CPU inference on the native backend, for a 1×1 stride-1 conv that has planned
+        its native calls (its first call did): the conv as the register-blocked GEMM whose stores also
+        sum each image's channel means (``native_segments(..., pool=)``, or oneDNN and one pooling pass
+        where that is measured faster), the excitation from those means (``se_gate_of_means``), then
+        gate, residual and activation applied in place in one pass. None where that doesn't apply."""
+        f, se = self.conv_step.fused, self.se_step.se
+        plan = f._native_plan
+        if plan is None or type(x) is not Tensor or x.dtype is not torch.float32 or plan.dtype is not torch.float32 \
+                or not x.is_cpu or x.shape != plan.x_shape or torch.compiler.is_compiling() \
+                or tuple(plan.kernel_size) != (1, 1) or tuple(plan.stride) != (1, 1) or plan.pad != (0, 0) \
+                or tuple(plan.dilation) != (1, 1) or plan.groups != 1 or plan.shuffle != 1:
+            return None
+        if type(r) is not Tensor or r.shape != plan.out_shape or r.dtype is not x.dtype or not r.is_cpu \
+                or not hasattr(se, "sums_usable") or plan.live_args(x) is None or not se.sums_usable(x, r):
+            return None
+        sp = se._fused_plan()
+        if sp is None:
+            return None
+        means = torch.empty(x.shape[0], plan.out_shape[1], dtype=torch.float32)
+        y = f.native_segments([x], None, True, pool=means)
+        gate = native_module().se_gate_of_means(means, *se._weights(), *sp)
+        step = self.se_step
+        return dispatch.run("se_apply", y, gate, r, y, step.act, step.act_param)
 
     def _with_sums(self, x: Tensor, r: Tensor):
         """``(y, psum, num_hb)`` from the fused conv, or None where FusedConvBNAct would not run its

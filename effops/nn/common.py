@@ -140,8 +140,9 @@ def _hooked_when_traced(key: int) -> bool:
 
 # -- configuration as graph constants ----------------------------------------------
 # Under torch.compile every attribute a fused module's forward reads while Dynamo traces becomes a
-# guard evaluated on every call of the compiled model (about 200 ns each on this project's CPUs:
-# ~3,400 guards cost a compiled MobileNetV3 0.65 ms, a fifth of its run time). A module that
+# guard evaluated on every call of the compiled model, after the previous call's kernels have
+# evicted the objects it reads from the caches (a few cache misses each; thousands of guards on a
+# mobile network: `benchmarks/tools/compile_overhead.py` counts them). A module that
 # registers itself here can hand its whole configuration to the trace as one constant instead:
 # ``traced_constants(m)`` calls ``m._trace_constants()`` once, while Dynamo traces, outside the
 # trace, and the graph keeps the result with a single guard on the module's identity. What it

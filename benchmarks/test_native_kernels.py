@@ -353,6 +353,14 @@ def test_aggregate(case, m, results):
 
 # ---- expand 1x1 -> depthwise pairs, banded --------------------------------------------------------
 
+def _under(set_policy, policy, fn):
+    """``fn`` as a timed callable that first sets the backend's pair policy to ``policy``."""
+    def run():
+        set_policy(policy)
+        return fn()
+    return run
+
+
 PAIRS = [
     # name, C_in, C_exp, H=W (input), depthwise kernel, stride, activation
     ("mnv2_112_c16_c96_s2", 16, 96, 112, 3, 2, "relu6"),
@@ -381,12 +389,6 @@ def test_pair(case, m, results):
         return m.pointwise_depthwise_bn_act(x, c1.weight, *bn(c1, b1), act, 0.0, c2.weight, *bn(c2, b2), [s, s],
                                             [k // 2, k // 2], [1, 1], act, 0.0)
 
-    def with_policy(policy):
-        def run():
-            m.set_pair_policy(policy)
-            return pair()
-        return run
-
     before = m.pair_policy()
     try:
         with torch.inference_mode():
@@ -397,7 +399,8 @@ def test_pair(case, m, results):
                 "the banded pair did not run"
             ref64 = copy.deepcopy(blocks).double()(x.double())
             errs = check_numerics(out, ref64, blocks(x))
-            timed = _time({"eager": lambda: blocks(x), "effops_separate": with_policy(0), "effops": with_policy(1)})
+            timed = _time({"eager": lambda: blocks(x), "effops_separate": _under(m.set_pair_policy, 0, pair),
+                            "effops": _under(m.set_pair_policy, 1, pair)})
     finally:
         m.set_pair_policy(before)
     oh = (hw + 2 * (k // 2) - k) // s + 1
@@ -435,12 +438,6 @@ def test_dw_pair(case, m, results):
         return m.depthwise_pointwise_bn_act(x, d.weight, *dargs[:7], [s, s], [1, 1], [1, 1], dargs[7], 0.0, pw.weight,
                                             *bn(pw, pbn), "relu", 0.0)
 
-    def with_policy(policy):
-        def run():
-            m.set_dw_pair_policy(policy)
-            return pair()
-        return run
-
     before = m.dw_pair_policy()
     try:
         with torch.inference_mode():
@@ -450,7 +447,8 @@ def test_dw_pair(case, m, results):
             assert any(e.name == "effops::depthwise_pointwise" for e in prof.events()), "the banded pair did not run"
             ref64 = copy.deepcopy(blocks).double()(x.double())
             errs = check_numerics(out, ref64, blocks(x))
-            timed = _time({"eager": lambda: blocks(x), "effops_separate": with_policy(0), "effops": with_policy(1)})
+            timed = _time({"eager": lambda: blocks(x), "effops_separate": _under(m.set_dw_pair_policy, 0, pair),
+                            "effops": _under(m.set_dw_pair_policy, 1, pair)})
     finally:
         m.set_dw_pair_policy(before)
     oh = (hw - 1) // s + 1

@@ -164,6 +164,16 @@ def traced_constants(obj):
     return obj._trace_constants()
 
 
+class TracedConfigModule(nn.Module):
+    """A module whose compiled forward takes its configuration from :func:`traced_constants` (its
+    ``_trace_constants()``). It calls :func:`trace_register` where it builds its plan; a deep copy
+    or an unpickled one is a module of its own for traces and registers itself here."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        trace_register(self)
+
+
 @torch._dynamo.assume_constant_result
 def _constants_when_traced(key: int):
     obj = _TRACED.get(key)

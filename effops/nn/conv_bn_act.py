@@ -15,7 +15,7 @@ from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _o
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
 from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
-                     trace_register, traced_constants)
+                     TracedConfigModule, trace_register, traced_constants)
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
@@ -55,7 +55,7 @@ def why_not_fusable(conv: nn.Module, bn: Optional[nn.Module], act: Optional[nn.M
     return None
 
 
-class FusedConvBNAct(nn.Module):
+class FusedConvBNAct(TracedConfigModule):
     """Conv2d → BatchNorm2d → activation (→ optional residual), fused in eval mode.
 
     Equivalent PyTorch::
@@ -194,10 +194,6 @@ class FusedConvBNAct(nn.Module):
         self._checked = None
         self._why_unfused = None
         self._native_plan = None
-        trace_register(self)
-
-    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
-        super().__setstate__(state)
         trace_register(self)
 
     def _live_modules(self):

@@ -27,7 +27,7 @@ from .. import dispatch
 from ..activations import activation_of, make_activation
 from ..ops.conv import _OP, GHOST_NATIVE_OP, NATIVE_BN_OP, check_gate, check_inputs, derived_reusable, native_fast, output_format
 from .common import (BlockRule, ChildrenSnapshot, DerivedCache, hook_dicts, slot_tensors, tensor_slots, hooked, looks_like_batch_norm, register_block_rule,
-                     sequential_children, trace_register, traced_constants)
+                     sequential_children, TracedConfigModule, trace_register, traced_constants)
 from .conv_bn_act import FusedConvBNAct, _cast, _compute_dtype, _gated, resolve_padding
 from .repvgg import MergedBranches, conv_bn_branch
 
@@ -200,7 +200,7 @@ def _parse(m: nn.Module, kind: str) -> _Plan:
     return _Plan(primary, cheap, init, keep, short)
 
 
-class FusedGhostModule(nn.Module):
+class FusedGhostModule(TracedConfigModule):
     """GhostNet's ghost module (timm ``GhostModule``, ``GhostModuleV2``, ``GhostModuleV3`` in its
     training or re-parameterised form, or the reference ``GhostModule``), eval-mode fused into
     one output buffer.
@@ -308,19 +308,15 @@ class FusedGhostModule(nn.Module):
         self.__dict__["_native_plan"] = None
         trace_register(self)
 
-    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
-        super().__setstate__(state)
-        trace_register(self)
-
     def _trace_constants(self) -> Optional[tuple]:
-        """``(out_keep, init_chs, cheap conv outputs)`` when :meth:`_forward_compiled` applies (two
-        FusedConvBNAct units, no gate branch, settings as planned, no hook), else None; read once
-        while torch.compile traces (:func:`~effops.nn.common.traced_constants`)."""
+        """``(out_keep, init_chs, cheap conv outputs, primary conv groups)`` when
+        :meth:`_forward_compiled` applies (two FusedConvBNAct units, no gate branch, settings as
+        planned, no hook), else None; read once while torch.compile traces (:func:`~effops.nn.common.traced_constants`)."""
         p = self._plan
         if p is None or p.short is not None or p.primary.unit is None or p.cheap.unit is None \
                 or self._live_settings() != self._fingerprint or hooked(self._hooks):
             return None
-        return (p.out_keep, p.init_chs, p.cheap.conv.out_channels)
+        return (p.out_keep, p.init_chs, p.cheap.conv.out_channels, p.primary.conv.groups)
 
     def _forward_compiled(self, x: Tensor, gate: Optional[Tensor]) -> Optional[Tensor]:
         """Under torch.compile on CPU, inference: both convs as the functional native op with their
@@ -334,26 +330,10 @@ class FusedGhostModule(nn.Module):
         c = traced_constants(self)
         if c is None:
             return None
-        out_keep, init, cheap_out = c
-        p = self._plan
-        primary, cheap = p.primary.unit, p.cheap.unit
-        a1 = primary._compiled_native_args(x, gate)
-        if a1 is None or (gate is not None and a1[5] != 1):
+        out_keep, init, cheap_out, groups = c
+        if gate is not None and groups != 1:
             return None  # a grouped primary conv takes no gate: the full path applies it first
-        w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
-        keep = out_keep - init
-        a2 = cheap._compiled_native_args(x, None, False) if keep == cheap_out else None
-        if a2 is not None:  # every cheap output is kept: one node writing one buffer
-            w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
-            return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,
-                                   w2, *st2[:6], st2[6], pad2, dil2, g2, act2, ap2)
-        x1 = NATIVE_BN_OP(x, w1, *st1[:6], None, s1, pad1, dil1, g1, act1, ap1, True, gate, 1, st1[6])
-        x2 = cheap._compiled_native(x1)
-        if x2 is None:
-            x2 = cheap(x1)
-        if x2.shape[1] != keep:
-            x2 = x2[:, :keep]
-        return torch.cat([x1, x2], 1)
+        return _units_compiled(self._plan, x, gate, out_keep - init, cheap_out)
 
     def _live_settings(self) -> tuple:
         p = self._plan
@@ -455,25 +435,10 @@ class FusedGhostModule(nn.Module):
         if compiling and x.shape[0] != 0 and p.short is None and p.primary.unit is not None \
                 and p.cheap.unit is not None and native_fast(x) and dtype == x.dtype \
                 and pc.weight.dtype == dtype and cc.weight.dtype == dtype and not torch.is_autocast_enabled("cpu"):
-            # torch.compile on CPU, inference: both convs as the functional native op with their
-            # BNs' own tensors (the extension's folded, packed weights stay cached), concatenated
-            # by the graph: no writes into views of an empty buffer for functionalization to copy.
-            keep = p.out_keep - p.init_chs
-            a1 = p.primary.unit._compiled_native_args(x, gate)
-            a2 = None if a1 is None or keep != cc.out_channels else p.cheap.unit._compiled_native_args(x, None, False)
-            if a2 is not None:  # every cheap output is kept: one node writing one buffer
-                w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
-                w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
-                return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,
-                                       w2, *st2[:6], st2[6], pad2, dil2, g2, act2, ap2)
-            x1 = p.primary.unit._compiled_native(x, gate)
-            if x1 is not None:
-                x2 = p.cheap.unit._compiled_native(x1)
-                if x2 is None:
-                    x2 = p.cheap.unit(x1)
-                if x2.shape[1] != p.out_keep - p.init_chs:
-                    x2 = x2[:, :p.out_keep - p.init_chs]
-                return torch.cat([x1, x2], 1)
+            # torch.compile on CPU, inference (settings refreshed on this call): the units' native ops
+            y = _units_compiled(p, x, gate, p.out_keep - p.init_chs, cc.out_channels)
+            if y is not None:
+                return y
         buf = torch.empty((x.shape[0], p.out_keep, oh, ow), dtype=dtype, device=x.device,
                           memory_format=output_format(x))
         if x.shape[0] == 0:
@@ -705,3 +670,27 @@ GHOST_RULE = register_block_rule(BlockRule(
     describe=_describe,
     fused_type=FusedGhostModule,
 ))
+
+
+def _units_compiled(p: "_Plan", x: Tensor, gate: Optional[Tensor], keep: int, cheap_out: int) -> Optional[Tensor]:
+    """Under torch.compile: plan ``p``'s primary and cheap units as functional native ops (one ghost
+    op where every cheap output is kept), or None where the primary unit's native op doesn't apply.
+    (A function, not a method: a method looked up on each module is one more guard per module.)"""
+    primary, cheap = p.primary.unit, p.cheap.unit
+    a1 = primary._compiled_native_args(x, gate)
+    if a1 is None:
+        return None
+    w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
+    a2 = cheap._compiled_native_args(x, None, False) if keep == cheap_out else None
+    if a2 is not None:  # every cheap output is kept: one node writing one buffer
+        w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
+        return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,
+                               w2, *st2[:6], st2[6], pad2, dil2, g2, act2, ap2)
+    # (the primary's arguments as computed above: a second lookup would add guards)
+    x1 = NATIVE_BN_OP(x, w1, *st1[:6], None, s1, pad1, dil1, g1, act1, ap1, True, gate, 1, st1[6])
+    x2 = cheap._compiled_native(x1)
+    if x2 is None:
+        x2 = cheap(x1)
+    if x2.shape[1] != keep:
+        x2 = x2[:, :keep]
+    return torch.cat([x1, x2], 1)

@@ -15,7 +15,7 @@ from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import (ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children,
-                     trace_register, traced_constants)
+                     TracedConfigModule, trace_register, traced_constants)
 from .conv_bn_act import DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
 from .se import SqueezeExcite
 
@@ -183,7 +183,7 @@ def _classic_seq(name: str, post, convs, out_ch: int, act: str, eps: float, mome
     return nn.Sequential(OrderedDict((pre + k, m) for k, m in zip(keys, mods)))
 
 
-class FusedOSA(nn.Module):
+class FusedOSA(TracedConfigModule):
     """One-Shot Aggregation block (VoVNet V1/V2) whose concat never exists.
 
     ``FusedOSA(in_ch, stage_ch, concat_ch, layer_per_block=5, identity=False, ese=False, depthwise=False)``
@@ -330,10 +330,6 @@ class FusedOSA(nn.Module):
         # setting changed after construction (then the block is parsed again).
         self._snapshot = ChildrenSnapshot(list(self.children()))
         self._fingerprint = self._live_settings()
-        trace_register(self)
-
-    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
-        super().__setstate__(state)
         trace_register(self)
 
     def _trace_constants(self) -> bool:

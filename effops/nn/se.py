@@ -16,7 +16,8 @@ from ..ops.se import (APPLY_NATIVE_OP, APPLY_OP, GATE_NATIVE_OP, GATE_OP, check_
                       se_gate_from_sums)
 from ..native import module as native_module
 from ..ops.conv import native_fast, native_first
-from .common import BlockRule, ChildrenSnapshot, hook_dicts, hooked, register_block_rule, trace_register, traced_constants
+from .common import (BlockRule, ChildrenSnapshot, TracedConfigModule, hook_dicts, hooked, register_block_rule,
+                     trace_register, traced_constants)
 from .conv_bn_act import _STATIC_ACTS
 
 
@@ -69,7 +70,7 @@ def _layout_of(m: nn.Module) -> Optional[_Layout]:
     return _KNOWN.get((lib, name, frozenset(m._modules)))
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(TracedConfigModule):
     """Squeeze-and-excitation with the gate computed by effops' fused ops in eval.
 
     ``SqueezeExcite(channels, rd_channels=None, act="relu", gate="sigmoid", bias=True)`` builds
@@ -174,10 +175,6 @@ class SqueezeExcite(nn.Module):
         self._snapshot = ChildrenSnapshot([self])
         self._checked = self._checked_apply = None
         self.__dict__["_native_gate"] = None
-        trace_register(self)
-
-    def __setstate__(self, state):  # deepcopy / unpickle: the copy is a module of its own for traces
-        super().__setstate__(state)
         trace_register(self)
 
     def _trace_constants(self):

@@ -13,9 +13,11 @@ original model" hold by construction (within the timing noise of the machine).
 The check, given one probe input (``optimize(model, example_inputs=...)``, or the first eval-mode
 call of the optimized model when none is given):
 
-1. a *structure copy* of the model taken before conversion (modules copied, parameters and
-   buffers shared, so it costs no weight memory) is rebound to the live model's tensors and run once
-   on the probe, with forward pre-hooks recording the input of every converted block;
+1. the optimized model runs once on the probe, with forward pre-hooks recording the input of every
+   converted block as the optimized model hands it on (channels-last from the first fused block on,
+   where the original model passes NCHW); a *structure copy* of the model taken before conversion
+   (modules copied, parameters and buffers shared, so it costs no weight memory), rebound to the live
+   model's tensors, supplies the input of a block the optimized forward never calls on its own;
 2. top-down from the root, each converted block (a swapped module, or a module whose forward
    effops rewrote) is timed against a structure copy of its original on that recorded input:
    a few untimed calls (first calls pack weights and make the native backend's own per-problem
@@ -228,9 +230,9 @@ def _candidates(live: nn.Module, orig: nn.Module, path: str, out: List[str]) -> 
             _candidates(child, o, f"{path}.{name}" if path else name, out)
 
 
-def _record_inputs(orig_root: nn.Module, paths: List[str], args, kwargs):
-    """Run the original model once; the first input each block at ``paths`` received (cloned: an
-    in-place op later in the forward must not change it) and the model's output."""
+def _record_inputs(root: nn.Module, paths: List[str], args, kwargs) -> Dict[str, tuple]:
+    """Run ``root`` once; the first input each block at ``paths`` received (cloned: an in-place op
+    later in the forward must not change it)."""
     probes: Dict[str, tuple] = {}
     handles = []
 
@@ -238,7 +240,7 @@ def _record_inputs(orig_root: nn.Module, paths: List[str], args, kwargs):
         if not p:
             continue
         try:
-            m = orig_root.get_submodule(p)
+            m = root.get_submodule(p)
         except AttributeError:
             continue
 
@@ -248,10 +250,25 @@ def _record_inputs(orig_root: nn.Module, paths: List[str], args, kwargs):
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        orig_root(*args, **kwargs)
+        root(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
+    return probes
+
+
+def _probe_inputs(live_root: nn.Module, orig_root: nn.Module, paths: List[str], args, kwargs) -> Dict[str, tuple]:
+    """The input each converted block gets **in the optimized model**, where it runs.
+
+    Recorded from the live model, not the original: the two differ in layout. effops' blocks hand
+    on channels-last outputs, so from the first converted block on, every block of the optimized
+    model sees NHWC tensors where the original model passed NCHW ones; timing a block (fused or
+    original) on the original's NCHW input measures a layout it never gets (an ATen max pool on an
+    NCHW input is ~15x its NHWC time). A block the live forward never calls on its own (absorbed
+    into a fused forward above it) falls back to its input in the original model; such a block is
+    decided with that forward anyway."""
+    probes = _record_inputs(orig_root, [p for p in paths if p], args, kwargs)
+    probes.update(_record_inputs(live_root, [p for p in paths if p], args, kwargs))
     probes[""] = tree_map(_clone, (args, kwargs))
     return probes
 
@@ -407,7 +424,7 @@ def run(live_root: nn.Module, orig_root: nn.Module, report, args, kwargs, *, roo
             report.speed_check = "done: nothing was converted"
             return live_root
         with torch.no_grad():
-            probes = _record_inputs(orig_root, paths, args, kwargs)
+            probes = _probe_inputs(live_root, orig_root, paths, args, kwargs)
             checker = _Checker(report, probes, root_replaceable, measure)
             checker.decide(live_root, orig_root, "", None, "", [])
     finally:

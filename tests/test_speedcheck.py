@@ -105,6 +105,34 @@ def test_fast_blocks_kept_slow_block_reverted(monkeypatch):
     assert "timed    stem" in str(rep)
 
 
+def test_blocks_are_timed_on_the_input_they_get_in_the_optimized_model(monkeypatch):
+    """The fused stem hands on a channels-last tensor where the original model passes NCHW: the
+    probe each block is timed on has the optimized model's layout (and the same values)."""
+    probes = {}
+
+    def measure(fused, original, args, kwargs, *, path=""):
+        probes[path] = args[0]
+        return fake_timer()(fused, original, args, kwargs, path=path)
+
+    monkeypatch.setattr(speedcheck, "measure_pair", measure)
+    model, x = make_net(), x_in()
+    seen_live = []
+    fast = effops.optimize(model, example_inputs=(x,), check_speed=True)
+    assert isinstance(fast.stem, effops.FusedConvBNAct)
+    h = fast.block.register_forward_pre_hook(lambda m, a: seen_live.append(a[0]))
+    with torch.no_grad():
+        fast(x)
+        stem_out = model.stem(x)
+    h.remove()
+    live = seen_live[0]
+    assert live.is_contiguous(memory_format=torch.channels_last) and not stem_out.is_contiguous(
+        memory_format=torch.channels_last)  # the case this test is about: the layouts differ
+    for path in ("block", "block.conv1"):
+        assert probes[path].stride() == live.stride(), path
+        assert rel_err(probes[path], stem_out) < 1e-5
+    assert probes["stem"].stride() == x.stride()  # the model input itself
+
+
 def test_original_goes_back_only_if_a_second_measurement_agrees(monkeypatch):
     """One measurement that favours the original (a burst of load on the machine) is checked by a
     second: the stem's first measurement says original, the second fused, and the fused stem stays;

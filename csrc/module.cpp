@@ -269,6 +269,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("expand_bias"), py::arg("act"), py::arg("act_param"), py::arg("gate"), py::arg("gate_param"),
       "se_gate's excitation of pooled means [N, C] computed elsewhere");
   m.def(
+      "linear",
+      [](const at::Tensor& x, const at::Tensor& w, const en::OptTensor& b, const std::string& act, double act_param) {
+        return en::linear(x, w, b, en::parse_act(act), act_param);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"), py::arg("act_param"),
+      "act(F.linear(x, weight, bias)) for float32 [N, I] x");
+  m.def(
       "se_apply",
       [](const at::Tensor& x, const at::Tensor& gate, const en::OptTensor& residual, const en::OptTensor& out,
          const std::string& act, double act_param) {

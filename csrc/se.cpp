@@ -117,23 +117,49 @@ at::Tensor pool_means(const at::Tensor& x) {
 }
 
 // out[n, o] = act(sum_i w[o, i] * in[n, i] + b[o]) with w [O, I] fp32 contiguous.
+// At batch 1 this is a matrix-vector product whose weight (up to 4 MB for a 1024-channel eSE) was
+// evicted by the convs since the last forward: it is bound by how fast the weight streams in.
+// Four rows at a time, two vectors each (eight independent FMA chains: one chain waits on the FMA
+// latency, not the memory), each row's stream prefetched ahead of the loads; each thread streams
+// one contiguous slice of rows, and a row block's weight stays in L1 across the batch.
 void linear_act(const float* in, int64_t N, int64_t I, const float* w, const float* b, int64_t O, Act act, float p,
                 float* out) {
   const ActArrayFn actf = act_array_fn(act);
-  at::parallel_for(0, O, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, I * N)), [&](int64_t o0, int64_t o1) {
-    for (int64_t n = 0; n < N; ++n) {
-      const float* xi = in + n * I;
-      for (int64_t o = o0; o < o1; ++o) {
-        const float* wo = w + o * I;
-        Vec acc(0.f);
-        for (int64_t i = 0; i < I; i += kVecSize) {
-          const int64_t m = std::min<int64_t>(kVecSize, I - i);
-          acc = at::vec::fmadd(load_f(wo + i, m), load_f(xi + i, m), acc);
-        }
-        out[n * O + o] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, acc) + (b ? b[o] : 0.f);
+  constexpr int kRows = 4;
+  constexpr int64_t kAhead = 512;  // floats (2 KB) ahead of each row's loads
+  auto dot_rows = [&](const float* xi, const float* w0, int rows, float* dst) {
+    Vec acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+    int64_t i = 0;
+    for (; i + 2 * kVecSize <= I; i += 2 * kVecSize) {
+      const Vec x0 = Vec::loadu(xi + i), x1 = Vec::loadu(xi + i + kVecSize);
+      for (int r = 0; r < kRows; ++r) {
+        if (r >= rows) break;
+        const float* wr = w0 + r * I + i;
+        __builtin_prefetch(wr + kAhead, 0, 0);
+        acc[r][0] = at::vec::fmadd(Vec::loadu(wr), x0, acc[r][0]);
+        acc[r][1] = at::vec::fmadd(Vec::loadu(wr + kVecSize), x1, acc[r][1]);
       }
-      actf(out + n * O + o0, o1 - o0, p);
     }
+    for (; i < I; i += kVecSize) {
+      const int64_t m = std::min<int64_t>(kVecSize, I - i);
+      const Vec x0 = load_f(xi + i, m);
+      for (int r = 0; r < rows; ++r) acc[r][0] = at::vec::fmadd(load_f(w0 + r * I + i, m), x0, acc[r][0]);
+    }
+    for (int r = 0; r < rows; ++r)
+      dst[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, acc[r][0] + acc[r][1]);
+  };
+  const int64_t grain = std::max<int64_t>(kRows, 16384 / std::max<int64_t>(1, I * N));
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, o1 - o));
+      for (int64_t n = 0; n < N; ++n) {
+        float* dst = out + n * O + o;
+        dot_rows(in + n * I, w + o * I, rows, dst);
+        for (int r = 0; r < rows; ++r) dst[r] += b ? b[o + r] : 0.f;
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) actf(out + n * O + o0, o1 - o0, p);
   });
 }
 
@@ -151,6 +177,28 @@ at::Tensor as_f32_vector(const OptTensor& b, int64_t n, const char* name) {
 }
 
 }  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, Act act, double act_param) {
+  EFFOPS_PROFILE_RANGE("effops::linear");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "effops native linear: expected CPU tensors");
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2, "effops native linear: expected a 2-D input and weight, got ",
+                    x.dim(), "-D and ", weight.dim(), "-D");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+                    "effops native linear: expected float32 input and weight, got ", x.scalar_type(), " and ",
+                    weight.scalar_type());
+  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "effops native linear: the input has ", x.size(1),
+                    " features, the weight expects ", weight.size(1));
+  const int64_t O = weight.size(0);
+  TORCH_CHECK_VALUE(!bias || !bias->defined() || (bias->scalar_type() == at::kFloat && bias->numel() == O),
+                    "effops native linear: expected a float32 bias of ", O, " values");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), O}, x.options());
+  if (x.size(0) > 0 && O > 0)
+    linear_act(xc.data_ptr<float>(), x.size(0), x.size(1), wc.data_ptr<float>(),
+               bc.defined() ? bc.data_ptr<float>() : nullptr, O, act, static_cast<float>(act_param), y.data_ptr<float>());
+  return y;
+}
 
 at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                    const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,

@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     rep = fast.effops_report
     n_osa = sum(e.what.startswith("OSA") for e in rep.swapped)
     n_pool = sum(e.what.startswith("max pool") for e in rep.swapped)
+    n_linear = sum(e.what.startswith("linear") for e in rep.swapped)
     print(f"model {args.model}: {len(rep.swapped)} blocks swapped ({n_osa} OSA, "
-          f"{len(rep.swapped) - n_osa - n_pool} conv+BN+act, {n_pool} max pool), "
+          f"{len(rep.swapped) - n_osa - n_pool - n_linear} conv+BN+act, {n_pool} max pool, {n_linear} linear), "
           f"{len(rep.skipped)} skipped")
     for e in rep.skipped[:10]:
         print(f"  skipped {e.path}: {e.what}")

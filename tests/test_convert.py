@@ -37,9 +37,10 @@ def test_classic_vovnet27_slim_through_the_kernel():
     fast = _check_model(classic_vovnet("vovnet27_slim", num_classes=10), torch.randn(1, 3, 32, 32), backend="triton", tol=1e-4)
     rep = fast.effops_report
     assert not rep.skipped
-    assert [e.path for e in rep.swapped if not e.what.startswith("max pool")] == [
+    assert [e.path for e in rep.swapped if not e.what.startswith(("max pool", "linear"))] == [
         "stem.stem_1/conv..stem_1/relu", "stem.stem_2/conv..stem_2/relu", "stem.stem_3/conv..stem_3/relu",
         "stage2.OSA2_1", "stage3.OSA3_1", "stage4.OSA4_1", "stage5.OSA5_1"]
+    assert [e.path for e in rep.swapped if e.what.startswith("linear")] == ["classifier"]
     # the max pools starting stages 3-5 (stage 2 follows the stem's stride-2 conv)
     assert [e.path for e in rep.swapped if e.what.startswith("max pool")] == [
         "stage3.Pooling", "stage4.Pooling", "stage5.Pooling"]
@@ -52,7 +53,7 @@ def test_torchvision_mobilenet_v2():
     tv = pytest.importorskip("torchvision")
     fast = _check_model(tv.models.mobilenet_v2(num_classes=10), torch.randn(2, 3, 64, 64), tol=1e-4)
     rep = fast.effops_report
-    assert len(rep.swapped) == 52 and not rep.skipped  # every Conv2dNormActivation + each projection conv+bn
+    assert len(rep.swapped) == 53 and not rep.skipped  # every Conv2dNormActivation + each projection conv+bn + the head's linear
     assert isinstance(fast.features[0], FusedConvBNAct) and fast.features[0].activation[0] == "relu6"
     assert isinstance(fast.features[2].conv, FusedSequential)
 
@@ -87,11 +88,11 @@ def test_timm_resnet_hand_written_blocks_are_traced():
     assert not rep.skipped
     swapped = {e.path: e.what for e in rep.swapped}
     assert [p for p, w in swapped.items() if "[traced]" not in w] == ["maxpool"] + [f"layer{i}.0.downsample"
-                                                                                    for i in (2, 3, 4)]
+                                                                                    for i in (2, 3, 4)] + ["fc"]
     assert swapped["maxpool"] == "max pool 3x3 s2 (NHWC, no indices)"
     assert swapped["layer1.0.conv1..act1"] == "conv3x3 64→64 + bn + relu [traced]"  # timm's Identity `aa` absorbed
     assert swapped["layer1.0.conv2..act2"] == "conv3x3 64→64 + bn + relu + residual (before act) [traced]"
-    assert "21 swapped, 0 skipped" in str(rep)
+    assert "22 swapped, 0 skipped" in str(rep)
 
 
 def _ordered_dict_block():

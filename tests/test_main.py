@@ -19,7 +19,7 @@ def test_main_job_runs_and_matches(capsys, monkeypatch):
     rc = main(["--model", "vovnet27_slim", "--size", "32", "--batch", "1", "--no-compile"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "10 blocks swapped (4 OSA, 3 conv+BN+act, 3 max pool), 0 skipped" in out and "MATCH" in out
+    assert "11 blocks swapped (4 OSA, 3 conv+BN+act, 3 max pool, 1 linear), 0 skipped" in out and "MATCH" in out
     assert "eager" in out and "effops" in out and "ms / forward" in out
     # The job's own verdict is 2x eager's error + 1e-5 |ref|; fp32 here, so hold the printed
     # numbers to the fp32 rule directly (max-abs form): effops within 1e-5 of the output scale.

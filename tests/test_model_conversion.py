@@ -66,6 +66,7 @@ _KINDS = [
     (r"^cat\(", "aggregate"),
     (r"^conv", "conv"),
     (r"^max pool", "max_pool"),
+    (r"^linear", "linear"),
 ]
 
 
@@ -86,47 +87,48 @@ def _timm(name):
     return lambda: timm.create_model(name, pretrained=False)
 
 
-# name -> (builder, input shape, expected swapped entries by kind). Counts follow the architectures:
+# name -> (builder, input shape, expected swapped entries by kind). Counts follow the architectures
+# (each classifier head's nn.Linear is one "linear"):
 EXPECTED = {
     # 16 units (3 stride 2 + 13 stride 1, stages_repeats 4/8/4); conv1 and conv5; the stem max pool.
     "tv_shufflenet_v2_x1_0": (_tv("shufflenet_v2_x1_0"), (1, 3, 64, 64),
-                              {"shufflenet_unit": 16, "conv": 2, "max_pool": 1}),
+                              {"shufflenet_unit": 16, "conv": 2, "max_pool": 1, "linear": 1}),
     # 15 bnecks, 8 with SE (5 of them residual); the 7 without SE: 5 residual projects, 2 plain;
-    # 14 expand + 15 dw + stem + last conv = 31 convs with act.
+    # 14 expand + 15 dw + stem + last conv = 31 convs with act; two Linear layers in the classifier.
     "tv_mobilenet_v3_large": (_tv("mobilenet_v3_large"), (1, 3, 64, 64),
                               {"se": 8, "se_gate_conv": 3, "se_gate_conv+residual": 5, "conv+residual": 5,
-                               "conv": 33}),
+                               "conv": 33, "linear": 2}),
     # 16 blocks, all SE; c conv gets the gate, and the residual add + ReLU except in the 4 first
     # blocks, where the projection conv takes the add + ReLU; stem + 16 a + 16 b convs.
     "tv_regnet_y_400mf": (_tv("regnet_y_400mf"), (1, 3, 64, 64),
                           {"se": 16, "se_gate_conv": 4, "se_gate_conv+residual": 12, "conv+residual": 4,
-                           "conv": 33}),
+                           "conv": 33, "linear": 1}),
     # 16 bottlenecks = 32 ghost modules, 7 SE; 4 strided conv_dw, 5 conv shortcuts (dw + pw, the pw
     # taking the residual add); stem, final 1x1 ConvBnAct, conv_head (+ bias + ReLU); each SE's
     # gate folded into its ghost2's primary conv.
     "ghostnet_100": (_timm("ghostnet_100"), (1, 3, 64, 64),
-                     {"ghost": 32, "se": 7, "se_gate_ghost": 7, "conv+residual": 5, "conv": 12}),
+                     {"ghost": 32, "se": 7, "se_gate_ghost": 7, "conv+residual": 5, "conv": 12, "linear": 1}),
     # 16 bottlenecks: SE + shortcut + ReLU in one pass; 3 stem convs (the last with bn1/act1), the
     # strided stem conv, 16 × 3 block convs, 4 downsample convs.
-    "resnetrs50": (_timm("resnetrs50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 56}),
+    "resnetrs50": (_timm("resnetrs50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 56, "linear": 1}),
     # The same with effops' SqueezeExcite built in (nothing to swap for it).
-    "effops_resnet_rs50": (lambda: resnet_rs(50), (1, 3, 64, 64), {"se_residual": 16, "conv": 56}),
+    "effops_resnet_rs50": (lambda: resnet_rs(50), (1, 3, 64, 64), {"se_residual": 16, "conv": 56, "linear": 1}),
     # 7x7 stem, 16 × 3 block convs, 4 downsample convs.
-    "seresnet50": (_timm("seresnet50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 53, "max_pool": 1}),
+    "seresnet50": (_timm("seresnet50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 53, "max_pool": 1, "linear": 1}),
     # depths 2/6/17/2 = 27 blocks with SE; conv3 takes gate, residual and ReLU; stem + 27 conv1 +
     # 27 grouped conv2 + 4 downsample convs.
-    "regnety_016": (_timm("regnety_016"), (1, 3, 64, 64), {"se": 27, "se_gate_conv+residual": 27, "conv": 59}),
+    "regnety_016": (_timm("regnety_016"), (1, 3, 64, 64), {"se": 27, "se_gate_conv+residual": 27, "conv": 59, "linear": 1}),
     # 16 blocks with SE (repeats 1/2/2/3/3/4/1: 9 residual); stem + 16 dw + 15 expand + conv_head.
     "efficientnet_b0": (_timm("efficientnet_b0"), (1, 3, 64, 64),
-                        {"se": 16, "se_gate_conv": 7, "se_gate_conv+residual": 9, "conv": 33}),
+                        {"se": 16, "se_gate_conv": 7, "se_gate_conv+residual": 9, "conv": 33, "linear": 1}),
     # As torchvision's, plus the conv_head (1x1 + bias + hardswish).
     "mobilenetv3_large_100": (_timm("mobilenetv3_large_100"), (1, 3, 64, 64),
                               {"se": 8, "se_gate_conv": 3, "se_gate_conv+residual": 5, "conv+residual": 5,
-                               "conv": 34}),
+                               "conv": 34, "linear": 1}),
     # stem + 2/4/14/1 blocks; the stem and each stage's first block (stride 2) have no identity branch.
-    "repvgg_a2": (_timm("repvgg_a2"), (1, 3, 64, 64), {"repvgg": 22}),
+    "repvgg_a2": (_timm("repvgg_a2"), (1, 3, 64, 64), {"repvgg": 22, "linear": 1}),
     # 4 cross-stage transitions (cat → 1x1); 3/3/5/2 residual blocks.
-    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38, "max_pool": 1}),
+    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38, "max_pool": 1, "linear": 1}),
     # cv1, cv2, four 3x3 convs; cat([b4, b2, b, a]) → 1x1.
     "elan": (lambda: ELAN(16, 8, 32), (1, 16, 16, 16), {"aggregate": 1, "conv": 6}),
 }

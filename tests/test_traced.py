@@ -163,8 +163,8 @@ def test_torchvision_resnet50_fully_fused():
     tv = pytest.importorskip("torchvision")
     model, fast = _fast(tv.models.resnet50(num_classes=10))
     rep = fast.effops_report
-    # 49 traced chains + stem via the root + 4 downsample + the stem's max pool
-    assert len(rep.swapped) == 54 and not rep.skipped
+    # 49 traced chains + stem via the root + 4 downsample + the stem's max pool + the fc
+    assert len(rep.swapped) == 55 and not rep.skipped
     assert sum("residual (before act)" in e.what for e in rep.swapped) == 16
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), effops.use_backend("reference"):
@@ -238,7 +238,7 @@ def test_torchvision_mobilenet_v2_residual_joins_the_projection_conv():
 
     model, fast = _fast(tv.models.mobilenet_v2(num_classes=10))
     rep = fast.effops_report
-    assert len(rep.swapped) == 52 and not rep.skipped  # one entry per conv run, as before
+    assert len(rep.swapped) == 53 and not rep.skipped  # one entry per conv run, as before, + the classifier's linear
     res = [e for e in rep.swapped if "residual" in e.what]
     assert len(res) == 10 and res[0].path == "features.3.conv..add"
     assert res[0].what == "conv1x1 144→24 + bn + identity + residual (before act) [traced]"
@@ -283,7 +283,7 @@ def test_resnet50_with_frozen_batchnorm_fused():
             if isinstance(m, FrozenBatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
     fast = effops.optimize(model)
-    assert len(fast.effops_report.swapped) == 54 and not fast.effops_report.skipped
+    assert len(fast.effops_report.swapped) == 55 and not fast.effops_report.skipped  # 54 as unfrozen + the fc
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), effops.use_backend("reference"):
         assert_matches(fast(x), copy.deepcopy(model).double()(x.double()), fp32_tol=1e-4)

@@ -7,6 +7,7 @@ from .conv_bn_act import FusedConvBNAct
 from .se import SqueezeExcite
 from .osa import EffectiveSE, FusedOSA
 from .sequential import FusedSequential
+from .linear import Linear
 from .pool import MaxPool2d
 from .shuffle import ChannelShuffle
 from .shufflenet import FusedShuffleV2Block
@@ -14,4 +15,4 @@ from .ghost import FusedGhostModule
 from .repvgg import FusedRepVGGBlock
 
 __all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedGhostModule", "FusedOSA", "FusedRepVGGBlock",
-           "FusedSequential", "FusedShuffleV2Block", "MaxPool2d", "SqueezeExcite"]
+           "FusedSequential", "FusedShuffleV2Block", "Linear", "MaxPool2d", "SqueezeExcite"]

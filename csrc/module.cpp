@@ -145,9 +145,16 @@ at::Tensor interleave_native_cpu(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// effops::linear_native (effops/ops/linear.py): effops.Linear under torch.compile on CPU.
+at::Tensor linear_native_cpu(const at::Tensor& x, const at::Tensor& w, const en::OptTensor& b, c10::string_view act,
+                             double act_param) {
+  return en::linear(x, w, b, en::parse_act(std::string(act)), act_param);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) {
+  m.impl("linear_native", &linear_native_cpu);
   m.impl("interleave_native", &interleave_native_cpu);
   m.impl("se_gate_native", &se_gate_native_cpu);
   m.impl("se_apply_native", &se_apply_native_cpu);
@@ -162,6 +169,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
 // torch.library.custom_op registers (about 10 us per call: a pytree walk over every argument
 // looking for requires_grad); like it, it makes a backward through the op an error.
 TORCH_LIBRARY_IMPL(effops, Autograd, m) {
+  m.impl("linear_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("conv_bn_act_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("ghost_native", torch::autograd::autogradNotImplementedFallback());
   m.impl("pointwise_depthwise_native", torch::autograd::autogradNotImplementedFallback());

@@ -101,10 +101,36 @@ def test_other_inputs_run_pytorch(monkeypatch):
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         with torch.no_grad():
             lin(torch.randn(2, 23))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        assert torch.equal(torch.compile(lin, backend="eager", fullgraph=True)(x), ref(x))
     assert calls == []
+
+
+@native_cpu
+def test_compiled_linear_calls_the_native_op():
+    """Under torch.compile the small-batch path is the op effops::linear_native (Inductor would lower
+    F.linear to BLAS); with gradients needed it is F.linear, differentiable as ever."""
+    from effops.ops.linear import LINEAR_NATIVE_OP
+
+    ref, lin = _pair(24, 10)
+    x = torch.randn(2, 24)
+    torch.library.opcheck(LINEAR_NATIVE_OP, (x, ref.weight.detach(), ref.bias.detach(), "relu", 0.0))
+    torch.library.opcheck(LINEAR_NATIVE_OP, (x, ref.weight.detach(), None, "identity", 0.0))
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        y = torch.compile(lin, backend=backend, fullgraph=True)(x)
+    assert rel_err(y, F.linear(x.double(), ref.weight.double(), ref.bias.double())) <= 1e-5
+    assert any(n.target is LINEAR_NATIVE_OP for n in graphs[0].graph.nodes)
+    with torch.no_grad():
+        assert rel_err(torch.compile(lin)(x), F.linear(x.double(), ref.weight.double(), ref.bias.double())) <= 1e-5
+    torch._dynamo.reset()
+    xg = x.clone().requires_grad_()
+    torch.compile(lin, backend="eager", fullgraph=True)(xg).sum().backward()
+    assert torch.allclose(xg.grad, ref.weight.sum(0).expand(2, -1))
 
 
 def test_optimize_swaps_linear_layers_and_reports_them():

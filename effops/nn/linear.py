@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..native import module as native_module
 from ..ops.conv import native_fast
+from ..ops.linear import LINEAR_NATIVE_OP
 
 # Rows up to which the native kernel is used. At batch 1 a classifier head (1000 x 1280 fp32, 5 MB)
 # is a matrix-vector product bound by streaming a weight that the convs evicted since the last
@@ -21,9 +22,9 @@ class Linear(nn.Linear):
 
     Equivalent PyTorch: ``F.linear(x, weight, bias)``. Inference (no gradient needed) on a 2-D
     float32 CPU input of at most ``MAX_NATIVE_ROWS`` rows runs ``linear`` (csrc/se.cpp): both threads
-    stream their half of the weight's rows once, eight FMA chains at a time. Everything else
-    (gradients, more rows, other ranks, dtypes and devices, torch.compile, bad shapes and their
-    errors) runs ``nn.Linear.forward``."""
+    stream their half of the weight's rows once, eight FMA chains at a time; under torch.compile
+    the same kernel as the op ``effops::linear_native``. Everything else (gradients, more rows,
+    other ranks, dtypes and devices, bad shapes and their errors) runs ``nn.Linear.forward``."""
 
     @classmethod
     def from_module(cls, m: nn.Linear) -> "Linear":
@@ -39,9 +40,11 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if type(x) is Tensor and x.dim() == 2 and 0 < x.shape[0] <= MAX_NATIVE_ROWS and x.dtype == torch.float32 \
                 and w.dtype == torch.float32 and w.device.type == "cpu" and x.shape[1] == w.shape[1] \
-                and not torch.compiler.is_compiling() and native_fast(x) \
+                and native_fast(x) \
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (b is not None and b.requires_grad))) \
                 and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu")):
+            if torch.compiler.is_compiling():
+                return LINEAR_NATIVE_OP(x, w, b, "identity", 0.0)
             return native_module().linear(x, w, b, "identity", 0.0)
         return super().forward(x)

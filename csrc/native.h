@@ -186,10 +186,10 @@ void depthwise_rows_into_f32(const float* xn, int64_t H, int64_t W, int64_t C, i
 at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                    const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
                    Act gate, double gate_param);
-// The same gate from the pooled means [N, C] (float32) computed elsewhere (an aggregation's epilogue).
 // act(x @ weight.T + bias) for a float32 [N, I] input and [O, I] weight: a weight-streaming
 // matrix-vector product, for the classifier heads of batch-1 inference.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, Act act, double act_param);
+// The same gate from the pooled means [N, C] (float32) computed elsewhere (an aggregation's epilogue).
 at::Tensor se_gate_of_means(const at::Tensor& means, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                             const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
                             Act gate, double gate_param);

@@ -264,7 +264,7 @@ def _probe_inputs(live_root: nn.Module, orig_root: nn.Module, paths: List[str], 
     on channels-last outputs, so from the first converted block on, every block of the optimized
     model sees NHWC tensors where the original model passed NCHW ones; timing a block (fused or
     original) on the original's NCHW input measures a layout it never gets (an ATen max pool on an
-    NCHW input is ~15x its NHWC time). A block the live forward never calls on its own (absorbed
+    NCHW input takes more than 10x its NHWC time). A block the live forward never calls on its own (absorbed
     into a fused forward above it) falls back to its input in the original model; such a block is
     decided with that forward anyway."""
     probes = _record_inputs(orig_root, [p for p in paths if p], args, kwargs)

@@ -155,7 +155,7 @@ def test_optimize_swaps_linear_layers_and_reports_them():
 
 
 def test_optimize_swaps_timm_linear():
-    timm = pytest.importorskip("timm", reason="timm is not installed")
+    pytest.importorskip("timm", reason="timm is not installed")
     from timm.layers import Linear as TimmLinear
 
     head = nn.Sequential(TimmLinear(16, 4)).eval()

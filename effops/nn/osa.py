@@ -339,7 +339,7 @@ class FusedOSA(TracedConfigModule):
         return self._live_settings() == self._fingerprint
 
     def _as_planned(self) -> bool:
-        return traced_constants(self) if torch.compiler.is_compiling() else self._live_settings() == self._fingerprint
+        return traced_constants(self) if torch.compiler.is_compiling() else self._trace_constants()
 
     def _live_settings(self) -> tuple:
         return tuple(u.fused._settings(*u.fused._live_modules()) + (u.fused.conv._parameters["weight"].shape,)

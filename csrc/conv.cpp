@@ -1413,6 +1413,57 @@ at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const O
   return se_apply(y, gate, res, y, Act::Identity, 0.0);
 }
 
+at::Tensor osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps, const std::vector<OptTensor>& t,
+                           const std::vector<double>& eps, const std::vector<std::string>& acts,
+                           const std::vector<double>& act_params, const std::vector<int64_t>& geom,
+                           const OptTensor& ese_w, const OptTensor& ese_b, bool identity) {
+  const char* what = "effops osa_block_steps: ";
+  int64_t convs = 1;  // the aggregation
+  for (int64_t s : steps) {
+    TORCH_CHECK_VALUE(s >= 0 && s <= 2, what, "a step is 0 (reduction), 1 (conv) or 2 (depthwise -> 1x1), got ", s);
+    convs += s == 2 ? 2 : 1;
+  }
+  const auto n = static_cast<size_t>(convs);
+  TORCH_CHECK_VALUE(t.size() == 7 * n && eps.size() == n && acts.size() == n && act_params.size() == n &&
+                        geom.size() == 7 * n,
+                    what, "expected 7 tensors, an eps, an activation, its parameter and 7 ints per conv (", convs,
+                    " convs), got ", t.size(), ", ", eps.size(), ", ", acts.size(), ", ", act_params.size(), ", ",
+                    geom.size());
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(t[7 * i].has_value() && t[7 * i]->defined(), what, "conv ", i, " has no weight");
+  const auto w = [&](size_t i) -> const at::Tensor& { return *t[7 * i]; };
+  const auto T = [&](size_t i, size_t k) -> const OptTensor& { return t[7 * i + k]; };
+  const auto G = [&](size_t i, size_t k) { return IntVec{geom[7 * i + k], geom[7 * i + k + 1]}; };
+  std::vector<at::Tensor> feats{x};
+  at::Tensor y = x;
+  size_t c = 0;
+  for (int64_t s : steps) {
+    if (s == 2) {
+      y = depthwise_pointwise_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], T(c, 6), G(c, 0),
+                                     G(c, 2), G(c, 4), acts[c], act_params[c], w(c + 1), T(c + 1, 1), T(c + 1, 2),
+                                     T(c + 1, 3), T(c + 1, 4), T(c + 1, 5), eps[c + 1], T(c + 1, 6), acts[c + 1],
+                                     act_params[c + 1], std::nullopt);
+      c += 2;
+    } else {
+      y = conv_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], std::nullopt, std::nullopt, G(c, 0),
+                      G(c, 2), G(c, 4), geom[7 * c + 6], acts[c], act_params[c], true, std::nullopt, 1, T(c, 6));
+      ++c;
+    }
+    if (s != 0) feats.push_back(y);
+  }
+  const bool ese = ese_w.has_value() && ese_w->defined();
+  const OptTensor res = identity ? OptTensor(x) : OptTensor();
+  // the eSE squeeze rides the aggregation's stores (float32 means, as FusedOSA allocates them)
+  const OptTensor means = ese ? OptTensor(at::empty({x.size(0), w(c).size(0)}, x.options().dtype(at::kFloat)))
+                              : OptTensor();
+  y = conv_bn_act_segments(feats, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], ese ? OptTensor() : res,
+                           std::nullopt, acts[c], act_params[c], true, T(c, 6), means);
+  if (!ese) return y;
+  const at::Tensor gate = se_gate_of_means(*means, std::nullopt, std::nullopt, *ese_w, ese_b, Act::Identity, 0.0,
+                                           Act::Hardsigmoid, 0.0);
+  return se_apply(y, gate, res, y, Act::Identity, 0.0);
+}
+
 void set_dw_pair_policy(int64_t policy) {
   TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "depthwise-pointwise pair policy: 0 (separate), 1 (banded) or 2 "
                     "(measured per problem), got ", policy);

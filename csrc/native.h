@@ -120,6 +120,19 @@ at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const O
                             const OptTensor& agg_b, const OptTensor& ese_w, const OptTensor& ese_b, bool identity,
                             const std::string& act, double act_param);
 int64_t dw_pair_policy();
+// FusedOSA's eager native steady state (effops/nn/osa.py, _run_native) as one call, from the
+// modules' own tensors: the same entries its per-op path calls (conv_bn_act, depthwise_pointwise_bn_act,
+// conv_bn_act_segments, se_gate_of_means, se_apply), in the same order with the same arguments,
+// so the result is bit-identical and the weight cache is shared. `steps`: 0 = a conv whose output
+// is not a segment (the reduction), 1 = a conv (a stage), 2 = a depthwise -> 1x1 pair (a stage);
+// per conv (a pair is two) 7 tensors in `t` (weight, conv bias, BN weight, BN bias, running mean,
+// running var, num_batches_tracked), an eps, an activation and its parameter, and 7 ints in `geom`
+// (stride, padding, dilation, groups); the aggregation conv comes last (its geometry unused).
+// With ese_w the eSE gate (hardsigmoid) scales the aggregation's output, whose stores pool it.
+at::Tensor osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps, const std::vector<OptTensor>& t,
+                           const std::vector<double>& eps, const std::vector<std::string>& acts,
+                           const std::vector<double>& act_params, const std::vector<int64_t>& geom,
+                           const OptTensor& ese_w, const OptTensor& ese_b, bool identity);
 // Expand -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded up to 128
 // input channels (the default).
 void set_pair_policy(int64_t policy);

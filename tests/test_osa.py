@@ -79,6 +79,86 @@ def test_native_cpu_eval_matches_classic_module(variant, compiled):
     assert_matches(y, copy.deepcopy(ref).double()(x.double()))
 
 
+def _spy_steps(monkeypatch) -> list:
+    """Record each call of the native ``osa_block_steps`` (FusedOSA's one-call steady state)."""
+    mod = effops.native.module()
+    calls, real = [], mod.osa_block_steps
+    monkeypatch.setattr(mod, "osa_block_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _needs_native():
+    if not native_fast(torch.empty(1)):
+        pytest.skip("the native backend is not the CPU backend in this run (EFFOPS_CPU_BACKEND=triton)")
+
+
+def _dw_wide():
+    return randomize_bn(OSAModule(12, 16, 24, 2, "OSA2_1", identity=False, ese=True, depthwise=True))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["dw_wide"])
+def test_native_steady_state_is_one_call_equal_to_the_per_op_path(monkeypatch, variant):
+    """From the second eager call on (the first plans each conv), CPU float32 inference runs the
+    whole block as one native call (osa_block_steps) whose result is bit-identical to the per-op
+    native path's and within 1e-5 of float64."""
+    _needs_native()
+    ref = (_dw_wide() if variant == "dw_wide" else _classic(variant)).eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, fused.in_ch, 11, 9).contiguous(memory_format=torch.channels_last)
+    calls = _spy_steps(monkeypatch)
+    with torch.no_grad():
+        first = fused(x)
+        assert calls == []  # the units had no plans yet: the per-op path ran (and planned them)
+        y = fused(x)
+        assert calls == [1]
+        monkeypatch.setattr(FusedOSA, "_native_steps", lambda self, x, identity: None)
+        per_op = fused(x)
+    assert torch.equal(y, per_op) and torch.equal(y, first)
+    assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+
+
+def test_native_steady_state_reads_the_live_modules(monkeypatch):
+    """The one-call path gathers the modules' tensors on every call (a replaced weight, updated
+    running statistics are used) and leaves to the full path whatever its guards reject: a hook
+    on a child, train mode, gradients, another dtype, a changed setting (here the aggregation's
+    padding, which makes the block unfusable: the full path says so)."""
+    _needs_native()
+    ref = _classic("v2").eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = _x(fused.in_ch, h=6, w=5).cpu()
+    calls = _spy_steps(monkeypatch)
+    agg, ref_agg = fused.concat[0], ref.concat[0]
+    with torch.no_grad():
+        fused(x)
+        w = torch.randn_like(agg.weight)
+        agg.weight = nn.Parameter(w.clone())
+        ref_agg.weight = nn.Parameter(w.clone())
+        fused.layers[0][1].running_mean.add_(0.25)
+        ref.layers[0][1].running_mean.add_(0.25)
+        y = fused(x)
+        assert calls == [1]
+        assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+        h = fused.layers[1][0].register_forward_hook(lambda m, i, o: None)
+        fused(x)
+        h.remove()
+        fused.train()
+        fused(x)
+        fused.eval()
+        twin = copy.deepcopy(fused).double()
+        twin(x.double())
+        twin(x.double())
+        assert calls == [1]
+    fused(x)  # gradients enabled, parameters that require them
+    assert calls == [1]
+    with torch.no_grad():
+        fused(x)
+        assert calls == [1, 1]
+        agg.padding = (1, 1)
+        with pytest.raises(ValueError, match="aggregation conv must be a plain 1x1 conv"):
+            fused(x)
+    assert calls == [1, 1]
+
+
 @needs_triton
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -750,13 +750,15 @@ class DepthwisePointwise:
         y = self.dw(x)
         return self.pw(y) if residual is None else self.pw(y, residual)
 
-    def _dw_args(self, x: Tensor) -> Optional[tuple]:
+    def _dw_args(self, x: Tensor, shape=None) -> Optional[tuple]:
         """The depthwise conv's ``(weight, bn args..., stride, padding, dilation, act, act_param)`` as
-        held now, for an eager native call; None where a guard fails."""
+        held now, for an eager native call on an input of ``shape`` (default ``x.shape``; ``x`` is
+        read for whether it requires grad); None where a guard fails."""
+        shape = x.shape if shape is None else shape
         dw = self.dw
         if isinstance(dw, FusedConvBNAct):
             pa = dw._native_plan
-            if pa is None or x.shape != pa.x_shape:
+            if pa is None or shape != pa.x_shape:
                 return None
             a = pa.live_args(x)
             if a is None:
@@ -764,33 +766,40 @@ class DepthwisePointwise:
             return a + (pa.stride, pa.pad, pa.dilation, pa.act, pa.act_param)
         w = dw._parameters["weight"]
         if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu \
-                or not _plain_depthwise(dw) or dw.in_channels != x.shape[1]:
+                or not _plain_depthwise(dw) or dw.in_channels != shape[1]:
             return None
         b = dw._parameters.get("bias")
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return None
         return (w, b, None, None, None, None, 0.0, None, dw.stride, resolve_padding(dw), dw.dilation, "identity", 0.0)
 
-    def native(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[Tensor]:
-        """The pair as one eager native call, or None where it does not apply (the caller runs the
-        units)."""
+    def native_args(self, x: Tensor, shape, residual: Optional[Tensor] = None) -> Optional[tuple]:
+        """``depthwise_pointwise_bn_act``'s arguments after its input, for a float32 CPU input of
+        ``shape`` (``x``: read for whether it requires grad), as held now; None where a guard fails
+        (the units must run)."""
         pb = self.pw._native_plan
-        if pb is None or type(x) is not Tensor or x.dtype is not torch.float32 or pb.dtype is not torch.float32 \
-                or not x.is_cpu or x.dim() != 4 or hooked(self.hooks):
+        if pb is None or pb.dtype is not torch.float32 or len(shape) != 4 or hooked(self.hooks):
             return None
-        a = self._dw_args(x)
+        a = self._dw_args(x, shape)
         if a is None:
             return None
         stride, pad, dilation = a[8], a[9], a[10]
-        oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], stride, pad, dilation)
-        if pb.x_shape != (x.shape[0], x.shape[1], oh, ow) or tuple(pb.kernel_size) != (1, 1) or pb.groups != 1 \
+        oh, ow = _out_hw(shape[2], shape[3], a[0].shape[2:], stride, pad, dilation)
+        if pb.x_shape != (shape[0], shape[1], oh, ow) or tuple(pb.kernel_size) != (1, 1) or pb.groups != 1 \
                 or tuple(pb.stride) != (1, 1) or pb.pad != (0, 0) or tuple(pb.dilation) != (1, 1) or pb.shuffle != 1:
             return None
         b = pb.live_args(x, residual)
         if b is None:
             return None
-        return native_module().depthwise_pointwise_bn_act(x, *a[:8], stride, pad, dilation, a[11], a[12], *b,
-                                                          pb.act, pb.act_param, residual)
+        return (*a[:8], stride, pad, dilation, a[11], a[12], *b, pb.act, pb.act_param, residual)
+
+    def native(self, x: Tensor, residual: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The pair as one eager native call, or None where it does not apply (the caller runs the
+        units)."""
+        if type(x) is not Tensor or x.dtype is not torch.float32 or not x.is_cpu:
+            return None
+        a = self.native_args(x, x.shape, residual)
+        return None if a is None else native_module().depthwise_pointwise_bn_act(x, *a)
 
     def _compiled(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         """Under torch.compile on CPU, inference: one functional pair op; the two units wherever they

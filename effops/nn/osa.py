@@ -16,7 +16,8 @@ from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import (ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children,
                      TracedConfigModule, trace_register, traced_constants)
-from .conv_bn_act import DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, bn_sources, resolve_padding, why_not_fusable
+from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args, bn_sources,
+                          resolve_padding, why_not_fusable)
 from .se import SqueezeExcite
 
 
@@ -434,6 +435,12 @@ class FusedOSA(TracedConfigModule):
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if type(x) is Tensor and x.dtype is torch.float32 and not torch.compiler.is_compiling() and native_fast(x) \
+                and not self._snapshot.changed():
+            # CPU float32 inference, steady state: the guards of _native_steps, then one C++ call
+            steps = self._native_steps(x, self.identity)
+            if steps is not None:
+                return native_module().osa_block_steps(x, *steps)
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.in_ch:
             raise ValueError(f"FusedOSA expected an input with {self.in_ch} channels, got shape {tuple(x.shape)}")
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -478,10 +485,13 @@ class FusedOSA(TracedConfigModule):
         the block input and the stage outputs where they lie (no concat), whose epilogue adds the
         identity unless an eSE gate comes first (then the native SE kernels pool, excite, and
         apply gate + identity in one more pass)."""
+        nat = native_module()
+        steps = self._native_steps(x, identity)
+        if steps is not None:  # the steady state: the calls below as one C++ call
+            return nat.osa_block_steps(x, *steps)
         p = self._parts
         y = x if p.reduction is None else p.reduction.fused(x)
         feats = [x]
-        nat = native_module()
         for u in p.mid:
             if u.dw is not None:  # depthwise-separable stage: a plain depthwise conv, then the 1x1
                 z = u.pair.native(y)  # the two as one banded native call (steady state)
@@ -515,6 +525,80 @@ class FusedOSA(TracedConfigModule):
         # Gated in place where y is this call's own fresh tensor (a second fresh one is written
         # from cold cache lines); not where a hook on the aggregation conv may have kept y.
         return dispatch.run("se_apply", y, gate, res, y if own else None, "identity", 0.0)
+
+    def _native_steps(self, x: Tensor, identity: bool) -> Optional[tuple]:
+        """The arguments after ``x`` of ``osa_block_steps`` (csrc/conv.cpp): what the per-op path of
+        :meth:`_run_native` passes its native calls, gathered under the same guards (each unit's
+        plan: input shape, live settings, hooks, train mode, gradients), for a float32 input.
+        None where a guard fails or a unit has not planned yet (its first call): that path runs.
+        One C++ call instead of six to ten Python-level calls keeps the host time between the
+        block's kernels to microseconds (paid from cold caches after every heavy kernel)."""
+        p = self._parts
+        if x.dtype is not torch.float32 or x.dim() != 4 or hooked(self._hooks) \
+                or (p.drop_path is not None and p.drop_path.training) \
+                or (torch.is_grad_enabled() and self._needs_grad(x)):
+            return None
+        steps, t, eps, acts, params, geom = [], [], [], [], [], []
+
+        def conv(fused, shape, step):
+            pa = fused._native_plan
+            if pa is None or pa.x_shape != shape or pa.dtype is not torch.float32 or pa.shuffle != 1:
+                return None
+            a = pa.live_args(x)
+            if a is None:
+                return None
+            w, cb, bw, bb, rm, rv, e, counter = a
+            t.extend((w, cb, bw, bb, rm, rv, counter))
+            eps.append(e)
+            acts.append(pa.act)
+            params.append(pa.act_param)
+            geom.extend((*pa.stride, *pa.pad, *pa.dilation, pa.groups))
+            steps.append(step)
+            return pa.out_shape
+
+        shape = x.shape
+        if p.reduction is not None:
+            shape = conv(p.reduction.fused, shape, 0)
+            if shape is None:
+                return None
+        for u in p.mid:
+            if u.dw is None:
+                shape = conv(u.fused, shape, 1)
+                if shape is None:
+                    return None
+                continue
+            a = None if u.pair is None else u.pair.native_args(x, shape)
+            if a is None:
+                return None
+            (w1, cb1, bw1, bb1, rm1, rv1, e1, n1, stride, pad, dil, act1, p1,
+             w2, cb2, bw2, bb2, rm2, rv2, e2, n2, act2, p2, _) = a
+            t.extend((w1, cb1, bw1, bb1, rm1, rv1, n1, w2, cb2, bw2, bb2, rm2, rv2, n2))
+            eps.extend((e1, e2))
+            acts.extend((act1, act2))
+            params.extend((p1, p2))
+            geom.extend((*stride, *pad, *dil, shape[1], 1, 1, 0, 0, 1, 1, 1))
+            steps.append(2)
+            shape = u.pair.pw._native_plan.out_shape
+        agg = p.agg.fused
+        if hooked(agg._hooks) or not agg._folds(agg.bn):
+            return None
+        # The unit plans above hold the settings they were built with (under the settings this block
+        # was parsed for); the aggregation has no plan, so its settings are compared here.
+        conv_a, bn_a, act_a = agg._live_modules()
+        settings = agg._settings(conv_a, bn_a, act_a)
+        w = conv_a._parameters["weight"]
+        if settings + (w.shape,) != self._fingerprint[len(self._units) - 1]:
+            return None
+        act, act_param = settings[-1]
+        cb, bw, bb, rm, rv, e, counter = _native_bn_args(conv_a, bn_a)
+        t.extend((w, cb, bw, bb, rm, rv, counter))
+        eps.append(e)
+        acts.append(act)
+        params.append(act_param)
+        geom.extend((1, 1, 0, 0, 1, 1, 1))
+        fc = p.ese_fc
+        fc_w, fc_b = (None, None) if fc is None else (fc._parameters["weight"], fc._parameters["bias"])
+        return steps, t, eps, acts, params, geom, fc_w, fc_b, identity
 
     def forward_unfused(self, x: Tensor) -> Tensor:
         """The block with the original PyTorch modules (the training path; exact semantics)."""

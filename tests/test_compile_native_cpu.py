@@ -326,3 +326,47 @@ def test_equal_valued_new_bn_tensors_reuse_the_packed_weight():
     ref = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x.double(), w.double(), padding=1), m, v, g, b,
                                          False, 0.0, 1e-5)
     assert_matches(y, torch.relu(ref))
+
+
+def _guard_lines(fn) -> list:
+    """The guard tree Dynamo installs while ``fn()`` compiles, one line per node (as
+    ``TORCH_LOGS=guards`` prints it)."""
+    import logging
+
+    lines = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record):
+            lines.extend(record.getMessage().splitlines())
+
+    handler = _Handler()
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo.guards", "torch.__guards")]
+    torch._logging.set_logs(guards=True)
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        fn()
+    finally:
+        torch._logging.set_logs()
+        for lg in loggers:
+            lg.removeHandler(handler)
+    return lines
+
+
+def test_compiled_fused_modules_leave_their_internals_unguarded():
+    """Every guard node is evaluated on every compiled call (from cold caches, after the previous
+    call's kernels): the trace reads neither a traced block's internal graph module's hook dicts
+    (its forward is called directly) nor a fused conv's eager plan or default arguments."""
+    timm = pytest.importorskip("timm")
+    torch._dynamo.reset()
+    model = randomize_bn(timm.create_model("efficientnet_b0", num_classes=10)).eval()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast(x)
+        fast(x)  # eager calls build each conv's plan: the trace must not read it
+        lines = _guard_lines(lambda: torch.compile(fast, backend="eager")(x))
+    guards = [line.split("  # ")[0] for line in lines]  # what is guarded, without the code that read it
+    assert any("TENSOR_MATCH" in g for g in guards)  # the log was captured
+    assert [g for g in guards if ".graph_module._forward" in g or ".graph_module._backward" in g] == []
+    assert [g for g in guards if "_native_plan" in g or "['_compiled_native_args'].__defaults__" in g] == []

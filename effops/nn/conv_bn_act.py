@@ -271,15 +271,17 @@ class FusedConvBNAct(TracedConfigModule):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_after_act: bool = True, *,
                 out: Union[ChannelView, Tensor, None] = None, gate: Optional[Tensor] = None,
                 out_shuffle_groups: int = 1) -> Tensor:
-        plan = self._native_plan
-        if plan is not None and out is None and not torch.compiler.is_compiling():
-            # CPU inference, steady state: a few guards and the native call
-            y = plan.run(x, residual, residual_after_act, gate, out_shuffle_groups, None)
-            if y is not None:
-                return y
-        if out is None and torch.compiler.is_compiling():
-            # torch.compile on CPU, inference: the native op, configured by graph constants
-            a = self._compiled_native_args(x, gate, residual=residual)
+        if not torch.compiler.is_compiling():
+            plan = self._native_plan
+            if plan is not None and out is None:
+                # CPU inference, steady state: a few guards and the native call
+                y = plan.run(x, residual, residual_after_act, gate, out_shuffle_groups, None)
+                if y is not None:
+                    return y
+        elif out is None:
+            # torch.compile on CPU, inference: the native op, configured by graph constants. (Neither
+            # the plan nor a default argument is read in the trace: each would be a guard per module.)
+            a = self._compiled_native_args(x, gate, True, residual)
             if a is not None:
                 w, st, stride, padding, dilation, groups, act, act_param = a
                 if out_shuffle_groups != 1:
@@ -304,7 +306,7 @@ class FusedConvBNAct(TracedConfigModule):
         an owner that watches this unit's children and hooks itself (FusedGhostModule: its snapshot
         and hook registries cover them), so the trace carries no second copy of those checks (each
         is a guard evaluated on every call). None where another path of ``forward`` applies."""
-        a = self._compiled_native_args(x, gate)
+        a = self._compiled_native_args(x, gate, True, None)
         if a is None:
             return None
         w, st, stride, padding, dilation, groups, act, act_param = a
@@ -683,8 +685,8 @@ class PointwiseDepthwise:
         pair."""
         pw, dw = self.pw, self.dw
         if type(x) is Tensor and x.dtype is torch.float32 and not hooked(self.hooks):
-            a = pw._compiled_native_args(x)
-            b = None if a is None else dw._compiled_native_args(x, check=False)
+            a = pw._compiled_native_args(x, None, True, None)
+            b = None if a is None else dw._compiled_native_args(x, None, False, None)
             if b is not None and tuple(a[0].shape[2:]) == (1, 1) and a[2:6] == ([1, 1], [0, 0], [1, 1], 1) \
                     and a[0].shape[1] == x.shape[1] and b[0].shape[0] == b[5] == a[0].shape[0] and b[0].shape[1] == 1:
                 (w1, st1, *_, act1, p1), (w2, st2, stride, padding, dilation, _, act2, p2) = a, b
@@ -808,7 +810,7 @@ class DepthwisePointwise:
         if type(x) is Tensor and x.dtype is torch.float32 and x.dim() == 4 and not hooked(self.hooks) \
                 and (residual is None or (type(residual) is Tensor and residual.dtype is torch.float32)):
             if isinstance(dw, FusedConvBNAct):
-                a = dw._compiled_native_args(x)
+                a = dw._compiled_native_args(x, None, True, None)
                 if a is not None and a[5] == x.shape[1] == a[0].shape[0] and a[0].shape[1] == 1:
                     w1, st1, stride, padding, dilation, _, act1, p1 = a
                     a = (w1, *st1, stride, padding, dilation, act1, p1)
@@ -820,7 +822,7 @@ class DepthwisePointwise:
                     a = a[:8] + (list(a[8]), list(a[9]), list(a[10]), a[11], float(a[12]))
             if a is not None:
                 oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], a[8], a[9], a[10])
-                b = pw._compiled_native_args(x, check=False)
+                b = pw._compiled_native_args(x, None, False, None)
                 if b is not None and b[0].shape[1] == x.shape[1] and tuple(b[0].shape[2:]) == (1, 1) \
                         and b[2:6] == ([1, 1], [0, 0], [1, 1], 1) \
                         and (residual is None or tuple(residual.shape) == (x.shape[0], b[0].shape[0], oh, ow)):

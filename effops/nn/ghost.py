@@ -376,8 +376,8 @@ class FusedGhostModule(TracedConfigModule):
         return not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters())))
 
     def forward(self, x: Tensor, *, gate: Optional[Tensor] = None) -> Tensor:
-        fast = self.__dict__.get("_native_plan")
-        if fast is not None and not torch.compiler.is_compiling():  # CPU inference, steady state: see _GhostPlan
+        fast = None if torch.compiler.is_compiling() else self.__dict__.get("_native_plan")
+        if fast is not None:  # CPU inference, steady state: see _GhostPlan
             y = fast.run(x, gate)
             if y is not None:
                 return y
@@ -677,11 +677,11 @@ def _units_compiled(p: "_Plan", x: Tensor, gate: Optional[Tensor], keep: int, ch
     op where every cheap output is kept), or None where the primary unit's native op doesn't apply.
     (A function, not a method: a method looked up on each module is one more guard per module.)"""
     primary, cheap = p.primary.unit, p.cheap.unit
-    a1 = primary._compiled_native_args(x, gate)
+    a1 = primary._compiled_native_args(x, gate, True, None)
     if a1 is None:
         return None
     w1, st1, s1, pad1, dil1, g1, act1, ap1 = a1
-    a2 = cheap._compiled_native_args(x, None, False) if keep == cheap_out else None
+    a2 = cheap._compiled_native_args(x, None, False, None) if keep == cheap_out else None
     if a2 is not None:  # every cheap output is kept: one node writing one buffer
         w2, st2, _, pad2, dil2, g2, act2, ap2 = a2
         return GHOST_NATIVE_OP(x, gate, w1, *st1[:6], st1[6], s1, pad1, dil1, g1, act1, ap1,

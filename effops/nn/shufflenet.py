@@ -385,7 +385,7 @@ class FusedShuffleV2Block(nn.Module):
     @staticmethod
     def _branch_native(runs: List[FusedConvBNAct], y: Tensor) -> Optional[Tensor]:
         for f in runs:
-            a = f._compiled_native_args(y)
+            a = f._compiled_native_args(y, None, True, None)
             if a is None:
                 return None
             w, st, stride, padding, dilation, groups, act, act_param = a

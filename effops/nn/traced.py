@@ -106,9 +106,10 @@ class FusedStep(nn.Module):
         return y if out_shuffle_groups == 1 else reference.channel_shuffle(y, out_shuffle_groups)
 
     def _exact_residual(self, x: Tensor, r: Tensor) -> bool:
-        plan = self.fused._native_plan
-        # The common case, answered from the conv's plan; anything else is worked out below.
-        if plan is not None and not torch.compiler.is_compiling() and plan.exact_residual(x, r):
+        # The common case, answered from the conv's eager plan (not read in a trace: a guard per
+        # step); anything else is worked out below.
+        plan = None if torch.compiler.is_compiling() else self.fused._native_plan
+        if plan is not None and plan.exact_residual(x, r):
             return True
         if not isinstance(r, Tensor) or r.dim() != 4 or x.dim() != 4:
             return False
@@ -513,10 +514,12 @@ class SEEpilogueStep(nn.Module):
         sum each image's channel means (``native_segments(..., pool=)``, or oneDNN and one pooling pass
         where that is measured faster), the excitation from those means (``se_gate_of_means``), then
         gate, residual and activation applied in place in one pass. None where that doesn't apply."""
+        if torch.compiler.is_compiling():
+            return None
         f, se = self.conv_step.fused, self.se_step.se
         plan = f._native_plan
         if plan is None or type(x) is not Tensor or x.dtype is not torch.float32 or plan.dtype is not torch.float32 \
-                or not x.is_cpu or x.shape != plan.x_shape or torch.compiler.is_compiling() \
+                or not x.is_cpu or x.shape != plan.x_shape \
                 or tuple(plan.kernel_size) != (1, 1) or tuple(plan.stride) != (1, 1) or plan.pad != (0, 0) \
                 or tuple(plan.dilation) != (1, 1) or plan.groups != 1 or plan.shuffle != 1:
             return None
@@ -598,7 +601,10 @@ class TracedForward(common.EpochChecked):
                               "after optimize(); its forward runs unfused (call effops.optimize again to fuse it)",
                               stacklevel=2)
             return type(owner).forward(owner, *args, **kwargs)
-        return self.graph_module(*args, **kwargs)
+        # The graph module is effops' own (not in the owner's module tree: no hook can be registered
+        # on it through the model), so its forward is called directly: under torch.compile its
+        # nn.Module call would install four hook-dict guards, evaluated on every call.
+        return self.graph_module.forward(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"TracedForward({type(self.owner).__name__}, fused steps in eval)"

@@ -160,7 +160,10 @@ def traced_constants(obj):
     """``obj._trace_constants()``, taken once while torch.compile traces and kept in the graph as a
     constant (eager callers get it computed afresh)."""
     if torch.compiler.is_compiling():
-        return _constants_when_traced(id(obj))
+        # The structure epoch as an argument: one guard on the global for the whole graph, so a child
+        # replaced anywhere retraces and the constants are taken again (they may include the
+        # module's structure check, which then costs no guard of its own).
+        return _constants_when_traced(id(obj), _EPOCH)
     return obj._trace_constants()
 
 
@@ -175,7 +178,7 @@ class TracedConfigModule(nn.Module):
 
 
 @torch._dynamo.assume_constant_result
-def _constants_when_traced(key: int):
+def _constants_when_traced(key: int, epoch: int):
     obj = _TRACED.get(key)
     return None if obj is None else obj._trace_constants()
 

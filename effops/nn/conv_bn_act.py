@@ -321,9 +321,9 @@ class FusedConvBNAct(TracedConfigModule):
         ``check=False``: ``x``'s shape was settled by the owner (FusedGhostModule's cheap conv, reading
         the primary conv's output). The configuration comes from :meth:`_trace_constants`, a constant
         of the trace; the tensors and the BN's mode are read live."""
-        if self._snapshot.changed() or not native_fast(x) or torch.is_autocast_enabled("cpu"):
+        if not native_fast(x) or torch.is_autocast_enabled("cpu"):
             return None
-        c = traced_constants(self)
+        c = traced_constants(self)  # None also where a child was replaced
         if c is None:
             return None
         conv_name, bn_name, affine_in_buffers, frozen, stride, padding, dilation, groups, act, act_param, eps = c
@@ -355,9 +355,11 @@ class FusedConvBNAct(TracedConfigModule):
     def _trace_constants(self) -> Optional[tuple]:
         """This unit's configuration as a traced native call takes it: ``(conv name, BN name,
         BN affine tensors are buffers, frozen BN, stride, padding, dilation, groups, act, act_param,
-        eps)`` as lists and numbers, or None where the fused op can't run it (unfusable settings, a BN
-        without running statistics, a hook watching). Under torch.compile it is read once, while
-        Dynamo traces (:func:`~effops.nn.common.traced_constants`)."""
+        eps)`` as lists and numbers, or None where the fused op can't run it (a child replaced,
+        unfusable settings, a BN without running statistics, a hook watching). Under torch.compile it
+        is read once, while Dynamo traces (:func:`~effops.nn.common.traced_constants`)."""
+        if self._snapshot.changed():  # (in a trace: checked here once, retraced on a replacement)
+            return None
         conv, bn, act_mod = self._live_modules()
         if why_not_fusable(conv, bn, act_mod) is not None or hooked(self._hooks):
             return None

@@ -12,7 +12,8 @@ the compiled model one after the other (median of ``--runs`` calls each), so dri
 machine hits both alike. Prints one line per model with every round's medians, eager / compiled,
 in ms, the number of guards Dynamo installed and their evaluation per compiled call (torch.profiler's
 "TorchDynamo Cache Lookup", µs: inflated by the profiler, and paid from cold caches after the
-kernels of the previous call).
+kernels of the previous call), and the compiled model's time with guard evaluation skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): what the guards cost per call.
 ``benchmarks/test_cpu_models.py`` is the number of record (one process per provider); this tool
 isolates the compiled path's own cost (guards, the wrapper, one dispatcher call per op).
 """
@@ -58,12 +59,17 @@ def measure(name: str, threads: int, rounds: int, runs: int, batch: int = 1, pla
         compiled = torch.compile(fast)
         with _GuardCounter() as guards:
             compiled(x)
-        eager, comp = [], []
+        eager, comp, unguarded = [], [], []
         for _ in range(rounds):
             eager.append(_median_ms(lambda: fast(x), runs))
             comp.append(_median_ms(lambda: compiled(x), runs))
+            # The same compiled call with Dynamo's guard evaluation skipped (unsafe in general: here
+            # nothing changes between calls): the difference is what evaluating the guards costs.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                unguarded.append(_median_ms(lambda: compiled(x), runs))
         guards_us = _guard_us(lambda: compiled(x), runs)
-    return {"model": name, "eager_ms": eager, "compiled_ms": comp, "guards_us": guards_us, "guards": guards.count}
+    return {"model": name, "eager_ms": eager, "compiled_ms": comp, "unguarded_ms": unguarded, "guards_us": guards_us,
+            "guards": guards.count}
 
 
 class _GuardCounter:
@@ -121,9 +127,11 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         r = measure(name, args.threads, args.rounds, args.runs, args.batch, args.plain)
         e, c = statistics.median(r["eager_ms"]), statistics.median(r["compiled_ms"])
+        u = statistics.median(r["unguarded_ms"])
         rounds = " ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(r["eager_ms"], r["compiled_ms"]))
         print(f"{name:24s} eager {e:6.2f}  compiled {c:6.2f}  compiled/eager {c / e:4.2f}   rounds {rounds}   "
-              f"guards {r['guards']} ({r['guards_us']:.0f} us/call)", flush=True)
+              f"guards {r['guards']} ({r['guards_us']:.0f} us/call; compiled without evaluating them {u:.2f})",
+              flush=True)
     return 0
 
 

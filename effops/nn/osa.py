@@ -484,14 +484,12 @@ class FusedOSA(TracedConfigModule):
         folded into a cached prepacked weight, activation fused); the aggregation is GEMMs over
         the block input and the stage outputs where they lie (no concat), whose epilogue adds the
         identity unless an eSE gate comes first (then the native SE kernels pool, excite, and
-        apply gate + identity in one more pass)."""
-        nat = native_module()
-        steps = self._native_steps(x, identity)
-        if steps is not None:  # the steady state: the calls below as one C++ call
-            return nat.osa_block_steps(x, *steps)
+        apply gate + identity in one more pass). Once each unit has planned its call here, float32
+        calls take forward's one-call path instead (:meth:`_native_steps`)."""
         p = self._parts
         y = x if p.reduction is None else p.reduction.fused(x)
         feats = [x]
+        nat = native_module()
         for u in p.mid:
             if u.dw is not None:  # depthwise-separable stage: a plain depthwise conv, then the 1x1
                 z = u.pair.native(y)  # the two as one banded native call (steady state)

@@ -370,3 +370,51 @@ def test_compiled_fused_modules_leave_their_internals_unguarded():
     assert any("TENSOR_MATCH" in g for g in guards)  # the log was captured
     assert [g for g in guards if ".graph_module._forward" in g or ".graph_module._backward" in g] == []
     assert [g for g in guards if "_native_plan" in g or "['_compiled_native_args'].__defaults__" in g] == []
+
+
+def _conv_bn_relu_net():
+    c = 8
+    return randomize_bn(torch.nn.Sequential(
+        torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+        torch.nn.Conv2d(c, c, 1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU())).eval()
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+def test_compiled_fused_convs_take_tensors_as_constants_under_freezing(freezing):
+    """Under inductor's freezing (parameters and buffers become constants of the compiled code) a
+    compiled fused conv takes its weight and BN tensors as constants of the trace: no guard per
+    tensor (each a cache miss per call); the structure epoch, one guard, retraces when a parameter
+    or buffer is assigned. Without freezing the trace reads the live tensors (guarded, and updates
+    in place show through)."""
+    import copy
+
+    torch._dynamo.reset()
+    model = _conv_bn_relu_net()
+    ref = copy.deepcopy(model).double()
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    conv, bn = fast[0], fast[1]
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
+        compiled = torch.compile(fast)
+        lines = _guard_lines(lambda: compiled(x))
+        assert any("TENSOR_MATCH" in g for g in lines)  # the log was captured
+        tensor_guards = [g for g in lines if "_parameters['weight']" in g or "_buffers['running_mean']" in g]
+        assert (tensor_guards == []) == freezing
+        assert_matches(compiled(x), ref(x.double()))
+
+        w = torch.randn_like(conv.weight)
+        conv.weight = torch.nn.Parameter(w)  # a new parameter: retraced
+        ref[0].weight = torch.nn.Parameter(w.double())
+        assert_matches(compiled(x), ref(x.double()))
+
+        v = torch.rand(8) + 0.25
+        bn.running_var = v  # a new buffer: retraced
+        ref[1].running_var = v.double()
+        assert_matches(compiled(x), ref(x.double()))
+
+        if not freezing:  # read live: in-place updates show through
+            conv.weight.mul_(0.5)
+            bn.running_mean.add_(1.0)
+            ref[0].weight.mul_(0.5)
+            ref[1].running_mean.add_(1.0)
+            assert_matches(compiled(x), ref(x.double()))

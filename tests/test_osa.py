@@ -79,6 +79,33 @@ def test_native_cpu_eval_matches_classic_module(variant, compiled):
     assert_matches(y, copy.deepcopy(ref).double()(x.double()))
 
 
+@pytest.mark.parametrize("variant", ["dw_identity", "v2"])
+def test_native_cpu_compiled_with_freezing_takes_tensors_as_constants(variant):
+    """Under inductor's freezing the compiled block's weights, BN scales and biases are constants of
+    the trace (no guard per tensor); a parameter assigned afterwards retraces."""
+    if not native_fast(torch.empty(1)):
+        pytest.skip("the native backend is not the CPU backend in this run (EFFOPS_CPU_BACKEND=triton)")
+    import torch._inductor.config as inductor_config
+    from test_compile_native_cpu import _guard_lines
+
+    ref = _classic(variant).eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, fused.in_ch, 9, 7).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        run = torch.compile(fused)
+        lines = _guard_lines(lambda: run(x))
+        assert any("TENSOR_MATCH" in g for g in lines)  # the log was captured
+        assert [g for g in lines if "_parameters['weight']" in g or "_buffers['running_var']" in g] == []
+        assert_matches(run(x), copy.deepcopy(ref).double()(x.double()))
+        conv = fused._parts.agg.fused.conv
+        w = torch.randn_like(conv.weight)
+        conv.weight = nn.Parameter(w)
+        ref_conv = dict(ref.named_modules())[dict((m, n) for n, m in fused.named_modules())[conv]]
+        ref_conv.weight = nn.Parameter(w.clone())
+        assert_matches(run(x), copy.deepcopy(ref).double()(x.double()))
+
+
 def _spy_steps(monkeypatch) -> list:
     """Record each call of the native ``osa_block_steps`` (FusedOSA's one-call steady state)."""
     mod = effops.native.module()

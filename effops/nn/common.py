@@ -183,14 +183,37 @@ def _constants_when_traced(key: int, epoch: int):
     return None if obj is None else obj._trace_constants()
 
 
-# Structure epoch: a counter bumped whenever a child is registered on a module some snapshot
-# watches (``parent.name = m``, ``seq[i] = m``, ``add_module``: torch calls the global module
-# registration hook for all of them). A snapshot that has already seen the current epoch skips the
-# dict comparison. Under torch.compile that matters more than the comparison's cost: dynamo guards
-# every key and value it reads (about 40 guards per fused module, 0.7 ms per call on MobileNetV2),
-# while an epoch that matches costs two integer guards, and any later change bumps the epoch, fails
-# the guard and retraces. Writes that bypass the hook (``m._modules[k] = v``, ``del m.child``) are
-# seen only after ``structure_changed()`` (``effops.refresh()`` calls it).
+def traced_tensors(obj):
+    """Under torch.compile with inductor's freezing (parameters and buffers are constants of the
+    compiled graph: ``torch._inductor.config.freezing`` in inference), ``obj._trace_tensors()``
+    taken once while Dynamo traces and kept in the graph as constants; else None (the trace reads
+    the tensors live). Freezing already folds the values into the compiled code, so what a guard per
+    tensor would protect is a tensor object replaced: every assignment of a parameter or buffer on a
+    watched module moves the structure epoch, which the graph guards once."""
+    return _tensors_when_traced(id(obj), _EPOCH)
+
+
+def _freezing() -> bool:
+    from torch._dynamo.utils import is_parameter_freezing  # inductor freezing, in inference
+
+    return is_parameter_freezing()
+
+
+@torch._dynamo.assume_constant_result
+def _tensors_when_traced(key: int, epoch: int):
+    obj = _TRACED.get(key)
+    return obj._trace_tensors() if obj is not None and _freezing() else None
+
+
+# Structure epoch: a counter bumped whenever a child, parameter or buffer is registered on a module
+# some snapshot watches (``parent.name = m``, ``seq[i] = m``, ``add_module``, ``conv.weight = p``:
+# torch calls the global registration hooks for all of them). A snapshot that has already seen the
+# current epoch skips the dict comparison. Under torch.compile that matters more than the
+# comparison's cost: dynamo guards every key and value it reads (about 40 guards per fused module,
+# 0.7 ms per call on MobileNetV2), while an epoch that matches costs two integer guards, and any
+# later change bumps the epoch, fails the guard and retraces. Writes that bypass the hooks
+# (``m._modules[k] = v``, ``del m.child``, ``m._parameters[k] = p``, the tensors ``.to()``
+# converts) are seen only after ``structure_changed()`` (``effops.refresh()`` calls it).
 _EPOCH = 0
 _WATCHED_FLAG = "_effops_watched"  # in a watched module's __dict__: survives deepcopy and pickling
 
@@ -208,6 +231,12 @@ def _on_child_registered(module, name, submodule):
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_on_child_registered)
+# A parameter or buffer assigned on a watched module (``conv.weight = nn.Parameter(w)``,
+# ``bn.running_mean = t``, ``load_state_dict(..., assign=True)``) moves the epoch too: compiled
+# fused modules under inductor freezing hold their tensors as trace constants (no guard per tensor,
+# :func:`traced_tensors`), so a new tensor must retrace.
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_child_registered)
+torch.nn.modules.module.register_module_buffer_registration_hook(_on_child_registered)
 
 
 def watch(module: nn.Module) -> None:

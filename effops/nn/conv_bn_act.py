@@ -15,7 +15,7 @@ from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _o
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
 from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
-                     TracedConfigModule, trace_register, traced_constants)
+                     TracedConfigModule, trace_register, traced_constants, traced_tensors)
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
@@ -328,23 +328,26 @@ class FusedConvBNAct(TracedConfigModule):
             return None
         conv_name, bn_name, affine_in_buffers, frozen, stride, padding, dilation, groups, act, act_param, eps = c
         mods = self._modules
-        conv = mods[conv_name]
-        cp = conv._parameters
-        w = cp["weight"]
+        bn = None if bn_name is None else mods[bn_name]
+        if bn is not None and bn.training and not frozen:
+            return None  # batch statistics: nothing to fold
+        t = traced_tensors(self)
+        if t is not None:  # inductor freezing: the tensors are constants of the graph, unguarded
+            w, st = t
+        else:  # read live: dynamo guards each tensor and the module chain that reaches it
+            conv = mods[conv_name]
+            cp = conv._parameters
+            w, cb = cp["weight"], cp["bias"]
+            if bn is None:
+                st = (cb, None, None, None, None, 0.0, None)
+            else:
+                bb = bn._buffers
+                affine = bb if affine_in_buffers else bn._parameters
+                st = (cb, affine["weight"], affine["bias"], bb["running_mean"], bb["running_var"], eps,
+                      bb.get("num_batches_tracked"))
+            if torch.is_grad_enabled() and _any_requires_grad(x, w, residual, gate, conv, bn):
+                return None
         if w.dtype != x.dtype:
-            return None
-        cb = cp["bias"]
-        if bn_name is None:
-            bn, st = None, (cb, None, None, None, None, 0.0, None)
-        else:
-            bn = mods[bn_name]
-            if bn.training and not frozen:
-                return None  # batch statistics: nothing to fold
-            bb = bn._buffers
-            affine = bb if affine_in_buffers else bn._parameters
-            st = (cb, affine["weight"], affine["bias"], bb["running_mean"], bb["running_var"], eps,
-                  bb.get("num_batches_tracked"))
-        if torch.is_grad_enabled() and _any_requires_grad(x, w, residual, gate, conv, bn):
             return None
         if check:
             check_inputs(x, w, None, None, residual, stride, padding, dilation, groups, act)
@@ -379,6 +382,13 @@ class FusedConvBNAct(TracedConfigModule):
         act, act_param = _fused_activation(bn, act_mod)
         return (self._names[0], None if bn is None else self._names[1], in_buffers, frozen, list(conv.stride),
                 list(resolve_padding(conv)), list(conv.dilation), int(conv.groups), act, float(act_param), eps)
+
+    def _trace_tensors(self) -> tuple:
+        """``(weight, native BN args)`` as :meth:`_compiled_native_args` passes them, for a trace
+        under inductor's freezing (:func:`~effops.nn.common.traced_tensors`): aliases of the live
+        tensors (dynamo cannot take a Parameter from a constant), taken while Dynamo traces."""
+        conv, bn, _ = self._live_modules()
+        return _alias(conv._parameters["weight"]), tuple(_alias(t) for t in _native_bn_args(conv, bn))
 
     def _forward(self, x, residual, residual_after_act, out, gate, out_shuffle_groups):
         if self._snapshot.changed():  # a child was replaced since the last call
@@ -864,6 +874,12 @@ def _any_requires_grad(x, w, residual, gate, conv, bn) -> bool:
     if cb is not None and cb.requires_grad:
         return True
     return bn is not None and any(p.requires_grad for p in bn._parameters.values() if p is not None)
+
+
+def _alias(t):
+    """A tensor given to a trace as a constant: a plain tensor sharing the storage of ``t`` (dynamo
+    installs a guard for a Parameter, which a constant cannot have)."""
+    return t.detach() if isinstance(t, Tensor) else t
 
 
 def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:

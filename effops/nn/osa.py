@@ -14,10 +14,10 @@ from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
-from .common import (ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm, sequential_children,
-                     TracedConfigModule, trace_register, traced_constants)
-from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args, bn_sources,
-                          resolve_padding, why_not_fusable)
+from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, looks_like_batch_norm,
+                     sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
+from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _alias, _cast, _compute_dtype, _native_bn_args,
+                          bn_sources, resolve_padding, why_not_fusable)
 from .se import SqueezeExcite
 
 
@@ -333,14 +333,29 @@ class FusedOSA(TracedConfigModule):
         self._fingerprint = self._live_settings()
         trace_register(self)
 
-    def _trace_constants(self) -> bool:
-        """Whether the conv settings are still those the plan was built for, as torch.compile's trace
-        takes it: compared once, kept in the graph (:func:`~effops.nn.common.traced_constants`;
-        compared in the trace, the settings of every conv would be guards evaluated on every call)."""
-        return self._live_settings() == self._fingerprint
+    def _trace_constants(self) -> tuple:
+        """``(the conv settings are still those the plan was built for, every BN has running
+        statistics)`` as torch.compile's trace takes them: compared once, kept in the graph
+        (:func:`~effops.nn.common.traced_constants`; compared in the trace, the settings of every
+        conv would be guards evaluated on every call)."""
+        stats = all(u.fused.bn is None or (u.fused.bn._buffers.get("running_mean") is not None
+                                           and u.fused.bn._buffers.get("running_var") is not None)
+                    for u in self._units)
+        return self._live_settings() == self._fingerprint, stats
+
+    def _trace_tensors(self) -> tuple:
+        """The tensor arguments of the block's native op (``fused_arguments`` after ``x``, up to
+        the eSE bias) for a float32 trace under inductor's freezing, taken while Dynamo traces
+        (:func:`~effops.nn.common.traced_tensors`): the BN scales and biases computed here once,
+        the weights as plain aliases."""
+        with torch.no_grad():
+            a = self.fused_arguments(torch.empty(0), torch.float32)
+        return tuple([_alias(t) for t in v] if isinstance(v, list) else _alias(v) for v in a[1:13])
 
     def _as_planned(self) -> bool:
-        return traced_constants(self) if torch.compiler.is_compiling() else self._trace_constants()
+        if torch.compiler.is_compiling():
+            return traced_constants(self)[0]
+        return self._live_settings() == self._fingerprint
 
     def _live_settings(self) -> tuple:
         return tuple(u.fused._settings(*u.fused._live_modules()) + (u.fused.conv._parameters["weight"].shape,)
@@ -382,7 +397,12 @@ class FusedOSA(TracedConfigModule):
     # -- helpers -----------------------------------------------------------------
     def _fusable(self) -> bool:
         p = self._parts
-        if any(not u.fused._folds(u.fused.bn) for u in self._units):
+        if torch.compiler.is_compiling() and traced_constants(self)[1]:
+            # in a trace: the BNs' train/eval mode read live, their running statistics known present
+            bns = [u.fused.bn for u in self._units]
+            if any(bn is not None and bn.training and not frozen_bn(bn) for bn in bns):
+                return False
+        elif any(not u.fused._folds(u.fused.bn) for u in self._units):
             return False
         return p.drop_path is None or not p.drop_path.training
 
@@ -451,6 +471,14 @@ class FusedOSA(TracedConfigModule):
         if not self._fusable() or self._needs_grad(x) or hooked(self._hooks):
             return self.forward_unfused(x)
         dev = x.device.type
+        if torch.compiler.is_compiling() and x.dtype == torch.float32 and native_fast(x) \
+                and not torch.is_autocast_enabled(dev):
+            t = traced_tensors(self)
+            if t is not None and t[7].dtype == torch.float32:
+                # inductor freezing: the whole block as one C++ call, its weights, BN scales and
+                # biases constants of the graph (no guard per tensor)
+                act, act_param = self._act
+                return OSA_NATIVE_OP(x, *t, self.identity, act, float(act_param))
         if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
             dtype = torch.get_autocast_dtype(dev)  # (autocast leaves float64 tensors alone)
             if self.identity and x.dtype != dtype:

@@ -326,7 +326,7 @@ class FusedConvBNAct(TracedConfigModule):
         c = traced_constants(self)  # None also where a child was replaced
         if c is None:
             return None
-        conv_name, bn_name, affine_in_buffers, frozen, stride, padding, dilation, groups, act, act_param, eps = c
+        conv_name, bn_name, affine_in_buffers, frozen, stride, padding, dilation, groups, act, act_param, eps, _ = c
         mods = self._modules
         bn = None if bn_name is None else mods[bn_name]
         if bn is not None and bn.training and not frozen:
@@ -358,7 +358,7 @@ class FusedConvBNAct(TracedConfigModule):
     def _trace_constants(self) -> Optional[tuple]:
         """This unit's configuration as a traced native call takes it: ``(conv name, BN name,
         BN affine tensors are buffers, frozen BN, stride, padding, dilation, groups, act, act_param,
-        eps)`` as lists and numbers, or None where the fused op can't run it (a child replaced,
+        eps, weight shape)`` as lists and numbers, or None where the fused op can't run it (a child replaced,
         unfusable settings, a BN without running statistics, a hook watching). Under torch.compile it
         is read once, while Dynamo traces (:func:`~effops.nn.common.traced_constants`)."""
         if self._snapshot.changed():  # (in a trace: checked here once, retraced on a replacement)
@@ -381,7 +381,8 @@ class FusedConvBNAct(TracedConfigModule):
             eps = float(bn.eps)
         act, act_param = _fused_activation(bn, act_mod)
         return (self._names[0], None if bn is None else self._names[1], in_buffers, frozen, list(conv.stride),
-                list(resolve_padding(conv)), list(conv.dilation), int(conv.groups), act, float(act_param), eps)
+                list(resolve_padding(conv)), list(conv.dilation), int(conv.groups), act, float(act_param), eps,
+                tuple(conv._parameters["weight"].shape))
 
     def _trace_tensors(self) -> tuple:
         """``(weight, native BN args)`` as :meth:`_compiled_native_args` passes them, for a trace

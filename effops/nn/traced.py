@@ -116,9 +116,8 @@ class FusedStep(nn.Module):
         if r.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
         c = traced_constants(self.fused) if torch.compiler.is_compiling() else None
-        if c is not None:  # the configuration as graph constants, the kernel size from the weight
-            w = self.fused._modules[c[0]]._parameters["weight"]
-            k, s, p, d, cout = w.shape[2:], c[4], c[5], c[6], w.shape[0]
+        if c is not None:  # the configuration as graph constants (the weight's shape among them)
+            k, s, p, d, cout = c[11][2:], c[4], c[5], c[6], c[11][0]
         else:
             conv = self.fused.conv
             k, s, d, p, cout = conv.kernel_size, conv.stride, conv.dilation, resolve_padding(conv), conv.out_channels

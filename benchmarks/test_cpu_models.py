@@ -17,7 +17,9 @@ Environment: ``EFFOPS_BENCH_MODELS`` (comma list; default all below), ``EFFOPS_B
 ``EFFOPS_BENCH_PROCESS_TIMEOUT`` (seconds per process, default 1800), ``EFFOPS_BENCH_TAG`` and
 ``EFFOPS_BENCH_OUT`` as for every benchmark. The children compile into a private inductor cache
 for the session (unless ``TORCHINDUCTOR_CACHE_DIR`` is set), so the first repeat's
-``first_call_s`` is a cold compile. Skipped when a CUDA GPU is present. Needs
+``first_call_s`` is a cold compile, and share a private effops tuning file (unless
+``EFFOPS_CACHE_DIR`` is set): the first effops child of a model measures the native convs'
+per-problem choices, the later children reuse them. Skipped when a CUDA GPU is present. Needs
 ``pip install -e .[bench]`` for the ONNX Runtime / OpenVINO columns (a missing package is a
 skipped provider, not a failure) and matplotlib for the chart.
 
@@ -117,9 +119,17 @@ def cpu_results(request):
     own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     if own_cache:
         _CHILD_ENV["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="effops_cpu_models_inductor_")
+    # effops' tuning file too: the first effops child of a model measures the native convs'
+    # per-problem choices and stores them, the later ones (effops and effops_compile) make the same
+    # ones, as a user's later processes do; nothing stored by an earlier session takes part.
+    own_tuning = "EFFOPS_CACHE_DIR" not in os.environ
+    if own_tuning:
+        _CHILD_ENV["EFFOPS_CACHE_DIR"] = tempfile.mkdtemp(prefix="effops_cpu_models_tuning_")
     yield res
     if own_cache:
         shutil.rmtree(_CHILD_ENV.pop("TORCHINDUCTOR_CACHE_DIR"), ignore_errors=True)
+    if own_tuning:
+        shutil.rmtree(_CHILD_ENV.pop("EFFOPS_CACHE_DIR"), ignore_errors=True)
     if res:
         res.flush()
         sys.path.insert(0, str(HERE / "tools"))

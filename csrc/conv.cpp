@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <optional>
 #include <functional>
 #include <limits>
@@ -1491,6 +1492,98 @@ void clear_weight_cache() {
   g_cache.clear();
   g_order.clear();
   g_size = 0;
+}
+
+
+// ---- measured choices as rows, for the tuning file -------------------------------------------
+// A key is flattened to integers (a vector as its length, then its elements), so one Python-side
+// format holds every table; reading one back checks it has exactly the shape of its table's key.
+
+namespace {
+
+template <typename T>
+void flat_one(std::vector<int64_t>& out, const T& v) {
+  out.push_back(static_cast<int64_t>(v));
+}
+void flat_one(std::vector<int64_t>& out, const std::vector<int64_t>& v) {
+  out.push_back(static_cast<int64_t>(v.size()));
+  out.insert(out.end(), v.begin(), v.end());
+}
+template <typename Tuple>
+std::vector<int64_t> flatten_key(const Tuple& key) {
+  std::vector<int64_t> out;
+  std::apply([&out](const auto&... e) { (flat_one(out, e), ...); }, key);
+  return out;
+}
+
+template <typename T>
+bool read_one(const std::vector<int64_t>& in, size_t& i, T& v) {
+  if (i >= in.size()) return false;
+  const int64_t raw = in[i++];
+  if constexpr (std::is_same_v<T, bool>) {
+    if (raw != 0 && raw != 1) return false;
+  } else if constexpr (std::is_same_v<T, Impl>) {
+    if (raw < 0 || raw > static_cast<int64_t>(Impl::Winograd)) return false;
+  }
+  v = static_cast<T>(raw);
+  return true;
+}
+bool read_one(const std::vector<int64_t>& in, size_t& i, std::vector<int64_t>& v) {
+  if (i >= in.size()) return false;
+  const int64_t n = in[i++];
+  if (n < 0 || n > static_cast<int64_t>(in.size() - i)) return false;
+  v.assign(in.begin() + static_cast<std::ptrdiff_t>(i), in.begin() + static_cast<std::ptrdiff_t>(i + n));
+  i += static_cast<size_t>(n);
+  return true;
+}
+template <typename Tuple>
+bool unflatten_key(const std::vector<int64_t>& in, Tuple& key) {
+  size_t i = 0;
+  const bool ok = std::apply([&](auto&... e) { return (read_one(in, i, e) && ...); }, key);
+  return ok && i == in.size();
+}
+
+template <typename Map>
+void export_table(const char* name, const Map& table, std::vector<MeasuredChoice>& rows) {
+  for (const auto& [key, faster] : table) rows.emplace_back(name, flatten_key(key), faster);
+}
+template <typename Map>
+bool import_row(Map& table, const std::vector<int64_t>& flat, bool faster) {
+  typename Map::key_type key;
+  if (!unflatten_key(flat, key)) return false;
+  table.emplace(key, faster);  // a choice measured in this process stays
+  return true;
+}
+
+}  // namespace
+
+std::vector<MeasuredChoice> measured_choices() {
+  std::lock_guard<std::mutex> lock(g_choice_mutex);
+  std::vector<MeasuredChoice> rows;
+  export_table("alt", g_alt_faster, rows);
+  export_table("segments", g_segments_faster, rows);
+  export_table("dw_pair", g_dw_pair_faster, rows);
+  return rows;
+}
+
+int64_t add_measured_choices(const std::vector<MeasuredChoice>& rows) {
+  std::lock_guard<std::mutex> lock(g_choice_mutex);
+  int64_t added = 0;
+  for (const auto& [table, flat, faster] : rows) {
+    bool ok = false;
+    if (table == "alt") ok = import_row(g_alt_faster, flat, faster);
+    else if (table == "segments") ok = import_row(g_segments_faster, flat, faster);
+    else if (table == "dw_pair") ok = import_row(g_dw_pair_faster, flat, faster);
+    added += ok;
+  }
+  return added;
+}
+
+void clear_measured_choices() {
+  std::lock_guard<std::mutex> lock(g_choice_mutex);
+  g_alt_faster.clear();
+  g_segments_faster.clear();
+  g_dw_pair_faster.clear();
 }
 
 }  // namespace effops_native

@@ -243,6 +243,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_policy", &en::winograd_policy);
   m.def("conv_impl_counts", &en::conv_impl_counts, py::arg("reset") = false,
         "convs run so far per implementation: onednn, depthwise, gemm, winograd");
+  m.def("measured_choices", &en::measured_choices,
+        "per-problem choices measured so far: (table, flattened key, faster) rows for the tuning file");
+  m.def("add_measured_choices", &en::add_measured_choices, py::arg("rows"),
+        "choices read back from the tuning file (those measured here stay); returns the rows taken");
+  m.def("clear_measured_choices", &en::clear_measured_choices);
   m.def("weight_cache_size", &en::weight_cache_size);
   m.def("clear_weight_cache", &en::clear_weight_cache);
   m.def("set_depthwise_policy", &en::set_depthwise_policy);

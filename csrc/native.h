@@ -145,6 +145,15 @@ int64_t pointwise_policy();
 // counts as one "gemm" run, or as the 1x1 conv that follows its concat); reset: zero them.
 std::map<std::string, int64_t> conv_impl_counts(bool reset);
 
+// Per-problem choices measured so far (which implementation beat oneDNN, concat-free aggregation
+// vs concat, banded depthwise -> 1x1 pairs) as rows (table, key flattened to integers, faster), for
+// the tuning file; adding rows skips those measurements (a choice already measured here stays;
+// a row whose key does not have its table's shape is ignored). Returns the rows taken.
+using MeasuredChoice = std::tuple<std::string, std::vector<int64_t>, bool>;
+std::vector<MeasuredChoice> measured_choices();
+int64_t add_measured_choices(const std::vector<MeasuredChoice>& rows);
+void clear_measured_choices();
+
 // Packed-weight cache: number of entries, and dropping them all.
 int64_t weight_cache_size();
 // A conv's output height and width; whether its output is NHWC (x is NHWC or a channel view of it).

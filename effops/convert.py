@@ -93,6 +93,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .activations import activation_of, make_activation
 from .nn.common import (BLOCK_RULES, is_plain_sequential, looks_like_batch_norm, revalidate_snapshots,
                         sequential_children, timm_bn_act)
@@ -1255,4 +1256,5 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
                                       with_kwargs=True)
     out.effops_report = report
     revalidate_snapshots()  # so a torch.compile that comes next traces the cheap structure check
+    native.save_choices()  # the native convs' per-problem choices the speed check measured
     return out

@@ -17,6 +17,7 @@ effops warns once with the reason and CPU ops run the PyTorch reference; :func:`
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import threading
@@ -101,6 +102,7 @@ def _load_jit():
         log.setLevel(level)
 
     build_dir = _build_dir(srcs)
+    _STATE["build_id"] = build_dir.name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         mod = cpp_extension.load(name="effops_native", sources=srcs, extra_cflags=CFLAGS,
@@ -142,7 +144,11 @@ def module():
                     why = f"{why_pre}; {why}"
         if mod is not None:
             _apply_policies(mod)
+            if origin.startswith("prebuilt"):
+                _STATE["build_id"] = f"prebuilt-{torch.__version__}-{mod.build_info()}"
         _STATE.update(tried=True, module=mod, reason=why or "", origin=origin if mod is not None else None)
+        if mod is not None:
+            load_choices()
         if mod is None and why != "disabled by EFFOPS_NATIVE=0":
             warnings.warn(f"effops: the native CPU backend is unavailable, CPU ops run the PyTorch reference: {why}",
                           RuntimeWarning, stacklevel=3)
@@ -161,6 +167,70 @@ def status(load: bool = True) -> Tuple[bool, str]:
 
 def available() -> bool:
     return module() is not None
+
+
+# -- measured choices in the tuning file -------------------------------------------------------
+# The native convs choose an implementation per problem by timing the candidates on the first call
+# (Winograd or GEMM vs oneDNN, concat-free aggregation vs concat, banded depthwise -> 1x1 pairs).
+# The choices go into the CPU tuning file (effops.tuning, keyed by this build of csrc/) so later
+# processes make the same ones without timing them: no first-call measurements, and runs that
+# compare two ways of calling the same kernels (eager vs torch.compile) run the same kernels.
+_CHOICE_TAG = "native-choice"
+_CHOICE_KIND = "cpu"
+
+
+def _choice_key(table: str, flat) -> str:
+    from . import tuning
+
+    return tuning.encode_key((_CHOICE_TAG, _STATE.get("build_id", "?"), table, tuple(flat)))
+
+
+def load_choices() -> int:
+    """Give the native backend the choices this build stored in the tuning file (called when it
+    loads; again after ``effops.tuning.load``). Returns the number taken."""
+    import ast
+
+    from . import tuning
+
+    mod = _STATE["module"]
+    if mod is None:
+        return 0
+    head = repr((_CHOICE_TAG, _STATE.get("build_id", "?")))[:-1] + ","
+    rows = []
+    for key, cfg in tuning.stored(_CHOICE_KIND).items():
+        if not key.startswith(head):
+            continue
+        try:
+            _, _, table, flat = ast.literal_eval(key)
+            rows.append((str(table), [int(v) for v in flat], bool(cfg["faster"])))
+        except (ValueError, SyntaxError, TypeError, KeyError):
+            continue  # not a row this version wrote
+    n = mod.add_measured_choices(rows) if rows else 0
+    _STATE["saved"] = {_choice_key(t, f) for t, f, _ in mod.measured_choices()}
+    return n
+
+
+def save_choices() -> int:
+    """Write the choices measured since the last save to the tuning file (``effops.optimize`` and
+    process exit call it). Returns the number written."""
+    from . import tuning
+
+    mod = _STATE["module"]
+    if mod is None:
+        return 0
+    saved = _STATE.setdefault("saved", set())
+    new = {}
+    for table, flat, faster in mod.measured_choices():
+        key = _choice_key(table, flat)
+        if key not in saved:
+            new[key] = {"faster": bool(faster)}
+    if new:
+        tuning.remember(_CHOICE_KIND, new)
+        saved.update(new)
+    return len(new)
+
+
+atexit.register(save_choices)
 
 
 def refresh() -> None:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import native
 from .nn.common import revalidate_snapshots, structure_changed
 from .nn.traced import traced_forward_of
 
@@ -468,6 +469,7 @@ class LazyCheck:
         try:
             run(module, self.orig_root, self.report, args, kwargs, root_replaceable=False)
             revalidate_snapshots()
+            native.save_choices()  # what the check's calls measured, for later processes
         except Exception as e:  # noqa: BLE001 - a failed check must never fail the user's forward
             warnings.warn(f"effops.optimize: the speed check failed ({type(e).__name__}: {e}); the model runs "
                           "as converted", RuntimeWarning, stacklevel=2)

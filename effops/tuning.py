@@ -382,7 +382,40 @@ def load(path: Optional[str] = None) -> int:
                     if cfg is not None:
                         _CACHE[full_key] = cfg
                 n += len(entries)
-        return n
+    from . import native
+
+    native.load_choices()  # the native backend's measured choices among them
+    return n
+
+
+def stored(kind: str) -> Dict[str, Config]:
+    """``{encoded key: config}`` for device kind ``kind``: its tuning file's entries (read once, as
+    a cache miss would) with what was tuned or loaded here. Empty under ``EFFOPS_AUTOTUNE=0``."""
+    if os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
+        return {}
+    with _LOCK:
+        if kind not in _FILE_READ and file_cache_enabled():
+            _read_default(kind)
+        return dict(_STORE.get(kind, {}))
+
+
+def remember(kind: str, new: Dict[str, Config]) -> None:
+    """Choices made elsewhere (the native backend measures its own): kept like a tuning, written
+    through to ``kind``'s tuning file in one write. Nothing under ``EFFOPS_AUTOTUNE=0``."""
+    if not new or os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
+        return
+    with _LOCK:
+        if not file_cache_enabled():
+            _merge(kind, new, overwrite=True)
+            return
+        if kind not in _FILE_READ:
+            _read_default(kind)
+        _merge(kind, new, overwrite=True)
+        path = cache_path(kind)
+        try:
+            _update_file(path, kind)
+        except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: the choices stay in memory
+            _warn_once(f"could not write the tuning file {path}", e)
 
 
 def entries() -> Dict[str, Dict[str, Config]]:

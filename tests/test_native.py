@@ -820,3 +820,75 @@ def test_winograd_environment_knob():
         effops.native.module()
         """, EFFOPS_WINOGRAD="yes")
     assert r.returncode != 0 and "EFFOPS_WINOGRAD must be 0" in r.stderr, r.stdout + r.stderr
+
+
+def test_measured_choices_round_trip_as_rows():
+    """The per-problem choices leave the extension as (table, flattened key, faster) rows and come
+    back: a row taken skips the measurement, a choice measured here is never overwritten, a row
+    whose key has the wrong shape or table is ignored."""
+    mod = native.module()
+    before = mod.measured_choices()
+    x = torch.randn(1, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 3, 3)
+    try:
+        mod.clear_measured_choices()
+        with torch.no_grad():  # a 3x3 stride-1 conv: Winograd against oneDNN, measured once
+            mod.conv_bn_act(x, w, None, None, None, None, None, 1e-5, None, None, [1, 1], [1, 1], [1, 1], 1, "relu",
+                            0.0, True, None, 1, None)
+        rows = mod.measured_choices()
+        assert [(t, f[:1], len(f)) for t, f, _ in rows] == [("alt", [3], 14)]  # Impl::Winograd, 14 integers
+        table, flat, faster = rows[0]
+        mod.clear_measured_choices()
+        bad = [("alt", flat[:-1], True), ("alt", flat + [0], True), ("nope", flat, True), ("alt", [9] + flat[1:], True)]
+        assert mod.add_measured_choices(bad + [(table, flat, not faster)]) == 1
+        assert mod.measured_choices() == [(table, flat, not faster)]
+        assert mod.add_measured_choices([(table, flat, faster)]) == 1  # taken, but the choice held stays
+        assert mod.measured_choices() == [(table, flat, not faster)]
+        counts = mod.conv_impl_counts(reset=True)
+        with torch.no_grad():  # the imported choice decides, nothing is timed
+            y = mod.conv_bn_act(x, w, None, None, None, None, None, 1e-5, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                "relu", 0.0, True, None, 1, None)
+        counts = {k: v for k, v in mod.conv_impl_counts(reset=True).items() if v}
+        assert counts == ({"onednn": 1} if faster else {"winograd": 1})
+        assert_matches(y, torch.relu(F.conv2d(x.double(), w.double(), padding=1)), fp32_tol=1e-4)
+    finally:
+        mod.clear_measured_choices()
+        mod.add_measured_choices(before)
+
+
+_CHOICES_SCRIPT = textwrap.dedent("""
+    import sys, torch, effops
+    from effops import native
+    rows = native.module().measured_choices()  # before any call: what the tuning file gave it
+    print("AT_LOAD", len(rows))
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+                                torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 1, bias=False), torch.nn.BatchNorm2d(16))
+    x = torch.randn(1, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        effops.optimize(model.eval(), example_inputs=(x,), check_speed=True)
+    print("AFTER", sorted(map(repr, native.module().measured_choices())))
+""")
+
+
+def test_measured_choices_reach_the_next_process_through_the_tuning_file(tmp_path):
+    """``effops.optimize`` stores the native convs' choices in the CPU tuning file; the next process
+    takes them when the extension loads (no first-call measurements, the same kernels); with
+    ``EFFOPS_AUTOTUNE=0`` nothing is read or written."""
+    env = dict(os.environ, EFFOPS_CACHE_DIR=str(tmp_path), EFFOPS_AUTOTUNE="1", EFFOPS_TUNING_CACHE="1",
+               EFFOPS_CPU_BACKEND="native", EFFOPS_CHECK_SPEED="1")
+
+    def run(**extra):
+        proc = subprocess.run([sys.executable, "-c", _CHOICES_SCRIPT], capture_output=True, text=True,
+                              env=dict(env, **extra), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("AT_LOAD", "AFTER")))
+        return int(lines["AT_LOAD"]), lines["AFTER"]
+
+    loaded, first = run()
+    assert loaded == 0 and first != "[]"  # the first process measured (and stored) its choices
+    files = list(tmp_path.glob("tuning-cpu-*.json"))
+    assert len(files) == 1 and "native-choice" in files[0].read_text()
+    loaded, second = run()
+    assert loaded == len(eval(first)) and second == first  # taken at load: the same choices, none new
+    loaded, _ = run(EFFOPS_AUTOTUNE="0")
+    assert loaded == 0

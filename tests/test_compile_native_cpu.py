@@ -418,3 +418,30 @@ def test_compiled_fused_convs_take_tensors_as_constants_under_freezing(freezing)
             ref[0].weight.mul_(0.5)
             ref[1].running_mean.add_(1.0)
             assert_matches(compiled(x), ref(x.double()))
+
+
+def test_compiled_se_under_freezing_takes_its_fc_weights_as_constants():
+    """The squeeze-excite module's fc weights and biases, like a fused conv's tensors: constants of
+    a freezing trace (no guard each), retraced when one is assigned."""
+    import copy
+
+    from effops import SqueezeExcite
+
+    torch._dynamo.reset()
+    se = SqueezeExcite(8, 4).eval()
+    with torch.no_grad():
+        for p in se.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    ref = copy.deepcopy(se).double()
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        compiled = torch.compile(se)
+        lines = _guard_lines(lambda: compiled(x))
+        assert any("TENSOR_MATCH" in g for g in lines)  # the log was captured
+        assert [g for g in lines if "_parameters['weight']" in g or "_parameters['bias']" in g] == []
+        assert_matches(compiled(x), ref.forward_unfused(x.double()))
+        fc = [m for m in se.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        w = torch.randn_like(fc.weight)
+        fc.weight = torch.nn.Parameter(w)
+        [m for m in ref.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight = torch.nn.Parameter(w.double())
+        assert_matches(compiled(x), ref.forward_unfused(x.double()))

@@ -202,7 +202,41 @@ def _freezing() -> bool:
 @torch._dynamo.assume_constant_result
 def _tensors_when_traced(key: int, epoch: int):
     obj = _TRACED.get(key)
-    return obj._trace_tensors() if obj is not None and _freezing() else None
+    if obj is None or not _freezing():
+        return None
+    live = obj._trace_tensors()
+    # The same aliases for the same live tensors: a module read twice in one trace hands the graph
+    # one constant per tensor, and a later trace (a recompile) sees tensors replaced since.
+    sig = tuple((id(t), t.data_ptr(), t.dtype, tuple(t.shape)) for t in _leaves(live))
+    held = _ALIASES.get(obj)
+    if held is None or held[0] != sig:
+        held = _ALIASES[obj] = (sig, _map_tensors(live, _alias))
+    return held[1]
+
+
+_ALIASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _alias(t):
+    """A tensor given to a trace as a constant: a plain tensor sharing the storage of ``t`` (dynamo
+    installs a guard for a Parameter, which a constant cannot have)."""
+    return t.detach()
+
+
+def _leaves(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (tuple, list)):
+        for i in v:
+            yield from _leaves(i)
+
+
+def _map_tensors(v, fn):
+    if isinstance(v, torch.Tensor):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_map_tensors(i, fn) for i in v)
+    return v
 
 
 # Structure epoch: a counter bumped whenever a child, parameter or buffer is registered on a module

@@ -386,10 +386,9 @@ class FusedConvBNAct(TracedConfigModule):
 
     def _trace_tensors(self) -> tuple:
         """``(weight, native BN args)`` as :meth:`_compiled_native_args` passes them, for a trace
-        under inductor's freezing (:func:`~effops.nn.common.traced_tensors`): aliases of the live
-        tensors (dynamo cannot take a Parameter from a constant), taken while Dynamo traces."""
+        under inductor's freezing (:func:`~effops.nn.common.traced_tensors` hands the trace aliases)."""
         conv, bn, _ = self._live_modules()
-        return _alias(conv._parameters["weight"]), tuple(_alias(t) for t in _native_bn_args(conv, bn))
+        return conv._parameters["weight"], _native_bn_args(conv, bn)
 
     def _forward(self, x, residual, residual_after_act, out, gate, out_shuffle_groups):
         if self._snapshot.changed():  # a child was replaced since the last call
@@ -875,12 +874,6 @@ def _any_requires_grad(x, w, residual, gate, conv, bn) -> bool:
     if cb is not None and cb.requires_grad:
         return True
     return bn is not None and any(p.requires_grad for p in bn._parameters.values() if p is not None)
-
-
-def _alias(t):
-    """A tensor given to a trace as a constant: a plain tensor sharing the storage of ``t`` (dynamo
-    installs a guard for a Parameter, which a constant cannot have)."""
-    return t.detach() if isinstance(t, Tensor) else t
 
 
 def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:

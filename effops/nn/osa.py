@@ -16,7 +16,7 @@ from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, looks_like_batch_norm,
                      sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
-from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _alias, _cast, _compute_dtype, _native_bn_args,
+from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
                           bn_sources, resolve_padding, why_not_fusable)
 from .se import SqueezeExcite
 
@@ -346,11 +346,9 @@ class FusedOSA(TracedConfigModule):
     def _trace_tensors(self) -> tuple:
         """The tensor arguments of the block's native op (``fused_arguments`` after ``x``, up to
         the eSE bias) for a float32 trace under inductor's freezing, taken while Dynamo traces
-        (:func:`~effops.nn.common.traced_tensors`): the BN scales and biases computed here once,
-        the weights as plain aliases."""
+        (:func:`~effops.nn.common.traced_tensors`): the BN scales and biases computed here once."""
         with torch.no_grad():
-            a = self.fused_arguments(torch.empty(0), torch.float32)
-        return tuple([_alias(t) for t in v] if isinstance(v, list) else _alias(v) for v in a[1:13])
+            return self.fused_arguments(torch.empty(0), torch.float32)[1:13]
 
     def _as_planned(self) -> bool:
         if torch.compiler.is_compiling():

@@ -17,7 +17,7 @@ from ..ops.se import (APPLY_NATIVE_OP, APPLY_OP, GATE_NATIVE_OP, GATE_OP, check_
 from ..native import module as native_module
 from ..ops.conv import native_fast, native_first
 from .common import (BlockRule, ChildrenSnapshot, TracedConfigModule, hook_dicts, hooked, register_block_rule,
-                     trace_register, traced_constants)
+                     trace_register, traced_constants, traced_tensors)
 from .conv_bn_act import _STATIC_ACTS
 
 
@@ -249,6 +249,14 @@ class SqueezeExcite(TracedConfigModule):
         return f"channels={self.channels}, rd_channels={self.rd_channels}, act={act}, gate={gate}"
 
     def _weights(self):
+        if torch.compiler.is_compiling():
+            t = traced_tensors(self)  # inductor freezing: graph constants, no guard per tensor
+            if t is not None:
+                return t
+        return self._trace_tensors()
+
+    def _trace_tensors(self):
+        """``(reduce weight, reduce bias, expand weight, expand bias)`` as held now."""
         L, mods = self._layout, self._modules
         reduce, expand = self._child(L.reduce), mods[L.expand]
         rp, ep = (reduce._parameters if reduce is not None else {}), expand._parameters

@@ -251,7 +251,7 @@ class SqueezeExcite(TracedConfigModule):
     def _weights(self):
         if torch.compiler.is_compiling():
             t = traced_tensors(self)  # inductor freezing: graph constants, no guard per tensor
-            if t is not None:
+            if t is not None and t[2].is_cpu:  # (the native CPU path's; CUDA traces read them live)
                 return t
         return self._trace_tensors()
 

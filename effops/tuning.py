@@ -432,7 +432,10 @@ def _all_entries() -> Dict[str, Dict[str, Config]]:
 
 
 def describe(cfg: Config) -> str:
-    """One line naming the implementation a config runs: a cuDNN path, a TMA tile or a Triton tile."""
+    """One line naming the implementation a config runs: a cuDNN path, a TMA tile, a Triton tile or a
+    native CPU kernel's measured choice."""
+    if "NATIVE" in cfg:
+        return f"native {cfg['NATIVE']}"
     if "VENDOR" in cfg:
         return f"vendor {cfg['VENDOR']} (cuDNN)"
     tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_C") if k in cfg)

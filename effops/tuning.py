@@ -316,10 +316,14 @@ def _stored(full_key) -> Optional[Config]:
 
 def _remember(full_key, cfg: Config) -> None:
     """A new tuning (``_LOCK`` held): written through to the tuning file (and the store that mirrors it)."""
-    if not file_cache_enabled():
-        return
-    kind, key = full_key
-    _merge(kind, {encode_key(key): cfg}, overwrite=True)
+    if file_cache_enabled():
+        kind, key = full_key
+        _write_through(kind, {encode_key(key): cfg})
+
+
+def _write_through(kind: str, new: Dict[str, Config]) -> None:
+    """``new`` into ``kind``'s store and tuning file (``_LOCK`` held)."""
+    _merge(kind, new, overwrite=True)
     path = cache_path(kind)
     try:
         _update_file(path, kind)
@@ -405,17 +409,10 @@ def remember(kind: str, new: Dict[str, Config]) -> None:
     if not new or os.environ.get("EFFOPS_AUTOTUNE", "1") == "0":
         return
     with _LOCK:
-        if not file_cache_enabled():
+        if file_cache_enabled():
+            _write_through(kind, new)  # (merged with what the file holds)
+        else:
             _merge(kind, new, overwrite=True)
-            return
-        if kind not in _FILE_READ:
-            _read_default(kind)
-        _merge(kind, new, overwrite=True)
-        path = cache_path(kind)
-        try:
-            _update_file(path, kind)
-        except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: the choices stay in memory
-            _warn_once(f"could not write the tuning file {path}", e)
 
 
 def entries() -> Dict[str, Dict[str, Config]]:

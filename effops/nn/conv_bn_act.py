@@ -220,13 +220,14 @@ class FusedConvBNAct(TracedConfigModule):
     def extra_repr(self) -> str:
         return f"act={self.activation[0]}"
 
-    def _folds(self, bn) -> bool:
+    def _folds(self, bn, stats: Optional[bool] = None) -> bool:
+        """Whether ``bn`` folds into the conv now. ``stats``: whether it has running statistics,
+        where the caller knows (a trace constant: then they are not read, so not guarded)."""
         if bn is None:
             return True
         if bn.training:
             return frozen_bn(bn)  # a frozen BN uses its running statistics in train() too
-        buffers = bn._buffers
-        return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
+        return has_running_stats(bn) if stats is None else stats
 
     def scale_bias(self, compute_dtype: torch.dtype = torch.float32) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """The per-channel ``(scale, bias)`` the eval path applies after the conv, from the
@@ -370,9 +371,9 @@ class FusedConvBNAct(TracedConfigModule):
             return None
         frozen, in_buffers, eps = False, False, 0.0
         if bn is not None:
-            bb = bn._buffers
-            if bb.get("running_mean") is None or bb.get("running_var") is None:
+            if not has_running_stats(bn):
                 return None
+            bb = bn._buffers
             frozen = frozen_bn(bn)
             in_buffers = "weight" not in bn._parameters
             affine = bb if in_buffers else bn._parameters
@@ -874,6 +875,11 @@ def _any_requires_grad(x, w, residual, gate, conv, bn) -> bool:
     if cb is not None and cb.requires_grad:
         return True
     return bn is not None and any(p.requires_grad for p in bn._parameters.values() if p is not None)
+
+
+def has_running_stats(bn: nn.Module) -> bool:
+    buffers = bn._buffers
+    return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
 
 
 def _bn_state(conv: nn.Conv2d, bn: Optional[nn.Module]) -> tuple:

@@ -14,10 +14,10 @@ from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
-from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, looks_like_batch_norm,
+from .common import (ChildrenSnapshot, DerivedCache, hook_dicts, hooked, looks_like_batch_norm,
                      sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
-                          bn_sources, resolve_padding, why_not_fusable)
+                          bn_sources, has_running_stats, resolve_padding, why_not_fusable)
 from .se import SqueezeExcite
 
 
@@ -338,9 +338,7 @@ class FusedOSA(TracedConfigModule):
         statistics)`` as torch.compile's trace takes them: compared once, kept in the graph
         (:func:`~effops.nn.common.traced_constants`; compared in the trace, the settings of every
         conv would be guards evaluated on every call)."""
-        stats = all(u.fused.bn is None or (u.fused.bn._buffers.get("running_mean") is not None
-                                           and u.fused.bn._buffers.get("running_var") is not None)
-                    for u in self._units)
+        stats = all(u.fused.bn is None or has_running_stats(u.fused.bn) for u in self._units)
         return self._live_settings() == self._fingerprint, stats
 
     def _trace_tensors(self) -> tuple:
@@ -395,12 +393,10 @@ class FusedOSA(TracedConfigModule):
     # -- helpers -----------------------------------------------------------------
     def _fusable(self) -> bool:
         p = self._parts
-        if torch.compiler.is_compiling() and traced_constants(self)[1]:
-            # in a trace: the BNs' train/eval mode read live, their running statistics known present
-            bns = [u.fused.bn for u in self._units]
-            if any(bn is not None and bn.training and not frozen_bn(bn) for bn in bns):
-                return False
-        elif any(not u.fused._folds(u.fused.bn) for u in self._units):
+        # in a trace the BNs' running statistics are known present from the constants (not read, so
+        # not guarded); their train/eval mode is read live
+        stats = True if torch.compiler.is_compiling() and traced_constants(self)[1] else None
+        if any(not u.fused._folds(u.fused.bn, stats) for u in self._units):
             return False
         return p.drop_path is None or not p.drop_path.training
 

@@ -226,7 +226,7 @@ DENSE3X3 = [
 ]
 
 
-def _conv_case(m, block, x, pad, groups, act, policy, impl):
+def _conv_case(m, block, x, pad, groups, act, policy, impl, stride=1):
     """Times a conv + BN + act block (eager modules, oneDNN's prepacked pointwise primitive, effops'
     ``conv_scale_bias_act`` with the native policy ``policy = (name, value)`` set) after checking that
     effops ran ``impl`` and matches float64. Returns (timed, numerics fields)."""
@@ -235,18 +235,18 @@ def _conv_case(m, block, x, pad, groups, act, policy, impl):
         scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).contiguous()
         bias = (bn.bias - bn.running_mean * scale).contiguous()
         w = (block[0].weight * scale.view(-1, 1, 1, 1)).contiguous()
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [pad, pad], [1, 1], [1, 1], groups,
-                                                           list(x.shape))
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [pad, pad], [stride, stride], [1, 1],
+                                                           groups, list(x.shape))
     conv_w = block[0].weight.detach()
     attr, scalars = _ONEDNN_ATTR[act]
 
     def effops_fn():
-        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [1, 1], [pad, pad], [1, 1], groups, act, 0.0,
-                                     True)
+        return m.conv_scale_bias_act(x, conv_w, scale, bias, None, None, [stride, stride], [pad, pad], [1, 1], groups,
+                                     act, 0.0, True)
 
     def onednn_fn():
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [pad, pad], [1, 1], [1, 1], groups, attr,
-                                                       scalars, "")
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [pad, pad], [stride, stride], [1, 1], groups,
+                                                       attr, scalars, "")
 
     name, value = policy
     before = getattr(m, f"{name}_policy")()
@@ -272,6 +272,29 @@ def test_winograd(case, m, results):
     timed, errs = _conv_case(m, block, x, 1, g, "relu", ("winograd", 1), "winograd")
     _record(results, timed, min_bytes=4 * (hw * hw * (c + k) + 9 * c * k // g + k), flops=2 * 9 * c * k * hw * hw // g,
             case=f"winograd_{name}", shape=f"1x{c}x{hw}x{hw} -> {k}" + (f" g{g}" if g > 1 else ""), **errs)
+
+
+# ---- stem conv + BN + ReLU (3 input channels, stride 2): effops' direct kernel -----------------
+
+STEMS = [
+    # name, C_out, kernel
+    ("vovnet_repvgg_3x3_c64", 64, 3),
+    ("mnv2_effnet_regnety_3x3_c32", 32, 3),
+    ("ghostnet_mnv3_3x3_c16", 16, 3),
+    ("shufflenet_3x3_c24", 24, 3),
+    ("resnet_7x7_c64", 64, 7),
+]
+
+
+@pytest.mark.parametrize("case", STEMS, ids=lambda c: c[0])
+def test_direct_stem(case, m, results):
+    name, k, ks = case
+    block = randomize_bn(nn.Sequential(nn.Conv2d(3, k, ks, 2, ks // 2, bias=False), nn.BatchNorm2d(k),
+                                       nn.ReLU())).eval()
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    timed, errs = _conv_case(m, block, x, ks // 2, 1, "relu", ("direct", 1), "direct", stride=2)
+    _record(results, timed, min_bytes=4 * (224 * 224 * 3 + 112 * 112 * k + ks * ks * 3 * k + k),
+            flops=2 * ks * ks * 3 * k * 112 * 112, case=f"direct_{name}", shape=f"1x3x224x224 -> {k} k{ks} s2", **errs)
 
 
 # ---- 1x1 conv + BN + act: effops' register-blocked GEMM ------------------------------------------

@@ -99,9 +99,10 @@ struct ConvParams {
   }
 };
 
-enum class Impl { OneDNN, Depthwise, Gemm, Winograd };
-const char* const kImplNames[] = {"onednn", "depthwise", "gemm", "winograd"};
-std::atomic<int64_t> g_impl_calls[4];  // convs run per implementation (conv_impl_counts)
+enum class Impl { OneDNN, Depthwise, Gemm, Winograd, Direct };
+constexpr int kImpls = 5;
+const char* const kImplNames[kImpls] = {"onednn", "depthwise", "gemm", "winograd", "direct"};
+std::atomic<int64_t> g_impl_calls[kImpls];  // convs run per implementation (conv_impl_counts)
 
 struct Packed {
   std::vector<TensorKey> keys;
@@ -111,7 +112,8 @@ struct Packed {
                       // depthwise: [KH*KW, C] float32 taps; GEMM: [C_in, C_out] float32, or
                       // where gemm_paneled(C_out), [blocks][C_in][kGemmBlock] column panels
                       // (the last one zero-padded);
-                      // Winograd: G w G^T, [36][groups][C_out_g / 32][C_in_g][32] float32 panels (winograd.cpp)
+                      // Winograd: G w G^T, [36][groups][C_out_g / 32][C_in_g][32] float32 panels (winograd.cpp);
+                      // direct: [KH*KW*C_in + 1][C_out rounded up to a vector] taps, then the bias (direct.cpp)
   at::Tensor bias;    // float32 [C_out]
 };
 
@@ -276,6 +278,9 @@ int g_depthwise_policy = 2;  // 0: oneDNN, 1: own kernel, 2: own kernel where st
 int g_pointwise_policy = 2;
 // 3x3 stride-1 float32 convs on NHWC: 0 = oneDNN, 1 = Winograd, 2 = whichever measured faster.
 int g_winograd_policy = 2;
+// Convs of at most 4 input channels: 0 = oneDNN, 1 = effops' direct kernel, 2 = whichever is
+// measured faster per problem.
+int g_direct_policy = 2;
 std::mutex g_choice_mutex;
 // (implementation, N, C, H, W, C_out, padding, residual, activation, threads) -> it beat oneDNN
 std::map<std::tuple<Impl, IntVec, int64_t, IntVec, bool, int64_t, int, bool>, bool> g_alt_faster;
@@ -658,6 +663,8 @@ std::shared_ptr<Packed> build(const at::Tensor& x, const at::Tensor& weight, con
     }
   } else if (impl == Impl::Winograd) {
     e->weight = winograd_weight(w32, p.groups);
+  } else if (impl == Impl::Direct) {
+    e->weight = direct_weight(w32, e->bias);
   } else {
     at::Tensor wd = w32.to(p.dtype).contiguous();
     e->weight = at::mkldnn_reorder_conv2d_weight(wd.to_mkldnn(), p.padding, p.stride, p.dilation, p.groups,
@@ -805,6 +812,14 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
         winograd_nhwc(x, e.weight, e.bias, res, residual_after_act, dst, p.padding, act, act_param);
       return dst;
     }
+    case Impl::Direct: {
+      // no residual (conv_common runs Direct only without one)
+      at::Tensor dst = direct.defined() && direct.stride(1) == 1 ? direct : fresh();
+      EFFOPS_PROFILE_RANGE("effops::direct");
+      direct_nhwc(x, e.weight, weight.size(0), weight.size(2), weight.size(3), p.stride, p.padding, p.dilation, dst,
+                  act, act_param);
+      return dst;
+    }
     case Impl::OneDNN: break;
   }
   const bool pre = has_res && (!residual_after_act || act == Act::Identity);
@@ -892,11 +907,18 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
                          padding[0] == 0 && padding[1] == 0 && groups == 1 && x.scalar_type() == at::kFloat &&
                          g_pointwise_policy != 0 && rows_stride(x) >= 0;
   const bool winograd = !pointwise && g_winograd_policy != 0 && winograd_applies(x, weight, stride, dilation, groups);
-  Impl impl = own_dw ? Impl::Depthwise : (pointwise ? Impl::Gemm : (winograd ? Impl::Winograd : Impl::OneDNN));
+  // A float32 conv of at most 4 input channels (the stem) can run effops' direct kernel (direct.cpp).
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool small_cin = !pointwise && !winograd && !own_dw && !has_residual && g_direct_policy != 0 &&
+                         direct_applies(x, weight, groups);
+  Impl impl = own_dw ? Impl::Depthwise
+                     : (pointwise ? Impl::Gemm
+                                  : (winograd ? Impl::Winograd : (small_cin ? Impl::Direct : Impl::OneDNN)));
   ConvParams p{stride, padding, dilation, {}, groups, x.scalar_type(), eps};  // in_shape: oneDNN's only
-  const int policy = impl == Impl::Gemm ? g_pointwise_policy : g_winograd_policy;
+  const int policy = impl == Impl::Gemm ? g_pointwise_policy
+                                        : (impl == Impl::Direct ? g_direct_policy : g_winograd_policy);
   std::shared_ptr<Packed> measured;
-  if ((impl == Impl::Gemm || impl == Impl::Winograd) && policy == 2 &&
+  if ((impl == Impl::Gemm || impl == Impl::Winograd || impl == Impl::Direct) && policy == 2 &&
       !alt_measured_faster(impl, x, weight, fold, p, residual, residual_after_act, act, act_param, measured))
     impl = Impl::OneDNN;
   if (impl == Impl::OneDNN) {
@@ -1298,6 +1320,12 @@ void set_winograd_policy(int64_t policy) {
 }
 int64_t winograd_policy() { return g_winograd_policy; }
 
+void set_direct_policy(int64_t policy) {
+  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "direct policy: 0 (oneDNN), 1 (direct) or 2 (measured), got ", policy);
+  g_direct_policy = static_cast<int>(policy);
+}
+int64_t direct_policy() { return g_direct_policy; }
+
 void set_depthwise_policy(int64_t policy) { g_depthwise_policy = static_cast<int>(policy); }
 
 void set_pair_policy(int64_t policy) {
@@ -1485,7 +1513,7 @@ int64_t dw_pair_policy() { return g_dw_pair_policy; }
 
 std::map<std::string, int64_t> conv_impl_counts(bool reset) {
   std::map<std::string, int64_t> counts;
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kImpls; ++i)
     counts[kImplNames[i]] = reset ? g_impl_calls[i].exchange(0) : g_impl_calls[i].load();
   return counts;
 }
@@ -1531,7 +1559,7 @@ bool read_one(const std::vector<int64_t>& in, size_t& i, T& v) {
   if constexpr (std::is_same_v<T, bool>) {
     if (raw != 0 && raw != 1) return false;
   } else if constexpr (std::is_same_v<T, Impl>) {
-    if (raw < 0 || raw > static_cast<int64_t>(Impl::Winograd)) return false;
+    if (raw < 0 || raw >= kImpls) return false;
   }
   v = static_cast<T>(raw);
   return true;

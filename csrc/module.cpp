@@ -241,6 +241,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "3x3 stride-1 float32 NHWC convs: 0 oneDNN, 1 Winograd F(4x4, 3x3), 2 whichever is measured faster per "
         "problem (default)");
   m.def("winograd_policy", &en::winograd_policy);
+  m.def("set_direct_policy", &en::set_direct_policy, py::arg("policy"),
+        "float32 convs of at most 4 input channels (stems): 0 oneDNN, 1 effops' direct kernel, 2 measured per problem");
+  m.def("direct_policy", &en::direct_policy);
   m.def("conv_impl_counts", &en::conv_impl_counts, py::arg("reset") = false,
         "convs run so far per implementation: onednn, depthwise, gemm, winograd");
   m.def("measured_choices", &en::measured_choices,

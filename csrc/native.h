@@ -141,7 +141,7 @@ int64_t pair_policy();
 void set_pointwise_policy(int64_t policy);
 int64_t pointwise_policy();
 
-// Convs run so far per implementation ("onednn", "depthwise", "gemm", "winograd"; an aggregation
+// Convs run so far per implementation ("onednn", "depthwise", "gemm", "winograd", "direct"; an aggregation
 // counts as one "gemm" run, or as the 1x1 conv that follows its concat); reset: zero them.
 std::map<std::string, int64_t> conv_impl_counts(bool reset);
 
@@ -177,6 +177,19 @@ void winograd_nhwc(const at::Tensor& x, const at::Tensor& U, const at::Tensor& b
 // 0: 3x3 stride-1 float32 convs run oneDNN; 1: Winograd where it applies; 2: whichever is measured faster.
 void set_winograd_policy(int64_t policy);
 int64_t winograd_policy();
+
+// ---- direct.cpp: direct conv for float32 convs of at most 4 input channels, NHWC ------------
+// Whether the kernel can run this conv: groups 1, float32, 1-4 input channels, channel-minor x.
+bool direct_applies(const at::Tensor& x, const at::Tensor& weight, int64_t groups);
+// A float32 [K, C, kh, kw] weight and [K] bias packed for direct_nhwc.
+at::Tensor direct_weight(const at::Tensor& w32, const at::Tensor& bias);
+// out = act(conv(x, w) + bias), packed = direct_weight(w, bias); x and out channel-minor (out may
+// be a channel view); out is written, never read.
+void direct_nhwc(const at::Tensor& x, const at::Tensor& packed, int64_t K, int64_t kh, int64_t kw, const IntVec& stride,
+                 const IntVec& padding, const IntVec& dilation, at::Tensor& out, Act act, double act_param);
+// 0: small-channel convs run oneDNN; 1: the direct kernel where it applies; 2: whichever is measured faster.
+void set_direct_policy(int64_t policy);
+int64_t direct_policy();
 
 // ---- depthwise.cpp: NHWC depthwise conv + bias + activation (+ residual), at::vec ----------
 // x: [N, C, H, W] with channel stride 1 (NHWC or a channel view of one), float32 or bfloat16.

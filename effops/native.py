@@ -233,7 +233,8 @@ def save_choices() -> int:
 def _chosen(table: str, flat, faster: bool) -> str:
     """What a measured choice runs, in words (``python -m effops info`` lists it)."""
     if table == "alt":
-        alt = {2: "GEMM", 3: "Winograd F(4x4, 3x3)"}.get(flat[0] if flat else -1, "effops kernel")
+        alt = {2: "GEMM", 3: "Winograd F(4x4, 3x3)", 4: "direct small-channel conv"}.get(flat[0] if flat else -1,
+                                                                                      "effops kernel")
         return f"{alt} (measured faster than oneDNN)" if faster else f"oneDNN (measured faster than {alt})"
     if table == "segments":
         return "concat-free aggregation GEMMs" if faster else "concat + 1x1 conv (measured 10% faster)"

@@ -211,6 +211,80 @@ def test_bad_input_gets_the_same_error_on_every_backend():
         conv_bn_act(x.half(), w.half(), scale, bias, padding=1, act="relu")
 
 
+# -- direct conv for at most 4 input channels (csrc/direct.cpp) ---------------------------------
+
+@pytest.fixture
+def direct_policy():
+    """Sets the native small-channel policy for the test (0 oneDNN, 1 direct, 2 measured)."""
+    yield from _policy("direct")
+
+
+# (C_in, C_out, k, stride, padding, dilation, (H, W), N): the stems' 3 -> 64 / 24 / 48 (whole
+# 4-vector tiles, a masked last vector, 3-vector tiles), 7x7 with two edge columns a side and two
+# column blocks (80 = 64 + 16), two input channels, 5x5 at stride 1 (24-pixel tiles, then 4- and
+# 1-pixel tails), four channels with dilation 2 and no padding (fewer outputs than a vector),
+# stride 3 with padding 2, a one-pixel image (every tap checked), a batch of 2.
+DIRECT_SHAPES = [(3, 64, 3, 2, 1, 1, (15, 17), 2), (3, 24, 3, 2, 1, 1, (9, 11), 1), (3, 48, 3, 2, 1, 1, (10, 10), 1),
+                 (3, 80, 7, 2, 3, 1, (23, 19), 1), (2, 16, 5, 1, 2, 1, (6, 30), 2), (4, 5, 5, 1, 0, 2, (13, 12), 1),
+                 (2, 33, 3, 3, 2, 1, (8, 8), 1), (3, 16, 3, 2, 1, 1, (1, 1), 1)]
+
+
+@pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_direct_small_channel_conv_matches_float64(shape, direct_policy):
+    cin, cout, k, stride, pad, dil, hw, n = shape
+    direct_policy(1)
+    x = torch.randn(n, cin, *hw).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5
+    scale, bias = torch.rand(cout) + 0.5, torch.randn(cout)
+    for act, param in (("relu", 0.0), ("hardswish", 0.0), ("leaky_relu", 0.1), ("identity", 0.0)):
+        with use_backend("native"):
+            y = _runs("direct", lambda: conv_bn_act(x, w, scale, bias, stride=stride, padding=pad, dilation=dil,
+                                                     act=act, act_param=param))
+        ref = _ref(x, w, scale, bias, None, stride, [pad, pad], dil, 1, act, param, True)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert_matches(y, ref)
+
+
+def test_direct_conv_writes_a_channel_view(direct_policy):
+    """A stem conv writing into a channel slice of a block buffer: nothing around it touched."""
+    direct_policy(1)
+    x = torch.randn(1, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    w, scale, bias = torch.randn(40, 3, 3, 3) / 5, torch.rand(40) + 0.5, torch.randn(40)
+    out_buf = torch.full((1, 64, 6, 6), float("nan")).contiguous(memory_format=torch.channels_last)
+    out = out_buf[:, 8:48]
+    with use_backend("native"):
+        y = _runs("direct", lambda: conv_bn_act(x, w, scale, bias, stride=2, padding=1, act="relu", out=out))
+    assert y.data_ptr() == out.data_ptr()
+    assert_matches(out, _ref(x, w, scale, bias, None, 2, [1, 1], 1, 1, "relu", 0.0, True))
+    assert torch.isnan(out_buf[:, :8]).all() and torch.isnan(out_buf[:, 48:]).all()
+
+
+def test_direct_conv_only_where_it_applies(direct_policy):
+    """Not for 5 input channels, an NCHW input, a residual, groups or bfloat16 (those run oneDNN);
+    policy 0 never runs it; measured (2), it runs one of the two and matches."""
+    direct_policy(1)
+    w, scale, bias = torch.randn(16, 3, 3, 3) / 5, torch.rand(16) + 0.5, torch.randn(16)
+    x = torch.randn(1, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    cases = [(torch.randn(1, 5, 9, 9).contiguous(memory_format=torch.channels_last), torch.randn(16, 5, 3, 3), None, 1),
+             (x.contiguous(), w, None, 1), (x, w, r, 1), (torch.randn(1, 4, 9, 9).contiguous(
+                 memory_format=torch.channels_last), torch.randn(16, 2, 3, 3), None, 2)]
+    with use_backend("native"):
+        for xi, wi, ri, g in cases:
+            y = _runs("onednn", lambda: conv_bn_act(xi, wi, scale, bias, ri, stride=2, padding=1, groups=g, act="relu"))
+            assert_matches(y, _ref(xi, wi, scale, bias, ri, 2, [1, 1], 1, g, "relu", 0.0, False))
+        direct_policy(0)
+        _runs("onednn", lambda: conv_bn_act(x, w, scale, bias, stride=2, padding=1, act="relu"))
+        direct_policy(2)
+        mod = native.module()
+        mod.conv_impl_counts(reset=True)
+        y = conv_bn_act(x, w, scale, bias, stride=2, padding=1, act="relu")
+        assert sum(v for k, v in mod.conv_impl_counts(reset=True).items() if k in ("direct", "onednn")) >= 1
+        assert_matches(y, _ref(x, w, scale, bias, None, 2, [1, 1], 1, 1, "relu", 0.0, True))
+    with pytest.raises(ValueError, match="direct policy"):
+        direct_policy(3)
+
+
 # -- Winograd F(4x4, 3x3) (csrc/winograd.cpp) ---------------------------------------------------
 
 @pytest.fixture

@@ -860,7 +860,11 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
     auto ea = build(x, weight, fold, p_alt, alt);
     auto eo = build(xd, weight, fold, po, Impl::OneDNN);
     std::optional<CacheEvictor> evict;
-    if (alt == Impl::Winograd) evict.emplace(ea->weight);  // the transformed weight: 4x the conv's
+    // Winograd: the transformed weight, 4x the conv's. Direct (a stem conv): oneDNN's time on the
+    // model's first conv, from caches the previous forward's layers filled, is 2-3x its warm time
+    // (ShuffleNetV2's 3 -> 24 stem: 0.28-0.32 ms in the model against 0.08 ms back to back), the
+    // direct kernel's about 1.5x.
+    if (alt == Impl::Winograd || alt == Impl::Direct) evict.emplace(ea->weight);
     const bool faster = first_is_faster(
         [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },
         [&] {
@@ -868,8 +872,9 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
           run_packed(dense ? xd : dense_input(x), *eo, weight, residual, residual_after_act, act, act_param,
                      at::Tensor());
         },
-        // cold: best of 3 each (each eviction writes 64 MB; Winograd's wins are mostly wide)
-        evict ? 3 : 5, evict ? std::function<void()>([&] { (*evict)(); }) : std::function<void()>(),
+        // cold: best of 3 each (each eviction writes 64 MB; Winograd's wins are mostly wide), 5 for
+        // a model's one stem conv, where the two are closer
+        alt == Impl::Winograd ? 3 : 5, evict ? std::function<void()>([&] { (*evict)(); }) : std::function<void()>(),
         alt == Impl::Winograd ? kWinogradMargin : 1.0);
     winner = faster ? ea : eo;
     return faster;

@@ -8,7 +8,9 @@
 3. dense 3x3 stride-1 convs: oneDNN (0), Winograd F(4x4, 3x3) (1), measured (2, the default);
 4. expand 1x1 -> depthwise pairs (models that have them): the two convs one after the other (0),
    banded (1), banded up to 128 input channels (2, the default);
-5. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
+5. stem convs (at most 4 input channels): oneDNN (0), effops' direct kernel (1), measured (2, the
+   default), whole models;
+6. VoVNet-39's aggregations (block input + 5 stage outputs -> 1x1 conv + BN + ReLU): GEMMs over
    the segments against an NHWC concat + oneDNN's 1x1 conv (and the concat alone).
 
 Whole-model rows alternate the variants call by call (after a warm-up per variant), so drift on
@@ -112,11 +114,15 @@ def main() -> None:
         wg = side_by_side(fm, x, {"3x3 oneDNN": lambda: nat.set_winograd_policy(0),
                                   "3x3 Winograd": lambda: nat.set_winograd_policy(1),
                                   "3x3 measured": lambda: nat.set_winograd_policy(2)}, args.reps)
+        st = side_by_side(fm, x, {"stem oneDNN": lambda: nat.set_direct_policy(0),
+                                  "stem direct": lambda: nat.set_direct_policy(1),
+                                  "stem measured": lambda: nat.set_direct_policy(2)}, args.reps)
         nat.set_depthwise_policy(2)
         nat.set_pointwise_policy(2)
         nat.set_winograd_policy(2)
         nat.set_pair_policy(2)
-        for k, v in {**pr, **dw, **pw, **wg}.items():
+        nat.set_direct_policy(2)
+        for k, v in {**pr, **dw, **pw, **wg, **st}.items():
             rows.append({"study": "whole model", "case": name, "variant": k, "ms": round(v, 3)})
             print(f"{name:24s} {k:18s} {v:8.2f} ms", flush=True)
     for hw, cin, cs, cout in [(56, 128, 128, 256), (28, 256, 160, 512), (14, 512, 192, 768), (7, 768, 224, 1024)]:

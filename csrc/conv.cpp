@@ -839,10 +839,10 @@ constexpr double kWinogradMargin = 0.85;
 // GEMM has no fixed per-call cost to speak of and wins small 1x1 problems, oneDNN's blocked
 // kernels many large ones; Winograd does 4x fewer multiplies but reads a 4x larger weight, and
 // loses where the weight outweighs the pixels (7x7 maps with 512 channels). Winograd must win by
-// 15%: its time swings with the cache pressure other tenants put on a shared machine (a grouped
-// 3x3 conv measured 2.6x slower from one minute to the next while oneDNN's time stayed put), its
-// float32 rounding error is about 10x a direct conv's, and a choice is stored for later processes,
-// so a close call goes to oneDNN. Dense 3x3 convs win by 25-50% where Winograd applies at all.
+// 15%: its time moves more with the load of other tenants on a shared machine than oneDNN's
+// (benchmarks/tools/winograd_cold.py, docs/architecture.md), its float32 rounding error is about
+// 10x a direct conv's, and a choice is stored for later processes, so a close call goes to
+// oneDNN. Dense 3x3 convs win by 1.3-1.9x cold where Winograd applies at all.
 // `winner`: set to the winning side's packed entry when this call measured (null on a known problem).
 bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight, const FoldFn& fold,
                          const ConvParams& p_alt, const OptTensor& residual, bool residual_after_act, Act act,
@@ -860,10 +860,10 @@ bool alt_measured_faster(Impl alt, const at::Tensor& x, const at::Tensor& weight
     auto ea = build(x, weight, fold, p_alt, alt);
     auto eo = build(xd, weight, fold, po, Impl::OneDNN);
     std::optional<CacheEvictor> evict;
-    // Winograd: the transformed weight, 4x the conv's. Direct (a stem conv): oneDNN's time on the
-    // model's first conv, from caches the previous forward's layers filled, is 2-3x its warm time
-    // (ShuffleNetV2's 3 -> 24 stem: 0.28-0.32 ms in the model against 0.08 ms back to back), the
-    // direct kernel's about 1.5x.
+    // Winograd: the transformed weight, 4x the conv's. Direct (a stem conv): timed back to back,
+    // oneDNN is a few microseconds ahead on ShuffleNetV2's 3 -> 24 stem, yet the whole model runs
+    // faster with the direct kernel (benchmarks/tools/native_choices.py): oneDNN loses more from
+    // the caches the previous forward's layers filled.
     if (alt == Impl::Winograd || alt == Impl::Direct) evict.emplace(ea->weight);
     const bool faster = first_is_faster(
         [&] { run_packed(x, *ea, weight, residual, residual_after_act, act, act_param, at::Tensor()); },

@@ -1,9 +1,9 @@
 // Direct convolution for float32 convs with at most 4 input channels, NHWC: the stem conv of every
 // image model (3 -> 16..64 channels, 3x3 or 7x7, stride 2, at 224²).
 //
-// oneDNN runs these at 110-230 GFLOP/s on the 2-core AVX-512 machine the benchmarks use (its
-// blocked kernels vectorise over input channels, of which there are 3), a quarter to a half of
-// the machine's FMA peak. Here every output pixel is a sum of kh * kw * C_in taps, each an input
+// oneDNN's blocked kernels vectorise over input channels, of which there are 3 (0.1-0.3 TFLOP/s
+// on the 2-core AVX-512 benchmark machine: benchmarks/test_native_kernels.py -k direct_stem).
+// Here every output pixel is a sum of kh * kw * C_in taps, each an input
 // value broadcast against a vector of output channels: a tile of R output pixels x NV vectors of
 // output channels lives in R * NV accumulator registers, each tap loads NV weight vectors (from
 // L1: the whole packed weight is kh * kw * C_in * C_out floats, 7 KB for a 3x3 stem to 64

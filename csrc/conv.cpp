@@ -834,8 +834,9 @@ at::Tensor run_packed(const at::Tensor& x, const Packed& e, const at::Tensor& we
 // Winograd's time as a fraction of oneDNN's below which it runs (see alt_measured_faster).
 constexpr double kWinogradMargin = 0.85;
 
-// Whether `alt` (GEMM for a 1x1 conv, Winograd for a 3x3 one) runs this conv faster than oneDNN,
-// measured once per problem (shapes, residual, activation, threads) on the call's own tensors.
+// Whether `alt` (GEMM for a 1x1 conv, Winograd for a 3x3 one, the direct kernel for a stem conv)
+// runs this conv faster than oneDNN, measured once per problem (shapes, residual, activation,
+// threads) on the call's own tensors.
 // GEMM has no fixed per-call cost to speak of and wins small 1x1 problems, oneDNN's blocked
 // kernels many large ones; Winograd does 4x fewer multiplies but reads a 4x larger weight, and
 // loses where the weight outweighs the pixels (7x7 maps with 512 channels). Winograd must win by
@@ -912,18 +913,27 @@ at::Tensor conv_common(const at::Tensor& x_in, const at::Tensor& weight, const s
                          padding[0] == 0 && padding[1] == 0 && groups == 1 && x.scalar_type() == at::kFloat &&
                          g_pointwise_policy != 0 && rows_stride(x) >= 0;
   const bool winograd = !pointwise && g_winograd_policy != 0 && winograd_applies(x, weight, stride, dilation, groups);
-  // A float32 conv of at most 4 input channels (the stem) can run effops' direct kernel (direct.cpp).
-  const bool has_residual = residual.has_value() && residual->defined();
-  const bool small_cin = !pointwise && !winograd && !own_dw && !has_residual && g_direct_policy != 0 &&
-                         direct_applies(x, weight, groups);
-  Impl impl = own_dw ? Impl::Depthwise
-                     : (pointwise ? Impl::Gemm
-                                  : (winograd ? Impl::Winograd : (small_cin ? Impl::Direct : Impl::OneDNN)));
+  // A float32 conv of at most 4 input channels without a residual (the stem; groups 1, so never
+  // depthwise) can run effops' direct kernel (direct.cpp).
+  const bool small_cin = !pointwise && !winograd && g_direct_policy != 0 &&
+                         !(residual.has_value() && residual->defined()) && direct_applies(x, weight, groups);
+  Impl impl = Impl::OneDNN;
+  int policy = 0;  // the alternative's policy: 2 = measured against oneDNN
+  if (own_dw) {
+    impl = Impl::Depthwise;
+  } else if (pointwise) {
+    impl = Impl::Gemm;
+    policy = g_pointwise_policy;
+  } else if (winograd) {
+    impl = Impl::Winograd;
+    policy = g_winograd_policy;
+  } else if (small_cin) {
+    impl = Impl::Direct;
+    policy = g_direct_policy;
+  }
   ConvParams p{stride, padding, dilation, {}, groups, x.scalar_type(), eps};  // in_shape: oneDNN's only
-  const int policy = impl == Impl::Gemm ? g_pointwise_policy
-                                        : (impl == Impl::Direct ? g_direct_policy : g_winograd_policy);
   std::shared_ptr<Packed> measured;
-  if ((impl == Impl::Gemm || impl == Impl::Winograd || impl == Impl::Direct) && policy == 2 &&
+  if (policy == 2 &&
       !alt_measured_faster(impl, x, weight, fold, p, residual, residual_after_act, act, act_param, measured))
     impl = Impl::OneDNN;
   if (impl == Impl::OneDNN) {

@@ -106,8 +106,8 @@ void direct_row(const DirectConv& d, int64_t oh, int64_t OW, int64_t n0, int64_t
 }  // namespace
 
 bool direct_applies(const at::Tensor& x, const at::Tensor& weight, int64_t groups) {
-  return groups == 1 && x.scalar_type() == at::kFloat && x.dim() == 4 && x.size(1) >= 1 &&
-         x.size(1) <= kMaxDirectCin && x.stride(1) == 1 && weight.size(0) >= 1;
+  return groups == 1 && x.scalar_type() == at::kFloat && x.dim() == 4 && weight.dim() == 4 && x.size(1) >= 1 &&
+         x.size(1) <= kMaxDirectCin && x.stride(1) == 1;
 }
 
 at::Tensor direct_weight(const at::Tensor& w32, const at::Tensor& bias) {

@@ -1468,10 +1468,12 @@ at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const O
   return se_apply(y, gate, res, y, Act::Identity, 0.0);
 }
 
-at::Tensor osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps, const std::vector<OptTensor>& t,
-                           const std::vector<double>& eps, const std::vector<std::string>& acts,
-                           const std::vector<double>& act_params, const std::vector<int64_t>& geom,
-                           const OptTensor& ese_w, const OptTensor& ese_b, bool identity) {
+std::optional<at::Tensor> osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps,
+                                          const std::vector<OptTensor>& t, const std::vector<double>& eps,
+                                          const std::vector<std::string>& acts, const std::vector<double>& act_params,
+                                          const std::vector<int64_t>& geom, const OptTensor& ese_w,
+                                          const OptTensor& ese_b, bool identity,
+                                          const std::vector<int64_t>& weight_sizes) {
   const char* what = "effops osa_block_steps: ";
   int64_t convs = 1;  // the aggregation
   for (int64_t s : steps) {
@@ -1486,6 +1488,16 @@ at::Tensor osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& step
                     geom.size());
   for (size_t i = 0; i < n; ++i)
     TORCH_CHECK_VALUE(t[7 * i].has_value() && t[7 * i]->defined(), what, "conv ", i, " has no weight");
+  if (!weight_sizes.empty()) {
+    TORCH_CHECK_VALUE(weight_sizes.size() == 4 * n, what, "expected 4 weight sizes per conv (", convs, " convs), got ",
+                      weight_sizes.size());
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& wi = *t[7 * i];
+      if (wi.scalar_type() != at::kFloat || !wi.device().is_cpu() ||
+          wi.sizes() != at::IntArrayRef(weight_sizes.data() + 4 * i, 4))
+        return std::nullopt;
+    }
+  }
   const auto w = [&](size_t i) -> const at::Tensor& { return *t[7 * i]; };
   const auto T = [&](size_t i, size_t k) -> const OptTensor& { return t[7 * i + k]; };
   const auto G = [&](size_t i, size_t k) { return IntVec{geom[7 * i + k], geom[7 * i + k + 1]}; };

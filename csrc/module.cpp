@@ -227,7 +227,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("act_param"), "a whole OSA block (effops::osa_block's arguments), float32");
   m.def("osa_block_steps", &en::osa_block_steps, py::arg("x"), py::arg("steps"), py::arg("t"), py::arg("eps"),
         py::arg("acts"), py::arg("act_params"), py::arg("geom"), py::arg("ese_w"), py::arg("ese_b"),
-        py::arg("identity"), "FusedOSA's eager native steady state as one call, from the modules' own tensors");
+        py::arg("identity"), py::arg("weight_sizes") = std::vector<int64_t>{},
+        "FusedOSA's eager native steady state as one call, from the modules' own tensors (None: a weight "
+        "no longer has the dtype, device or shape of weight_sizes)");
   m.def("set_dw_pair_policy", &en::set_dw_pair_policy, py::arg("policy"),
         "depthwise -> 1x1 pairs: 0 = separate, 1 = banded, 2 = measured per problem");
   m.def("dw_pair_policy", &en::dw_pair_policy);

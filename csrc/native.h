@@ -129,10 +129,15 @@ int64_t dw_pair_policy();
 // running var, num_batches_tracked), an eps, an activation and its parameter, and 7 ints in `geom`
 // (stride, padding, dilation, groups); the aggregation conv comes last (its geometry unused).
 // With ese_w the eSE gate (hardsigmoid) scales the aggregation's output, whose stores pool it.
-at::Tensor osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps, const std::vector<OptTensor>& t,
-                           const std::vector<double>& eps, const std::vector<std::string>& acts,
-                           const std::vector<double>& act_params, const std::vector<int64_t>& geom,
-                           const OptTensor& ese_w, const OptTensor& ese_b, bool identity);
+// `weight_sizes` (4 per conv, or empty): the weight shapes a cached plan was built for; nullopt,
+// before any work, when a weight is no longer a float32 CPU tensor of that shape (the caller's
+// cached guard reads tensors by identity, and `param.data = t` keeps the identity).
+std::optional<at::Tensor> osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps,
+                                          const std::vector<OptTensor>& t, const std::vector<double>& eps,
+                                          const std::vector<std::string>& acts, const std::vector<double>& act_params,
+                                          const std::vector<int64_t>& geom, const OptTensor& ese_w,
+                                          const OptTensor& ese_b, bool identity,
+                                          const std::vector<int64_t>& weight_sizes);
 // Expand -> depthwise pairs: 0 = the two convs one after the other, 1 = banded, 2 = banded up to 128
 // input channels (the default).
 void set_pair_policy(int64_t policy);

@@ -186,6 +186,54 @@ def test_native_steady_state_reads_the_live_modules(monkeypatch):
     assert calls == [1, 1]
 
 
+def test_native_steady_state_cache_sees_writes_no_hook_reports(monkeypatch):
+    """After one full gather, calls reuse its osa_block_steps arguments only while every object
+    they were read from is the same: a weight assigned into ``_parameters`` directly (no
+    registration hook), a BN's eps, one BN put in train mode, a weight's values or dtype changed
+    through ``.data`` (same Parameter) all take effect, as in a block that never cached."""
+    _needs_native()
+    ref = _classic("v2").eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    x = _x(fused.in_ch, h=6, w=5).cpu()
+    calls = _spy_steps(monkeypatch)
+    agg, ref_agg = fused.concat[0], ref.concat[0]
+    bn, ref_bn = fused.layers[0][1], ref.layers[0][1]
+
+    def same_as_ref():
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+
+    with torch.no_grad():
+        fused(x)  # plans the units
+        fused(x)  # gathers the arguments once, caches them
+        assert fused._steps_cache is not None and calls == [1]
+        assert copy.deepcopy(fused)._steps_cache is None  # a copy reads its own modules
+        w = torch.randn_like(agg.weight)
+        agg._parameters["weight"] = nn.Parameter(w.clone())
+        ref_agg._parameters["weight"] = nn.Parameter(w.clone())
+        same_as_ref()
+        same_as_ref()  # the second call after the write: cached again, with the new weight
+        assert calls == [1, 1, 1]
+        bn.eps = ref_bn.eps = 0.25
+        same_as_ref()
+        agg.weight.data = torch.randn_like(w)  # new values under the same Parameter
+        ref_agg.weight.data = agg.weight.data.clone()
+        same_as_ref()
+        bn.train()  # this BN alone: batch statistics, running statistics updated, as PyTorch does
+        ref_bn.train()
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+        bn.eval()
+        ref_bn.eval()
+        same_as_ref()
+        n = len(calls)
+        same_as_ref()
+        assert len(calls) == n + 1 and fused._steps_cache is not None
+        agg.weight.data = agg.weight.data.double()  # another dtype under the same Parameter
+        y = fused(x)
+        assert fused._steps_cache is None  # the native call refused the cached arguments
+        torch.testing.assert_close(y, FusedOSA.from_module(copy.deepcopy(fused)).eval()(x), rtol=0, atol=0)
+
+
 @needs_triton
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

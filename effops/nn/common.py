@@ -3,6 +3,7 @@ which BatchNorms can be folded, which containers apply their children in order,
 whether a hook is watching. A leaf module: it imports nothing else from effops."""
 from __future__ import annotations
 
+import operator
 import weakref
 
 from dataclasses import dataclass
@@ -165,6 +166,35 @@ def traced_constants(obj):
         # module's structure check, which then costs no guard of its own).
         return _constants_when_traced(id(obj), _EPOCH)
     return obj._trace_constants()
+
+
+def _none(*_):
+    return None
+
+
+class SameObjects:
+    """``(dict, key)`` reads and the objects they found when this was built, with a ``payload``
+    derived from them (a fused module's prepared native arguments). ``current()`` is True while
+    every read finds the same object (``is``, never ``==``: no tensor is compared or touched), so
+    a module can reuse its payload after checking a flat list of dict slots instead of walking its
+    modules' attributes again. Reads of instance dicts see attribute writes (``bn.eps = ...``,
+    ``bn.train()``), reads of ``_parameters`` / ``_buffers`` / ``_modules`` see every assignment,
+    with or without registration hooks. A deep copy or unpickled owner gets None in its place
+    (the copy's dicts are other objects) and builds its own."""
+
+    __slots__ = ("dicts", "keys", "values", "payload")
+
+    def __init__(self, reads, payload=None):
+        self.dicts = tuple(d for d, _ in reads)
+        self.keys = tuple(k for _, k in reads)
+        self.values = tuple(map(dict.get, self.dicts, self.keys))
+        self.payload = payload
+
+    def current(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.values))
+
+    def __reduce__(self):
+        return (_none, ())
 
 
 class TracedConfigModule(nn.Module):

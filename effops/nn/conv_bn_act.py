@@ -537,6 +537,13 @@ class FusedConvBNAct(TracedConfigModule):
 _STATIC_ACTS = (type(None), nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid)
 
 
+def live_activation(bn: Optional[nn.Module], act_mod: Optional[nn.Module]) -> bool:
+    """Whether the activation fused after ``bn`` has settings a call must read live (e.g. a
+    LeakyReLU's slope), rather than being fixed by the module types (ReLU, Hardswish...)."""
+    inner = bn._modules.get("act") if bn is not None and timm_bn_act(bn) else None
+    return type(act_mod) not in _STATIC_ACTS or type(inner) not in _STATIC_ACTS
+
+
 def _no_plan():
     return None
 
@@ -559,8 +566,7 @@ class _NativePlan:
     def __init__(self, owner, conv, bn, act_mod, settings, x, w, residual, gate, out_shuffle_groups):
         self.snapshot, self.hooks = owner._snapshot, owner._hooks
         self.conv, self.bn, self.act_mod = conv, bn, act_mod
-        inner = bn._modules.get("act") if bn is not None and timm_bn_act(bn) else None
-        self.live_act = type(act_mod) not in _STATIC_ACTS or type(inner) not in _STATIC_ACTS
+        self.live_act = live_activation(bn, act_mod)
         self.frozen = frozen_bn(bn)
         self.cp = conv._parameters
         self.bp, self.bb = (None, None) if bn is None else (bn._parameters, bn._buffers)

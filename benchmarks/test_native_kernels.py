@@ -45,6 +45,10 @@ the PyTorch way a user would write the same block — time, speedup, achieved GB
   batch 8; ``eager`` is ``F.linear`` (MKL's sgemv / sgemm). Timed from cold caches (64 MB written
   before every call, untimed), as in a model, where the convs evict the 4-8 MB weight between two
   forwards: a matrix-vector product is then the time to stream its weight in.
+* **pool_linear** (``pool_linear``, FusedClassifierHead's kernel): timm's classifier head on the
+  last feature map (channels_last) of ``ese_vovnet19b_dw`` (1024x7x7 -> 1000) and RegNetY-016
+  (888x7x7 -> 1000) at batch 1; ``eager`` is timm's ``ClassifierHead`` (``adaptive_avg_pool2d``,
+  flatten, dropout, ``F.linear``). Timed from cold caches, as **linear**.
 * **interleave** (``interleave_channels``): a stride-1 ShuffleNetV2 unit's output from the identity
   half (a channel view of the unit's input) and the branch output: ``eager`` is the two strided
   copies into ``out[:, 0::2]`` / ``out[:, 1::2]`` (the unit's channel-view writes), ``effops`` the
@@ -553,6 +557,25 @@ def test_shuffle(case, m, results):
                        "effops": lambda: m.channel_shuffle(x, g, None)})
     _record(results, timed, min_bytes=4 * 2 * c * hw * hw, flops=0, case=f"shuffle_{name}",
             shape=f"1x{c}x{hw}x{hw} g{g}", effops_rel_err_vs_fp64=0.0, eager_rel_err_vs_fp64=0.0)
+
+
+POOL_LINEAR = [("ese_vovnet19b_dw_head_b1", 1024, 7, 1000), ("regnety_016_head_b1", 888, 7, 1000)]
+
+
+@pytest.mark.parametrize("case", POOL_LINEAR, ids=lambda c: c[0])
+def test_pool_linear(case, m, results):
+    timm = pytest.importorskip("timm")
+    name, c, hw, cout = case
+    torch.manual_seed(0)
+    head = timm.layers.ClassifierHead(c, cout).eval()
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    w, b = head.fc.weight.detach(), head.fc.bias.detach()
+    with torch.inference_mode():
+        rel = check_numerics(m.pool_linear(x, w, b), F.linear(x.double().mean((2, 3)), w.double(), b.double()),
+                             head(x))
+        timed = _time_cold({"eager": lambda: head(x), "effops": lambda: m.pool_linear(x, w, b)})
+    _record(results, timed, min_bytes=4 * (w.numel() + b.numel() + x.numel() + cout), flops=2 * c * cout + c * hw * hw,
+            case=f"pool_linear_{name}", shape=f"1x{c}x{hw}x{hw} -> {cout}", **rel)
 
 
 @pytest.mark.parametrize("case", [c for c in SHUFFLE if c[3] == 2], ids=lambda c: c[0])

@@ -296,6 +296,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("act"), py::arg("act_param"),
       "act(F.linear(x, weight, bias)) for float32 [N, I] x");
+  m.def("pool_linear", &en::pool_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        "F.linear(x.mean((2, 3)), weight, bias) for a float32 [N, C, H, W] x (any layout)");
   m.def(
       "se_apply",
       [](const at::Tensor& x, const at::Tensor& gate, const en::OptTensor& residual, const en::OptTensor& out,

@@ -229,6 +229,8 @@ at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const Op
 // act(x @ weight.T + bias) for a float32 [N, I] input and [O, I] weight: a weight-streaming
 // matrix-vector product, for the classifier heads of batch-1 inference.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, Act act, double act_param);
+// linear(x.mean((2, 3)), weight, bias): a global average pool and a classifier in one call.
+at::Tensor pool_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias);
 // The same gate from the pooled means [N, C] (float32) computed elsewhere (an aggregation's epilogue).
 at::Tensor se_gate_of_means(const at::Tensor& means, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                             const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,

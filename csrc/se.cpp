@@ -200,6 +200,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor
   return y;
 }
 
+at::Tensor pool_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  EFFOPS_PROFILE_RANGE("effops::pool_linear");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                    "effops native pool_linear: expected a 4-D float32 CPU input, got a ", x.dim(), "-D ",
+                    x.scalar_type(), " tensor on ", x.device());
+  return linear(pool_means(x), weight, bias, Act::Identity, 0.0);
+}
+
 at::Tensor se_gate(const at::Tensor& x, const OptTensor& reduce_weight, const OptTensor& reduce_bias,
                    const at::Tensor& expand_weight, const OptTensor& expand_bias, Act act, double act_param,
                    Act gate, double gate_param) {

@@ -12,8 +12,8 @@ minute, once per torch version) by the first CPU op that runs it.
 from .convert import OptimizeReport, optimize
 from .diagnostics import info
 from .dispatch import BackendUnavailable, use_backend
-from .nn import (ChannelShuffle, EffectiveSE, FusedConvBNAct, FusedGhostModule, FusedOSA, FusedRepVGGBlock,
-                 FusedSequential, FusedShuffleV2Block, Linear, MaxPool2d, SqueezeExcite)
+from .nn import (ChannelShuffle, EffectiveSE, FusedClassifierHead, FusedConvBNAct, FusedGhostModule, FusedOSA,
+                 FusedRepVGGBlock, FusedSequential, FusedShuffleV2Block, Linear, MaxPool2d, SqueezeExcite)
 from .ops import channel_shuffle, se_apply, se_gate
 from .views import ChannelView
 from . import dispatch, models, native, ops, tuning
@@ -41,6 +41,7 @@ __all__ = [
     "ChannelShuffle",
     "ChannelView",
     "EffectiveSE",
+    "FusedClassifierHead",
     "FusedConvBNAct",
     "FusedGhostModule",
     "FusedOSA",

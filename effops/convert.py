@@ -102,7 +102,7 @@ from .nn.ghost import FusedGhostModule
 from .nn.osa import FusedOSA, is_osa_block
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
-from .nn.linear import MAX_NATIVE_ROWS, Linear
+from .nn.linear import MAX_NATIVE_ROWS, Linear, plain_linear
 from .nn.pool import MaxPool2d
 from .nn.shuffle import ChannelShuffle
 from .nn.traced import (AggregateStep, ConcatStep, DwPairStep, FusedStep, FusedTailStep, GhostGateStep, PairStep,
@@ -1080,7 +1080,7 @@ class _Converter:
                 prefix or "<model>", f"max pool {k[0]}x{k[1]} s{s[0]}" + (" ceil" if module.ceil_mode else "")
                 + " (NHWC, no indices)"))
             return MaxPool2d.from_module(module)
-        if _plain_linear(module):  # a leaf: the same parameters; small batches stream the weight natively
+        if plain_linear(module):  # a leaf: the same parameters; small batches stream the weight natively
             self.report.swapped.append(ReportEntry(
                 prefix or "<model>", f"linear {module.in_features}->{module.out_features} (native matrix-vector "
                 f"product up to {MAX_NATIVE_ROWS} rows)"))
@@ -1148,14 +1148,6 @@ class _Converter:
                     why = (f"inside {type(parent).__name__}, which has its own forward: the conv → bn → act order "
                            "can't be seen without tracing") if parent is not None else "a bare conv"
                 self.report.skipped.append(ReportEntry(name or "<model>", why))
-
-
-def _plain_linear(m: nn.Module) -> bool:
-    """``nn.Linear``, or timm's ``Linear`` (an ``nn.Linear`` whose forward only adds TorchScript
-    dtype handling): a module whose forward is ``F.linear(x, weight, bias)``."""
-    t = type(m)
-    return t is nn.Linear or (t.__name__ == "Linear" and t.__module__.startswith("timm.")
-                               and isinstance(m, nn.Linear) and t.__bases__ == (nn.Linear,))
 
 
 def _as_pair(v) -> tuple:

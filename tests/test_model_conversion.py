@@ -67,6 +67,7 @@ _KINDS = [
     (r"^conv", "conv"),
     (r"^max pool", "max_pool"),
     (r"^linear", "linear"),
+    (r"^classifier head", "head"),
 ]
 
 
@@ -88,7 +89,7 @@ def _timm(name):
 
 
 # name -> (builder, input shape, expected swapped entries by kind). Counts follow the architectures
-# (each classifier head's nn.Linear is one "linear"):
+# (each classifier head's nn.Linear is one "linear", a timm ClassifierHead one "head"):
 EXPECTED = {
     # 16 units (3 stride 2 + 13 stride 1, stages_repeats 4/8/4); conv1 and conv5; the stem max pool.
     "tv_shufflenet_v2_x1_0": (_tv("shufflenet_v2_x1_0"), (1, 3, 64, 64),
@@ -117,7 +118,7 @@ EXPECTED = {
     "seresnet50": (_timm("seresnet50"), (1, 3, 64, 64), {"se": 16, "se_residual": 16, "conv": 53, "max_pool": 1, "linear": 1}),
     # depths 2/6/17/2 = 27 blocks with SE; conv3 takes gate, residual and ReLU; stem + 27 conv1 +
     # 27 grouped conv2 + 4 downsample convs.
-    "regnety_016": (_timm("regnety_016"), (1, 3, 64, 64), {"se": 27, "se_gate_conv+residual": 27, "conv": 59, "linear": 1}),
+    "regnety_016": (_timm("regnety_016"), (1, 3, 64, 64), {"se": 27, "se_gate_conv+residual": 27, "conv": 59, "head": 1}),
     # 16 blocks with SE (repeats 1/2/2/3/3/4/1: 9 residual); stem + 16 dw + 15 expand + conv_head.
     "efficientnet_b0": (_timm("efficientnet_b0"), (1, 3, 64, 64),
                         {"se": 16, "se_gate_conv": 7, "se_gate_conv+residual": 9, "conv": 33, "linear": 1}),
@@ -126,9 +127,9 @@ EXPECTED = {
                               {"se": 8, "se_gate_conv": 3, "se_gate_conv+residual": 5, "conv+residual": 5,
                                "conv": 34, "linear": 1}),
     # stem + 2/4/14/1 blocks; the stem and each stage's first block (stride 2) have no identity branch.
-    "repvgg_a2": (_timm("repvgg_a2"), (1, 3, 64, 64), {"repvgg": 22, "linear": 1}),
+    "repvgg_a2": (_timm("repvgg_a2"), (1, 3, 64, 64), {"repvgg": 22, "head": 1}),
     # 4 cross-stage transitions (cat → 1x1); 3/3/5/2 residual blocks.
-    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38, "max_pool": 1, "linear": 1}),
+    "cspresnet50": (_timm("cspresnet50"), (1, 3, 64, 64), {"aggregate": 4, "conv+residual": 13, "conv": 38, "max_pool": 1, "head": 1}),
     # cv1, cv2, four 3x3 convs; cat([b4, b2, b, a]) → 1x1.
     "elan": (lambda: ELAN(16, 8, 32), (1, 16, 16, 16), {"aggregate": 1, "conv": 6}),
 }

@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module`` replacements backed by effops' fused ops.
 
 Importing this package registers the whole-block rules :func:`effops.optimize` uses
-(squeeze-excite, ShuffleNetV2 unit, ghost module, RepVGG block; see ``effops.nn.common.BlockRule``).
+(squeeze-excite, ShuffleNetV2 unit, ghost module, RepVGG block, timm classifier head; see ``effops.nn.common.BlockRule``).
 """
 from .conv_bn_act import FusedConvBNAct
 from .se import SqueezeExcite
@@ -13,6 +13,7 @@ from .shuffle import ChannelShuffle
 from .shufflenet import FusedShuffleV2Block
 from .ghost import FusedGhostModule
 from .repvgg import FusedRepVGGBlock
+from .head import FusedClassifierHead
 
-__all__ = ["ChannelShuffle", "EffectiveSE", "FusedConvBNAct", "FusedGhostModule", "FusedOSA", "FusedRepVGGBlock",
+__all__ = ["ChannelShuffle", "EffectiveSE", "FusedClassifierHead", "FusedConvBNAct", "FusedGhostModule", "FusedOSA", "FusedRepVGGBlock",
            "FusedSequential", "FusedShuffleV2Block", "Linear", "MaxPool2d", "SqueezeExcite"]

@@ -48,3 +48,11 @@ class Linear(nn.Linear):
                 return LINEAR_NATIVE_OP(x, w, b, "identity", 0.0)
             return native_module().linear(x, w, b, "identity", 0.0)
         return super().forward(x)
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """``nn.Linear``, or timm's ``Linear`` (an ``nn.Linear`` whose forward only adds TorchScript
+    dtype handling): a module whose forward is ``F.linear(x, weight, bias)``."""
+    t = type(m)
+    return t is nn.Linear or (t.__name__ == "Linear" and t.__module__.startswith("timm.")
+                               and isinstance(m, nn.Linear) and t.__bases__ == (nn.Linear,))

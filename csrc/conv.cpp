@@ -1015,10 +1015,12 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
     }
   };
   // The concat-free GEMMs, or one NHWC concat + the 1x1 conv (oneDNN or GEMM, as measured for
-  // it): the concat path only where it measures at least 10% faster for this problem. The concat
-  // costs a copy of the inputs, which oneDNN's 1x1 kernels can win back on large problems; but
-  // measured back to back it is a warm copy into a reused buffer, while in a model it copies the
-  // freshly written stage outputs into a newly allocated tensor, several times slower.
+  // it): the concat path only where it measures at least 10% faster for this problem, from
+  // evicted caches, best of 3. The concat costs a copy of the inputs, which oneDNN's 1x1 kernels
+  // can win back on large problems; but measured back to back it is a warm copy into a reused
+  // buffer, while in a model it copies stage outputs the other convs pushed out of the cache into
+  // a newly allocated tensor (ese_vovnet19b_dw's first aggregation: about 0.3 ms of copying in
+  // the model, where the warm measurement had taken the concat path on a loaded machine).
   std::vector<int64_t> widths;
   for (const auto& sg : segs) widths.push_back(sg.size(1));
   const auto key = std::make_tuple(N * H * W, widths, Cout, residual.has_value() && residual->defined(),
@@ -1033,8 +1035,10 @@ at::Tensor segments_common(const std::vector<at::Tensor>& segs, const at::Tensor
   };
   bool concat_free = g_pointwise_policy == 1;
   if (g_pointwise_policy == 2)
-    concat_free = measured_once(g_segments_faster, key,
-                                [&] { return first_is_faster(run_segments, [&] { run_concat(); }, 5, nullptr, 1.10); });
+    concat_free = measured_once(g_segments_faster, key, [&] {
+      CacheEvictor evict(weight);
+      return first_is_faster(run_segments, [&] { run_concat(); }, 3, [&] { evict(); }, 1.10);
+    });
   if (!concat_free) return run_concat();
   run_segments();
   g_impl_calls[static_cast<int>(Impl::Gemm)].fetch_add(1, std::memory_order_relaxed);
@@ -1468,67 +1472,134 @@ at::Tensor osa_block_native(const at::Tensor& x, const OptTensor& red_w, const O
   return se_apply(y, gate, res, y, Act::Identity, 0.0);
 }
 
-std::optional<at::Tensor> osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps,
-                                          const std::vector<OptTensor>& t, const std::vector<double>& eps,
-                                          const std::vector<std::string>& acts, const std::vector<double>& act_params,
-                                          const std::vector<int64_t>& geom, const OptTensor& ese_w,
-                                          const OptTensor& ese_b, bool identity,
-                                          const std::vector<int64_t>& weight_sizes) {
+namespace {
+
+// Validates a block's osa_block_steps arguments (raising on malformed ones); false when a weight no
+// longer has the dtype, device or shape in weight_sizes (empty: not checked).
+bool osa_block_valid(const OsaBlockArgs& a) {
   const char* what = "effops osa_block_steps: ";
   int64_t convs = 1;  // the aggregation
-  for (int64_t s : steps) {
+  for (int64_t s : a.steps) {
     TORCH_CHECK_VALUE(s >= 0 && s <= 2, what, "a step is 0 (reduction), 1 (conv) or 2 (depthwise -> 1x1), got ", s);
     convs += s == 2 ? 2 : 1;
   }
   const auto n = static_cast<size_t>(convs);
-  TORCH_CHECK_VALUE(t.size() == 7 * n && eps.size() == n && acts.size() == n && act_params.size() == n &&
-                        geom.size() == 7 * n,
+  TORCH_CHECK_VALUE(a.t.size() == 7 * n && a.eps.size() == n && a.acts.size() == n && a.act_params.size() == n &&
+                        a.geom.size() == 7 * n,
                     what, "expected 7 tensors, an eps, an activation, its parameter and 7 ints per conv (", convs,
-                    " convs), got ", t.size(), ", ", eps.size(), ", ", acts.size(), ", ", act_params.size(), ", ",
-                    geom.size());
+                    " convs), got ", a.t.size(), ", ", a.eps.size(), ", ", a.acts.size(), ", ", a.act_params.size(),
+                    ", ", a.geom.size());
   for (size_t i = 0; i < n; ++i)
-    TORCH_CHECK_VALUE(t[7 * i].has_value() && t[7 * i]->defined(), what, "conv ", i, " has no weight");
-  if (!weight_sizes.empty()) {
-    TORCH_CHECK_VALUE(weight_sizes.size() == 4 * n, what, "expected 4 weight sizes per conv (", convs, " convs), got ",
-                      weight_sizes.size());
+    TORCH_CHECK_VALUE(a.t[7 * i].has_value() && a.t[7 * i]->defined(), what, "conv ", i, " has no weight");
+  if (!a.weight_sizes.empty()) {
+    TORCH_CHECK_VALUE(a.weight_sizes.size() == 4 * n, what, "expected 4 weight sizes per conv (", convs,
+                      " convs), got ", a.weight_sizes.size());
     for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& wi = *t[7 * i];
+      const at::Tensor& wi = *a.t[7 * i];
       if (wi.scalar_type() != at::kFloat || !wi.device().is_cpu() ||
-          wi.sizes() != at::IntArrayRef(weight_sizes.data() + 4 * i, 4))
-        return std::nullopt;
+          wi.sizes() != at::IntArrayRef(a.weight_sizes.data() + 4 * i, 4))
+        return false;
     }
   }
+  return true;
+}
+
+// The block on validated arguments. With `deferred_gate`, a block with an eSE gate and no identity
+// returns its output ungated and the gate there (the caller scales a max pool of it instead).
+at::Tensor osa_block_run(const at::Tensor& x, const OsaBlockArgs& a, at::Tensor* deferred_gate) {
+  const auto& t = a.t;
+  const auto& geom = a.geom;
   const auto w = [&](size_t i) -> const at::Tensor& { return *t[7 * i]; };
   const auto T = [&](size_t i, size_t k) -> const OptTensor& { return t[7 * i + k]; };
   const auto G = [&](size_t i, size_t k) { return IntVec{geom[7 * i + k], geom[7 * i + k + 1]}; };
   std::vector<at::Tensor> feats{x};
   at::Tensor y = x;
   size_t c = 0;
-  for (int64_t s : steps) {
+  for (int64_t s : a.steps) {
     if (s == 2) {
-      y = depthwise_pointwise_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], T(c, 6), G(c, 0),
-                                     G(c, 2), G(c, 4), acts[c], act_params[c], w(c + 1), T(c + 1, 1), T(c + 1, 2),
-                                     T(c + 1, 3), T(c + 1, 4), T(c + 1, 5), eps[c + 1], T(c + 1, 6), acts[c + 1],
-                                     act_params[c + 1], std::nullopt);
+      y = depthwise_pointwise_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), a.eps[c], T(c, 6), G(c, 0),
+                                     G(c, 2), G(c, 4), a.acts[c], a.act_params[c], w(c + 1), T(c + 1, 1), T(c + 1, 2),
+                                     T(c + 1, 3), T(c + 1, 4), T(c + 1, 5), a.eps[c + 1], T(c + 1, 6), a.acts[c + 1],
+                                     a.act_params[c + 1], std::nullopt);
       c += 2;
     } else {
-      y = conv_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], std::nullopt, std::nullopt, G(c, 0),
-                      G(c, 2), G(c, 4), geom[7 * c + 6], acts[c], act_params[c], true, std::nullopt, 1, T(c, 6));
+      y = conv_bn_act(y, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), a.eps[c], std::nullopt, std::nullopt,
+                      G(c, 0), G(c, 2), G(c, 4), geom[7 * c + 6], a.acts[c], a.act_params[c], true, std::nullopt, 1,
+                      T(c, 6));
       ++c;
     }
     if (s != 0) feats.push_back(y);
   }
-  const bool ese = ese_w.has_value() && ese_w->defined();
-  const OptTensor res = identity ? OptTensor(x) : OptTensor();
+  const bool ese = a.ese_w.has_value() && a.ese_w->defined();
+  const OptTensor res = a.identity ? OptTensor(x) : OptTensor();
   // the eSE squeeze rides the aggregation's stores (float32 means, as FusedOSA allocates them)
   const OptTensor means = ese ? OptTensor(at::empty({x.size(0), w(c).size(0)}, x.options().dtype(at::kFloat)))
                               : OptTensor();
-  y = conv_bn_act_segments(feats, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), eps[c], ese ? OptTensor() : res,
-                           std::nullopt, acts[c], act_params[c], true, T(c, 6), means);
+  y = conv_bn_act_segments(feats, w(c), T(c, 1), T(c, 2), T(c, 3), T(c, 4), T(c, 5), a.eps[c],
+                           ese ? OptTensor() : res, std::nullopt, a.acts[c], a.act_params[c], true, T(c, 6), means);
   if (!ese) return y;
-  const at::Tensor gate = se_gate_of_means(*means, std::nullopt, std::nullopt, *ese_w, ese_b, Act::Identity, 0.0,
+  const at::Tensor gate = se_gate_of_means(*means, std::nullopt, std::nullopt, *a.ese_w, a.ese_b, Act::Identity, 0.0,
                                            Act::Hardsigmoid, 0.0);
+  if (deferred_gate != nullptr && !a.identity) {
+    *deferred_gate = gate;
+    return y;
+  }
   return se_apply(y, gate, res, y, Act::Identity, 0.0);
+}
+
+}  // namespace
+
+std::optional<at::Tensor> osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps,
+                                          const std::vector<OptTensor>& t, const std::vector<double>& eps,
+                                          const std::vector<std::string>& acts, const std::vector<double>& act_params,
+                                          const std::vector<int64_t>& geom, const OptTensor& ese_w,
+                                          const OptTensor& ese_b, bool identity,
+                                          const std::vector<int64_t>& weight_sizes) {
+  const OsaBlockArgs a{steps, t, eps, acts, act_params, geom, ese_w, ese_b, identity, weight_sizes};
+  if (!osa_block_valid(a)) return std::nullopt;
+  return osa_block_run(x, a, nullptr);
+}
+
+void OsaChain::add_pool(IntVec kernel, IntVec stride, IntVec padding, bool ceil_mode) {
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
+                    "effops OsaChain: a pool takes 2 kernel sizes, strides and paddings");
+  Op op;
+  op.pool = true;
+  op.kernel = std::move(kernel);
+  op.stride = std::move(stride);
+  op.padding = std::move(padding);
+  op.ceil_mode = ceil_mode;
+  ops_.push_back(std::move(op));
+}
+
+void OsaChain::add_block(OsaBlockArgs block) {
+  TORCH_CHECK_VALUE(!block.weight_sizes.empty(), "effops OsaChain: a block needs its weight sizes");
+  osa_block_valid(block);  // raises on malformed arguments
+  Op op;
+  op.block = std::move(block);
+  ops_.push_back(std::move(op));
+}
+
+std::optional<at::Tensor> OsaChain::run(const at::Tensor& x) const {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "effops OsaChain: expected a 4-D float32 CPU input, got ", x.sizes(), " ", x.scalar_type());
+  for (const Op& op : ops_)
+    if (!op.pool && !osa_block_valid(op.block)) return std::nullopt;
+  at::Tensor y = x, gate;
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    const Op& op = ops_[i];
+    if (op.pool) {
+      y = max_pool_nhwc(y, op.kernel, op.stride, op.padding, op.ceil_mode);
+      if (gate.defined()) {  // the previous block's eSE gate, after its max pool (exact, gate >= 0)
+        y.mul_(gate.view({gate.size(0), gate.size(1), 1, 1}));
+        gate = at::Tensor();
+      }
+    } else {
+      const bool pool_next = i + 1 < ops_.size() && ops_[i + 1].pool;
+      y = osa_block_run(y, op.block, pool_next ? &gate : nullptr);
+    }
+  }
+  return y;
 }
 
 void set_dw_pair_policy(int64_t policy) {

@@ -230,6 +230,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("identity"), py::arg("weight_sizes") = std::vector<int64_t>{},
         "FusedOSA's eager native steady state as one call, from the modules' own tensors (None: a weight "
         "no longer has the dtype, device or shape of weight_sizes)");
+  // module_local: a second copy of the extension loaded in one process (tests build one) binds its own type
+  py::class_<en::OsaChain>(m, "OsaChain", py::module_local(),
+                           "VoVNet stages (max pools and OSA blocks) as one call")
+      .def(py::init<>())
+      .def("add_pool", &en::OsaChain::add_pool, py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+           py::arg("ceil_mode"))
+      .def(
+          "add_block",
+          [](en::OsaChain& self, std::vector<int64_t> steps, std::vector<en::OptTensor> t, std::vector<double> eps,
+             std::vector<std::string> acts, std::vector<double> act_params, std::vector<int64_t> geom,
+             en::OptTensor ese_w, en::OptTensor ese_b, bool identity, std::vector<int64_t> weight_sizes) {
+            self.add_block(en::OsaBlockArgs{std::move(steps), std::move(t), std::move(eps), std::move(acts),
+                                            std::move(act_params), std::move(geom), std::move(ese_w),
+                                            std::move(ese_b), identity, std::move(weight_sizes)});
+          },
+          py::arg("steps"), py::arg("t"), py::arg("eps"), py::arg("acts"), py::arg("act_params"), py::arg("geom"),
+          py::arg("ese_w"), py::arg("ese_b"), py::arg("identity"), py::arg("weight_sizes"),
+          "a block, with osa_block_steps' arguments after x")
+      .def("run", &en::OsaChain::run, py::arg("x"),
+           "the chain on x; None when a weight no longer has the dtype, device or shape it was added with")
+      .def("__len__", &en::OsaChain::size);
   m.def("set_dw_pair_policy", &en::set_dw_pair_policy, py::arg("policy"),
         "depthwise -> 1x1 pairs: 0 = separate, 1 = banded, 2 = measured per problem");
   m.def("dw_pair_policy", &en::dw_pair_policy);

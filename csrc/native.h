@@ -132,6 +132,40 @@ int64_t dw_pair_policy();
 // `weight_sizes` (4 per conv, or empty): the weight shapes a cached plan was built for; nullopt,
 // before any work, when a weight is no longer a float32 CPU tensor of that shape (the caller's
 // cached guard reads tensors by identity, and `param.data = t` keeps the identity).
+// osa_block_steps' arguments after x, held (OsaChain).
+struct OsaBlockArgs {
+  std::vector<int64_t> steps;
+  std::vector<OptTensor> t;
+  std::vector<double> eps;
+  std::vector<std::string> acts;
+  std::vector<double> act_params;
+  std::vector<int64_t> geom;
+  OptTensor ese_w, ese_b;
+  bool identity = false;
+  std::vector<int64_t> weight_sizes;
+};
+// A chain of VoVNet stages (max pools and OSA blocks, in order) run as one call, holding every
+// block's arguments (FusedOSA's gathered ones: the modules' own tensors, so in-place updates are
+// seen). run() answers nullopt when a weight no longer has its dtype, device or shape. A block
+// with an eSE gate and no identity that feeds a max pool leaves its output ungated; the pool's
+// output is scaled by the gate instead (max commutes with a scale >= 0, and rounding is monotonic,
+// so the result is bit-identical), saving a pass over the block's output.
+class OsaChain {
+ public:
+  void add_pool(IntVec kernel, IntVec stride, IntVec padding, bool ceil_mode);
+  void add_block(OsaBlockArgs block);
+  std::optional<at::Tensor> run(const at::Tensor& x) const;
+  int64_t size() const { return static_cast<int64_t>(ops_.size()); }
+
+ private:
+  struct Op {
+    bool pool = false;
+    IntVec kernel, stride, padding;
+    bool ceil_mode = false;
+    OsaBlockArgs block;
+  };
+  std::vector<Op> ops_;
+};
 std::optional<at::Tensor> osa_block_steps(const at::Tensor& x, const std::vector<int64_t>& steps,
                                           const std::vector<OptTensor>& t, const std::vector<double>& eps,
                                           const std::vector<std::string>& acts, const std::vector<double>& act_params,

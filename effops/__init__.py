@@ -13,7 +13,7 @@ from .convert import OptimizeReport, optimize
 from .diagnostics import info
 from .dispatch import BackendUnavailable, use_backend
 from .nn import (ChannelShuffle, EffectiveSE, FusedClassifierHead, FusedConvBNAct, FusedGhostModule, FusedOSA,
-                 FusedRepVGGBlock, FusedSequential, FusedShuffleV2Block, Linear, MaxPool2d, SqueezeExcite)
+                 FusedOSAStages, FusedRepVGGBlock, FusedSequential, FusedShuffleV2Block, Linear, MaxPool2d, SqueezeExcite)
 from .ops import channel_shuffle, se_apply, se_gate
 from .views import ChannelView
 from . import dispatch, models, native, ops, tuning
@@ -45,6 +45,7 @@ __all__ = [
     "FusedConvBNAct",
     "FusedGhostModule",
     "FusedOSA",
+    "FusedOSAStages",
     "FusedRepVGGBlock",
     "FusedSequential",
     "FusedShuffleV2Block",

@@ -99,7 +99,7 @@ from .nn.common import (BLOCK_RULES, is_plain_sequential, looks_like_batch_norm,
                         sequential_children, timm_bn_act)
 from .nn.conv_bn_act import DepthwisePointwise, FusedConvBNAct, PointwiseDepthwise, resolve_padding, why_not_fusable
 from .nn.ghost import FusedGhostModule
-from .nn.osa import FusedOSA, is_osa_block
+from .nn.osa import FusedOSA, FusedOSAStages, describe_osa_stages, is_osa_block, is_osa_stages
 from .nn.se import SqueezeExcite
 from .nn.sequential import FusedSequential
 from .nn.linear import MAX_NATIVE_ROWS, Linear, plain_linear
@@ -1120,6 +1120,10 @@ class _Converter:
             self._record((f"{prefix}." if prefix else "") + f"{child_names[0]}..{last}", conv, bn, act)
         if is_plain_sequential(module):
             fused_runs = self._sequence_steps(module, fused_runs, prefix)
+        if not fused_runs and is_osa_stages(module):  # timm VoVNet's stages, their blocks fused above
+            stages = FusedOSAStages.from_sequential(module)
+            self.report.swapped.append(ReportEntry(prefix or "<model>", describe_osa_stages(stages)))
+            return stages
         if not fused_runs:
             return module
         if isinstance(module, nn.Sequential):

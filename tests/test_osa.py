@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import effops
 from effops.ops.conv import native_fast
-from effops import EffectiveSE, FusedOSA
+from effops import EffectiveSE, FusedOSA, FusedOSAStages
 from effops.models import classic_vovnet, vovnet27_slim
 from effops.models.classic_vovnet import OSAModule
 from effops.ops import osa as osa_ops
@@ -658,3 +658,105 @@ def test_stage_convs_take_the_tma_kernel_when_the_tuner_picks_it(monkeypatch):
     assert set(launched) == {(8, 16, 3, 3), (8, 8, 3, 3)}  # the first stage conv reads x, the others the buffer
     with torch.no_grad():
         assert_matches(y, copy.deepcopy(ref).double()(x.double()), fp32_tol=1e-5)
+
+
+# -- timm VoVNet's stages as one native chain ---------------------------------------------------------
+def _ese19(num_classes=5):
+    timm = pytest.importorskip("timm")
+    return randomize_bn(timm.create_model("ese_vovnet19b_dw", num_classes=num_classes)).eval()
+
+
+def _count_block_calls(monkeypatch) -> list:
+    calls, real = [], FusedOSA.forward
+    monkeypatch.setattr(FusedOSA, "forward", lambda self, x: calls.append(1) or real(self, x))
+    return calls
+
+
+def _stage_by_stage(stages, f):
+    for s in stages:
+        f = s(f)
+    return f
+
+
+def test_timm_stages_run_as_one_native_chain(monkeypatch):
+    """optimize() makes timm VoVNet's ``stages`` a FusedOSAStages (same state_dict); once every block
+    has gathered its arguments, inference runs the whole chain in one native call, bit-identical to
+    the stages run one by one (the eSE gates scaled after the next max pool), within 1e-5 of float64."""
+    _needs_native()
+    model = _ese19()
+    ref = copy.deepcopy(model)
+    fast = effops.optimize(model, check_speed=False)
+    assert isinstance(fast.stages, FusedOSAStages)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert any(e.path == "stages" and e.what.startswith("VoVNet stages: 4 stages (4 OSA blocks, 3 max pools)")
+               for e in fast.effops_report.swapped)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        f = fast.stem(x)
+        for _ in range(3):  # plan the units, gather each block's arguments, build the chain
+            fast.stages(f)
+        assert fast.stages._chain is not None
+        calls = _count_block_calls(monkeypatch)
+        y = fast.stages(f)
+        assert calls == []  # no block ran its own forward
+        per_stage = _stage_by_stage(fast.stages, f)
+        assert len(calls) == 4
+        assert torch.equal(y, per_stage)
+        assert_matches(fast(x), copy.deepcopy(ref).double()(x.double()))
+        assert copy.deepcopy(fast.stages)._chain is None  # a copy builds its own
+        head = fast.stages[:2]
+        assert isinstance(head, FusedOSAStages) and torch.equal(head(f), _stage_by_stage(fast.stages[:2], f))
+
+
+def test_timm_stages_chain_gives_way(monkeypatch):
+    """A hook, a BN in train mode, a replaced pool, a weight given another dtype through ``.data``,
+    another input shape, gradients: the stages run one by one (each block under its own guards),
+    with the results of the modules as they are now."""
+    _needs_native()
+    fast = effops.optimize(_ese19(), check_speed=False)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = _count_block_calls(monkeypatch)
+    stages = fast.stages
+
+    def check(f, used_chain):
+        n = len(calls)
+        y = stages(f)
+        assert (len(calls) == n) == used_chain
+        want = _stage_by_stage(list(stages), f)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+        return y
+
+    with torch.no_grad():
+        f = fast.stem(x)
+        for _ in range(3):
+            stages(f)
+        check(f, True)
+        seen = []
+        h = stages[2].blocks[0].conv_mid[1].conv_pw.register_forward_hook(lambda m, i, o: seen.append(1))
+        check(f, False)
+        assert seen
+        h.remove()
+        check(f, True)  # nothing it reads changed: the same chain
+        bn = stages[1].blocks[0].conv_concat.bn
+        bn.train()
+        check(f, False)
+        bn.eval()
+        stages(f)
+        stages(f)
+        check(f, True)
+        stages[2].pool = nn.MaxPool2d(2, 2)  # a plain max pool: the chain can't take it
+        check(f, False)
+        check(f, False)
+        stages[2].pool = effops.MaxPool2d(2, 2)
+        for _ in range(3):
+            stages(f)
+        check(f, True)
+        w = stages[3].blocks[0].conv_concat.conv.weight
+        w.data = w.data.double()
+        check(f, False)
+        assert stages._chain is None
+        w.data = w.data.float()
+        f2 = fast.stem(torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+        check(f2, False)
+    y = stages(f)  # gradients enabled: the blocks' own paths
+    assert y.requires_grad

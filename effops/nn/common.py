@@ -111,9 +111,13 @@ class HookDicts:
 _HOOK_SETS: "dict[int, weakref.ref]" = {}
 
 
-def hook_dicts(modules) -> HookDicts:
-    """The hook registries of ``modules`` and everything below them."""
-    return HookDicts(getattr(m, a) for m in _unique_modules(modules) for a in _HOOK_ATTRS)
+def hook_dicts(modules, attrs=_HOOK_ATTRS) -> HookDicts:
+    """The hook registries of ``modules`` and everything below them (``attrs``: which kinds;
+    :data:`FORWARD_HOOK_ATTRS` where no gradient is computed, so backward hooks cannot run)."""
+    return HookDicts(getattr(m, a) for m in _unique_modules(modules) for a in attrs)
+
+
+FORWARD_HOOK_ATTRS = _HOOK_ATTRS[:2]
 
 
 def hooked(hooks: HookDicts) -> bool:

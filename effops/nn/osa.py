@@ -15,10 +15,12 @@ from ..ops import reference
 from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
-from .common import (ChildrenSnapshot, DerivedCache, SameObjects, hook_dicts, hooked, looks_like_batch_norm,
+from .common import (FORWARD_HOOK_ATTRS, ChildrenSnapshot, DerivedCache, SameObjects, hook_dicts, hooked,
+                     looks_like_batch_norm,
                      sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
                           bn_sources, has_running_stats, live_activation, resolve_padding, why_not_fusable)
+from .pool import MaxPool2d, _pair
 from .se import SqueezeExcite
 
 
@@ -686,3 +688,133 @@ class FusedOSA(TracedConfigModule):
         if p.drop_path is not None:
             y = p.drop_path(y)
         return y + x if self.identity else y
+
+
+# -- VoVNet stages as one native call --------------------------------------------------------------
+def _timm_osa_stage(m: nn.Module) -> bool:
+    t = type(m)
+    return t.__name__ == "OsaStage" and t.__module__.startswith("timm.") and set(m._modules) <= {"pool", "blocks"} \
+        and isinstance(m._modules.get("blocks"), nn.Sequential)
+
+
+def is_osa_stages(m: nn.Module) -> bool:
+    """An ``nn.Sequential`` of timm ``OsaStage``s (timm VoVNet's ``stages``) whose blocks are all
+    :class:`FusedOSA` and whose pools are effops :class:`~effops.nn.pool.MaxPool2d` (after conversion)."""
+    if type(m) is not nn.Sequential or not m._modules:
+        return False
+    for stage in m._modules.values():
+        if not _timm_osa_stage(stage) or not all(type(b) is FusedOSA for b in stage.blocks._modules.values()):
+            return False
+        pool = stage._modules.get("pool")
+        if pool is not None and type(pool) is not MaxPool2d:
+            return False
+    return True
+
+
+def _pool_out(size: int, k: int, s: int, p: int, ceil: bool) -> int:
+    """nn.MaxPool2d's output size (dilation 1): a ceil-mode window must start inside the input or
+    left padding."""
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+class FusedOSAStages(nn.Sequential):
+    """timm VoVNet's ``stages`` (an ``nn.Sequential`` of ``OsaStage``: an optional max pool, then
+    OSA blocks) whose steady-state CPU float32 inference is one native call. The same children,
+    so the same ``state_dict``, indexing, slicing and iteration (timm's ``forward_intermediates``
+    calls the stages one by one, each as before).
+
+    Equivalent PyTorch::
+
+        for stage in self:          # nn.Sequential
+            x = stage(x)            # x = pool(x) if pool else x; x = blocks(x)
+
+    Once every block has gathered its ``osa_block_steps`` arguments (:meth:`FusedOSA._native_steps`,
+    from its second eager call), an inference call with the same input shape runs ``OsaChain``
+    (csrc/conv.cpp): every pool and block in order, holding the blocks' arguments, with no Python
+    between them. A block with an eSE gate and no identity that feeds a max pool is not gated over
+    its whole output: the pool's 4x smaller output is scaled by the gate (``max(g * y) == g * max(y)``
+    for ``g >= 0``, bit for bit, since rounding is monotonic). The chain is used while every dict
+    slot it was built from (each module's children, each pool's settings, every block's own
+    reads) holds the same object and no forward hook, gradient mode, autocast or forced backend is
+    in the way; otherwise each stage runs its own forward."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._chain = None
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "FusedOSAStages":
+        if not is_osa_stages(seq):
+            raise ValueError("FusedOSAStages: expected an nn.Sequential of timm OsaStage modules with FusedOSA blocks "
+                             "and effops MaxPool2d pools")
+        new = cls(OrderedDict(seq._modules))
+        new.train(seq.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self._chain
+        if c is not None and type(x) is Tensor and not torch.is_grad_enabled() and x.dtype is torch.float32 \
+                and x.shape == c.payload[0] and (not c.payload[3] or x.stride(1) == 1) \
+                and not torch.compiler.is_compiling() and native_fast(x) and not torch.is_autocast_enabled("cpu") \
+                and not hooked(c.payload[2]) and c.current():
+            y = c.payload[1].run(x)
+            if y is not None:
+                return y
+            self._chain = None  # a weight's dtype, device or shape changed in place
+        y = super().forward(x)
+        if type(x) is Tensor and x.dtype is torch.float32 and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling() and native_fast(x) and (c is None or not c.current()):
+            self._chain = self._plan(x)  # None until every block has gathered its arguments
+        return y
+
+    def _plan(self, x: Tensor) -> Optional[SameObjects]:
+        nat = native_module()
+        if nat is None or not hasattr(nat, "OsaChain"):
+            return None
+        chain = nat.OsaChain()
+        reads, shape = [], x.shape
+        for m in self.modules():  # every child slot below: a replaced module anywhere rebuilds
+            reads += [(m._modules, k) for k in m._modules]
+        for stage in self._modules.values():
+            if not _timm_osa_stage(stage):
+                return None
+            reads += [(stage.__dict__, "pool"), (stage.__dict__, "grad_checkpointing")]
+            pool = stage._modules.get("pool")
+            if pool is not None:
+                if type(pool) is not MaxPool2d or pool.return_indices or _pair(pool.dilation) != [1, 1] \
+                        or len(shape) != 4:
+                    return None
+                k, st = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+                p = _pair(pool.padding)
+                if min(k + st) < 1 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1] \
+                        or shape[2] + 2 * p[0] < k[0] or shape[3] + 2 * p[1] < k[1]:
+                    return None
+                reads += [(pool.__dict__, a) for a in ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                                       "return_indices", "training")]
+                chain.add_pool(k, st, p, bool(pool.ceil_mode))
+                shape = (shape[0], shape[1], _pool_out(shape[2], k[0], st[0], p[0], pool.ceil_mode),
+                         _pool_out(shape[3], k[1], st[1], p[1], pool.ceil_mode))
+            for blk in stage._modules["blocks"]._modules.values():
+                bc = blk.__dict__.get("_steps_cache") if type(blk) is FusedOSA else None
+                if bc is None or tuple(bc.payload[0]) != tuple(shape) or bc.payload[1] is not blk.identity \
+                        or not bc.current():
+                    return None
+                reads += list(zip(bc.dicts, bc.keys)) + [(blk.__dict__, "identity")]
+                chain.add_block(*bc.payload[2])
+                shape = (shape[0], blk.concat_ch, shape[2], shape[3])
+        # (a leading pool runs the NHWC kernel: the input must be channel-minor, as MaxPool2d requires)
+        first_pool = next(iter(self._modules.values()))._modules.get("pool") is not None
+        if first_pool and x.stride(1) != 1:
+            return None
+        return SameObjects(reads, (x.shape, chain, hook_dicts([self], FORWARD_HOOK_ATTRS), first_pool))
+
+
+def describe_osa_stages(m: FusedOSAStages) -> str:
+    blocks = sum(len(s.blocks) for s in m)
+    pools = sum(s._modules.get("pool") is not None for s in m)
+    return (f"VoVNet stages: {len(m)} stages ({blocks} OSA blocks, {pools} max pools) as one native call; an eSE "
+            f"gate without identity before a max pool scales the pooled output")

@@ -760,3 +760,26 @@ def test_timm_stages_chain_gives_way(monkeypatch):
         check(f2, False)
     y = stages(f)  # gradients enabled: the blocks' own paths
     assert y.requires_grad
+
+
+def test_compiled_model_calls_the_stages_chain_eagerly(monkeypatch):
+    """torch.compile (inductor, freezing) over an optimized timm VoVNet: inference calls the stages'
+    chain eagerly (a graph break) rather than tracing the blocks, and matches float64."""
+    _needs_native()
+    from torch._inductor import config as inductor_config
+
+    model = _ese19()
+    ref = copy.deepcopy(model)
+    fast = effops.optimize(model, check_speed=False)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        run = torch.compile(fast)
+        for _ in range(3):
+            run(x)
+        assert fast.stages._chain is not None
+        calls = _count_block_calls(monkeypatch)
+        y = run(x)
+        assert calls == []  # the blocks ran inside the chain
+    assert_matches(y, copy.deepcopy(ref).double()(x.double()))
+    torch._dynamo.reset()

@@ -740,7 +740,9 @@ class FusedOSAStages(nn.Sequential):
     for ``g >= 0``, bit for bit, since rounding is monotonic). The chain is used while every dict
     slot it was built from (each module's children, each pool's settings, every block's own
     reads) holds the same object and no forward hook, gradient mode, autocast or forced backend is
-    in the way; otherwise each stage runs its own forward."""
+    in the way; otherwise each stage runs its own forward. Under torch.compile, inference on the
+    native backend calls this eagerly (a graph break: the chain is faster than the blocks' compiled
+    ops); everything else is traced stage by stage."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -756,10 +758,19 @@ class FusedOSAStages(nn.Sequential):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            if not torch.is_grad_enabled() and isinstance(x, Tensor) and x.dtype == torch.float32 and native_fast(x):
+                # Inference on the native backend: the chain, called eagerly (a graph break), is faster
+                # than the blocks' compiled ops, so torch.compile over an optimized model keeps it.
+                return _stages_eager(self, x)
+            return super().forward(x)
+        return self._eager(x)
+
+    def _eager(self, x: Tensor) -> Tensor:
         c = self._chain
         if c is not None and type(x) is Tensor and not torch.is_grad_enabled() and x.dtype is torch.float32 \
                 and x.shape == c.payload[0] and (not c.payload[3] or x.stride(1) == 1) \
-                and not torch.compiler.is_compiling() and native_fast(x) and not torch.is_autocast_enabled("cpu") \
+                and native_fast(x) and not torch.is_autocast_enabled("cpu") \
                 and not hooked(c.payload[2]) and c.current():
             y = c.payload[1].run(x)
             if y is not None:
@@ -767,7 +778,7 @@ class FusedOSAStages(nn.Sequential):
             self._chain = None  # a weight's dtype, device or shape changed in place
         y = super().forward(x)
         if type(x) is Tensor and x.dtype is torch.float32 and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling() and native_fast(x) and (c is None or not c.current()):
+                and native_fast(x) and (c is None or not c.current()):
             self._chain = self._plan(x)  # None until every block has gathered its arguments
         return y
 
@@ -811,6 +822,11 @@ class FusedOSAStages(nn.Sequential):
         if first_pool and x.stride(1) != 1:
             return None
         return SameObjects(reads, (x.shape, chain, hook_dicts([self], FORWARD_HOOK_ATTRS), first_pool))
+
+
+@torch.compiler.disable
+def _stages_eager(stages: FusedOSAStages, x: Tensor) -> Tensor:
+    return stages._eager(x)
 
 
 def describe_osa_stages(m: FusedOSAStages) -> str:

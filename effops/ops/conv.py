@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-import os
 import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -1008,23 +1007,8 @@ def _native_loaded() -> bool:
     return _native.available()
 
 
-# os.environ.get() encodes the key and walks the Mapping layers (~0.7 us); the raw dict behind
-# os.environ answers the common case (variable unset) in tens of ns. Anything else asks dispatch.
-_ENVIRON = os.environ
-_ENV_DATA = getattr(_ENVIRON, "_data", None)
-try:
-    _ENV_KEY = _ENVIRON.encodekey("EFFOPS_BACKEND")  # type: ignore[attr-defined]
-except AttributeError:
-    _ENV_DATA = None
-
-
-def native_first() -> bool:
-    """:func:`effops.dispatch.native_first`, answered without reading the environment through
-    ``os.environ.get`` when no backend is forced (the per-call question of every module)."""
-    if dispatch._FORCED.get() is None and dispatch.CPU_PREFERENCE == "native" and _ENV_DATA is not None \
-            and os.environ is _ENVIRON and _ENV_DATA.get(_ENV_KEY) is None:
-        return True
-    return dispatch.native_first()
+# The per-call question of every fused module's eager fast path (it reads os.environ's dict directly).
+native_first = dispatch.native_first
 
 
 @functools.lru_cache(maxsize=None)

@@ -158,3 +158,23 @@ def test_optimize_swaps_a_timm_models_head():
         assert any("classifier head" in e.what for e in fast.effops_report.swapped)
         fast(x)
         assert_matches(fast(x), want)
+
+
+def test_compiled_head_is_one_native_op():
+    """Under torch.compile (inference) the head is the op effops::pool_linear_native, one graph."""
+    _needs_native()
+    ref = _head()
+    fused = FusedClassifierHead.from_module(copy.deepcopy(ref))
+    x = _x(2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        gm_ops = []
+
+        def backend(gm, example_inputs):
+            gm_ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+
+        y = torch.compile(fused, backend=backend)(x)
+    torch._dynamo.reset()
+    assert [t for t in gm_ops if isinstance(t, torch._ops.OpOverload)] == [torch.ops.effops.pool_linear_native.default]
+    assert_matches(y, copy.deepcopy(ref).double()(x.double()))

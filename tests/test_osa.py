@@ -762,9 +762,10 @@ def test_timm_stages_chain_gives_way(monkeypatch):
     assert y.requires_grad
 
 
-def test_compiled_model_calls_the_stages_chain_eagerly(monkeypatch):
+def test_compiled_model_calls_the_stages_chain_as_one_op(monkeypatch):
     """torch.compile (inductor, freezing) over an optimized timm VoVNet: inference calls the stages'
-    chain eagerly (a graph break) rather than tracing the blocks, and matches float64."""
+    eager path (the chain) as one op of a single graph (no graph break) rather than tracing the
+    blocks, and matches float64."""
     _needs_native()
     from torch._inductor import config as inductor_config
 
@@ -781,5 +782,7 @@ def test_compiled_model_calls_the_stages_chain_eagerly(monkeypatch):
         calls = _count_block_calls(monkeypatch)
         y = run(x)
         assert calls == []  # the blocks ran inside the chain
+        explained = torch._dynamo.explain(fast)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     assert_matches(y, copy.deepcopy(ref).double()(x.double()))
     torch._dynamo.reset()

@@ -1,6 +1,8 @@
 """``FusedOSA``: VoVNet's One-Shot-Aggregation block with no materialised concat."""
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -747,6 +749,11 @@ class FusedOSAStages(nn.Sequential):
     def __init__(self, *args):
         super().__init__(*args)
         self._chain = None
+        self._handle = _register_stages(self)
+
+    def __setstate__(self, state):  # deepcopy / unpickle: a handle of its own for compiled graphs
+        super().__setstate__(state)
+        self._handle = _register_stages(self)
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "FusedOSAStages":
@@ -759,10 +766,12 @@ class FusedOSAStages(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            if not torch.is_grad_enabled() and isinstance(x, Tensor) and x.dtype == torch.float32 and native_fast(x):
-                # Inference on the native backend: the chain, called eagerly (a graph break), is faster
-                # than the blocks' compiled ops, so torch.compile over an optimized model keeps it.
-                return _stages_eager(self, x)
+            if not torch.is_grad_enabled() and isinstance(x, Tensor) and x.dtype == torch.float32 and native_fast(x) \
+                    and x.dim() == 4:
+                # Inference on the native backend: the eager path (the chain once built) as one opaque
+                # op of the graph; it is faster than the blocks' compiled ops, and unlike a graph
+                # break it costs no second frame and its guards.
+                return STAGES_OP(x, self._handle)
             return super().forward(x)
         return self._eager(x)
 
@@ -824,9 +833,47 @@ class FusedOSAStages(nn.Sequential):
         return SameObjects(reads, (x.shape, chain, hook_dicts([self], FORWARD_HOOK_ATTRS), first_pool))
 
 
-@torch.compiler.disable
-def _stages_eager(stages: FusedOSAStages, x: Tensor) -> Tensor:
-    return stages._eager(x)
+_STAGES: "dict[int, weakref.ref]" = {}
+_STAGES_KEYS = itertools.count(1)
+
+
+def _register_stages(stages: FusedOSAStages) -> int:
+    key = next(_STAGES_KEYS)
+    _STAGES[key] = weakref.ref(stages, lambda _, key=key: _STAGES.pop(key, None))
+    return key
+
+
+def _stages_of(handle: int) -> FusedOSAStages:
+    ref = _STAGES.get(handle)
+    stages = None if ref is None else ref()
+    if stages is None:
+        raise RuntimeError(f"effops::osa_stages: the FusedOSAStages with handle {handle} no longer exists")
+    return stages
+
+
+@torch.library.custom_op("effops::osa_stages", mutates_args=())
+def _stages_op(x: Tensor, handle: int) -> Tensor:
+    """A compiled graph's call of FusedOSAStages ``handle`` in eager inference (its chain, or the
+    stages one by one where the chain gives way)."""
+    with torch.no_grad():
+        y = _stages_of(handle)._eager(x)
+    return y.contiguous(memory_format=torch.channels_last)  # the strides the fake promises (no copy if so)
+
+
+@_stages_op.register_fake
+def _(x, handle):
+    n, c, h, w = x.shape
+    for stage in _stages_of(handle):
+        pool = stage._modules.get("pool")
+        if pool is not None:
+            k, st, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
+            h, w = _pool_out(h, k[0], st[0], p[0], pool.ceil_mode), _pool_out(w, k[1], st[1], p[1], pool.ceil_mode)
+        for blk in stage._modules["blocks"]:
+            c = blk.concat_ch
+    return x.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+
+
+STAGES_OP = torch.ops.effops.osa_stages.default
 
 
 def describe_osa_stages(m: FusedOSAStages) -> str:

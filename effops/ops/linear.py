@@ -26,3 +26,18 @@ def _(x, weight, bias, act, act_param):
 
 
 LINEAR_NATIVE_OP = torch.ops.effops.linear_native.default
+
+
+@torch.library.custom_op("effops::pool_linear_native", mutates_args=())
+def _pool_linear_native_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x.mean((2, 3)), weight, bias)`` for a float32 CPU ``[N, C, H, W]`` input: a classifier
+    head (:class:`effops.FusedClassifierHead`) under torch.compile, as in eager (``pool_linear``)."""
+    return _conv._native.module().pool_linear(x, weight, bias)
+
+
+@_pool_linear_native_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+POOL_LINEAR_NATIVE_OP = torch.ops.effops.pool_linear_native.default

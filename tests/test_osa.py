@@ -119,6 +119,15 @@ def _needs_native():
         pytest.skip("the native backend is not the CPU backend in this run (EFFOPS_CPU_BACKEND=triton)")
 
 
+def _v2_steady_state(monkeypatch):
+    """A classic VoVNetV2 block and its FusedOSA on the native backend, an input, and a spy on
+    osa_block_steps."""
+    _needs_native()
+    ref = _classic("v2").eval().cpu()
+    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
+    return ref, fused, _x(fused.in_ch, h=6, w=5).cpu(), _spy_steps(monkeypatch)
+
+
 def _dw_wide():
     return randomize_bn(OSAModule(12, 16, 24, 2, "OSA2_1", identity=False, ese=True, depthwise=True))
 
@@ -149,11 +158,7 @@ def test_native_steady_state_reads_the_live_modules(monkeypatch):
     running statistics are used) and leaves to the full path whatever its guards reject: a hook
     on a child, train mode, gradients, another dtype, a changed setting (here the aggregation's
     padding, which makes the block unfusable: the full path says so)."""
-    _needs_native()
-    ref = _classic("v2").eval().cpu()
-    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
-    x = _x(fused.in_ch, h=6, w=5).cpu()
-    calls = _spy_steps(monkeypatch)
+    ref, fused, x, calls = _v2_steady_state(monkeypatch)
     agg, ref_agg = fused.concat[0], ref.concat[0]
     with torch.no_grad():
         fused(x)
@@ -191,11 +196,7 @@ def test_native_steady_state_cache_sees_writes_no_hook_reports(monkeypatch):
     they were read from is the same: a weight assigned into ``_parameters`` directly (no
     registration hook), a BN's eps, one BN put in train mode, a weight's values or dtype changed
     through ``.data`` (same Parameter) all take effect, as in a block that never cached."""
-    _needs_native()
-    ref = _classic("v2").eval().cpu()
-    fused = FusedOSA.from_module(copy.deepcopy(ref)).eval()
-    x = _x(fused.in_ch, h=6, w=5).cpu()
-    calls = _spy_steps(monkeypatch)
+    ref, fused, x, calls = _v2_steady_state(monkeypatch)
     agg, ref_agg = fused.concat[0], ref.concat[0]
     bn, ref_bn = fused.layers[0][1], ref.layers[0][1]
 

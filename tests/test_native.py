@@ -790,6 +790,46 @@ def test_module_packs_once_and_sees_what_pytorch_counts():
         assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
 
 
+def test_steady_state_reuses_its_arguments_only_while_the_slots_hold():
+    """After a full check, a FusedConvBNAct's native calls reuse the tensors it read while every dict
+    slot they came from holds the same object (no gradient mode): a weight written straight into
+    ``_parameters``, a BN's eps, the BN in train mode, a hook, a weight given another dtype
+    through ``.data`` all take effect as in a module that never cached."""
+    ref, fused = _module()
+    x = _x()
+    with torch.no_grad():
+        fused(x)
+        fused(x)
+        plan = fused._native_plan
+        assert plan is not None and plan.fast is not None
+        w = torch.randn_like(ref[0].weight)
+        fused.conv._parameters["weight"] = nn.Parameter(w.clone())
+        ref[0]._parameters["weight"] = nn.Parameter(w.clone())
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        fused.bn.eps = ref[1].eps = 0.3
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        fused.bn.train(), ref[1].train()
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)
+        fused.bn.eval(), ref[1].eval()
+        assert_matches(fused(x), copy.deepcopy(ref).double()(x.double()))
+        seen = []
+        h = fused.conv.register_forward_hook(lambda m, i, o: seen.append(1))
+        fused(x)
+        h.remove()
+        assert seen == [1]
+        fused(x)
+        fused.conv.weight.data = fused.conv.weight.data.double()
+        twin = copy.deepcopy(fused)
+        try:
+            y = fused(x)
+        except (RuntimeError, TypeError, ValueError) as e:  # the same error as the twin's
+            with pytest.raises(type(e), match="dtype"):
+                twin(x)
+        else:
+            torch.testing.assert_close(y, twin(x), rtol=0, atol=0)
+
+
 def test_writes_pytorch_cannot_see_need_refresh():
     ref, fused = _module()
     x = _x()

@@ -14,7 +14,7 @@ from ..native import module as native_module
 from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
-from .common import (ChildrenSnapshot, DerivedCache, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
+from .common import (ChildrenSnapshot, DerivedCache, SameObjects, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
                      TracedConfigModule, trace_register, traced_constants, traced_tensors)
 
 
@@ -544,6 +544,22 @@ def live_activation(bn: Optional[nn.Module], act_mod: Optional[nn.Module]) -> bo
     return type(act_mod) not in _STATIC_ACTS or type(inner) not in _STATIC_ACTS
 
 
+# What a conv's native call depends on besides its tensors (read from the instance dict).
+_CONV_ATTRS = ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "in_channels",
+               "out_channels", "transposed", "output_padding")
+
+
+def conv_reads(conv: nn.Module, bn: Optional[nn.Module]) -> list:
+    """The ``(dict, key)`` reads behind a conv's (and its BN's) native arguments: settings, train
+    mode and eps in the instance dicts, every parameter and buffer."""
+    reads = [(conv.__dict__, a) for a in _CONV_ATTRS if a in conv.__dict__]
+    reads += [(conv._parameters, k) for k in conv._parameters]
+    if bn is not None:
+        reads += [(bn.__dict__, "training"), (bn.__dict__, "eps")]
+        reads += [(bn._parameters, k) for k in bn._parameters] + [(bn._buffers, k) for k in bn._buffers]
+    return reads
+
+
 def _no_plan():
     return None
 
@@ -561,7 +577,7 @@ class _NativePlan:
 
     __slots__ = ("snapshot", "hooks", "conv", "bn", "act_mod", "live_act", "frozen", "cp", "bp", "bb", "settings",
                  "stride", "pad", "dilation", "groups", "act", "act_param", "dtype", "x_shape", "w_shape",
-                 "out_shape", "gate_shape", "shuffle", "kernel_size")
+                 "out_shape", "gate_shape", "shuffle", "kernel_size", "fast")
 
     def __init__(self, owner, conv, bn, act_mod, settings, x, w, residual, gate, out_shuffle_groups):
         self.snapshot, self.hooks = owner._snapshot, owner._hooks
@@ -580,6 +596,7 @@ class _NativePlan:
         self.gate_shape = (x.shape[0], w.shape[1] * conv.groups)
         self.shuffle = out_shuffle_groups
         self.kernel_size = conv.kernel_size
+        self.fast = None  # SameObjects of live_args' last full answer (its reads and its tensors)
 
     def exact_residual(self, x, r) -> bool:
         """True when ``r`` is, for certain, a residual of exactly this conv's output shape and ``x``'s
@@ -609,9 +626,28 @@ class _NativePlan:
         """``(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, num_batches_tracked)``
         as held now, for a native call on an input of the planned shape and dtype (the caller checked
         that, or built the input itself: :class:`PointwiseDepthwise`); None where a guard fails.
-        ``x`` is read only for whether it requires grad."""
+        ``x`` is read only for whether it requires grad.
+
+        Steady state (no gradient mode): the last full answer, while every dict slot it was read
+        from (the conv's settings and tensors, the BN's train flag, eps and tensors) holds the same
+        object (:class:`~effops.nn.common.SameObjects`) and the weight still has its dtype, device
+        and shape (``param.data = t`` keeps the object): a flat list of dict reads instead of the
+        checks below, which run from cold caches after the previous kernel (MobileNetV2 forward:
+        3.69 against 3.90 ms, timed once in one process, alternating)."""
         if self.snapshot.changed() or hooked(self.hooks):
             return None
+        f = self.fast
+        if f is not None and not torch.is_grad_enabled() and out_shuffle_groups == self.shuffle \
+                and type(out_shuffle_groups) is int and f.current():
+            a = f.payload
+            w = a[0]
+            if w.dtype is self.dtype and w.is_cpu and w.shape == self.w_shape \
+                    and (residual is None or (type(residual) is Tensor and residual.dtype is self.dtype
+                                              and residual.is_cpu and residual.shape == self.out_shape)) \
+                    and (gate is None or (type(gate) is Tensor and gate.is_cpu and gate.shape == self.gate_shape
+                                          and (gate.dtype is torch.float32 or gate.dtype is self.dtype))) \
+                    and not torch.is_autocast_enabled("cpu") and native_first():
+                return a
         conv = self.conv
         if (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != self.settings:
             return None
@@ -645,7 +681,10 @@ class _NativePlan:
             return None
         if native_module() is None:
             return None
-        return w, cb, bw, bb_, rm, rv, eps, counter
+        a = w, cb, bw, bb_, rm, rv, eps, counter
+        if not self.live_act:
+            self.fast = SameObjects(conv_reads(conv, bn), a)
+        return a
 
 
 class PointwiseDepthwise:

@@ -21,7 +21,8 @@ from .common import (FORWARD_HOOK_ATTRS, ChildrenSnapshot, DerivedCache, SameObj
                      looks_like_batch_norm,
                      sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
-                          bn_sources, has_running_stats, live_activation, resolve_padding, why_not_fusable)
+                          bn_sources, conv_reads, has_running_stats, live_activation, resolve_padding,
+                          why_not_fusable)
 from .pool import MaxPool2d, _pair
 from .se import SqueezeExcite
 
@@ -187,22 +188,6 @@ def _classic_seq(name: str, post, convs, out_ch: int, act: str, eps: float, mome
         keys = ["dw_conv3x3", "pw_conv1x1", "pw_norm", "pw_relu"]
     mods = list(convs) + [nn.BatchNorm2d(out_ch, eps, momentum, **dd), make_activation(act)]
     return nn.Sequential(OrderedDict((pre + k, m) for k, m in zip(keys, mods)))
-
-
-# What a conv's native call depends on besides its tensors (read from the instance dict).
-_CONV_ATTRS = ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size", "in_channels",
-               "out_channels", "transposed", "output_padding")
-
-
-def _conv_reads(conv: nn.Module, bn: Optional[nn.Module]) -> list:
-    """The ``(dict, key)`` reads behind a conv's (and its BN's) native arguments: settings, train
-    mode and eps in the instance dicts, every parameter and buffer."""
-    reads = [(conv.__dict__, a) for a in _CONV_ATTRS if a in conv.__dict__]
-    reads += [(conv._parameters, k) for k in conv._parameters]
-    if bn is not None:
-        reads += [(bn.__dict__, "training"), (bn.__dict__, "eps")]
-        reads += [(bn._parameters, k) for k in bn._parameters] + [(bn._buffers, k) for k in bn._buffers]
-    return reads
 
 
 class FusedOSA(TracedConfigModule):
@@ -606,7 +591,7 @@ class FusedOSA(TracedConfigModule):
             a = pa.live_args(x)
             if a is None:
                 return None
-            reads.extend(_conv_reads(pa.conv, pa.bn))
+            reads.extend(conv_reads(pa.conv, pa.bn))
             cacheable = cacheable and not pa.live_act
             w, cb, bw, bb, rm, rv, e, counter = a
             t.extend((w, cb, bw, bb, rm, rv, counter))
@@ -633,7 +618,7 @@ class FusedOSA(TracedConfigModule):
                 return None
             for half in (u.pair.dw, u.pair.pw):
                 pa = half._native_plan if isinstance(half, FusedConvBNAct) else None
-                reads.extend(_conv_reads(half, None) if pa is None else _conv_reads(pa.conv, pa.bn))
+                reads.extend(conv_reads(half, None) if pa is None else conv_reads(pa.conv, pa.bn))
                 cacheable = cacheable and (pa is None or not pa.live_act)
             (w1, cb1, bw1, bb1, rm1, rv1, e1, n1, stride, pad, dil, act1, p1,
              w2, cb2, bw2, bb2, rm2, rv2, e2, n2, act2, p2, _) = a
@@ -666,7 +651,7 @@ class FusedOSA(TracedConfigModule):
         sizes = [d for i in range(0, len(t), 7) for d in t[i].shape]
         args = (steps, t, eps, acts, params, geom, fc_w, fc_b, identity, sizes)
         if cacheable and not live_activation(bn_a, act_a):
-            reads += _conv_reads(conv_a, bn_a)
+            reads += conv_reads(conv_a, bn_a)
             if fc is not None:
                 reads += [(fc._parameters, "weight"), (fc._parameters, "bias")]
             if p.drop_path is not None:

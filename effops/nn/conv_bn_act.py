@@ -14,8 +14,8 @@ from ..native import module as native_module
 from ..ops.conv import (DW_PAIR_NATIVE_OP, NATIVE_BN_OP, PAIR_NATIVE_OP, _OP, _out_hw, check_gate, check_inputs, check_shuffle_groups,
                         checked_out, derived_reusable, native_fast, native_first)
 from ..views import ChannelView
-from .common import (ChildrenSnapshot, DerivedCache, SameObjects, frozen_bn, hook_dicts, hooked, is_batch_norm, timm_bn_act,
-                     TracedConfigModule, trace_register, traced_constants, traced_tensors)
+from .common import (ChildrenSnapshot, DerivedCache, SameObjects, frozen_bn, hook_dicts, hooked, is_batch_norm,
+                     timm_bn_act, TracedConfigModule, trace_register, traced_constants, traced_tensors)
 
 
 def resolve_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:

@@ -18,8 +18,8 @@ from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import (FORWARD_HOOK_ATTRS, ChildrenSnapshot, DerivedCache, SameObjects, hook_dicts, hooked,
-                     looks_like_batch_norm,
-                     sequential_children, TracedConfigModule, trace_register, traced_constants, traced_tensors)
+                     looks_like_batch_norm, sequential_children, TracedConfigModule, trace_register, traced_constants,
+                     traced_tensors)
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
                           bn_sources, conv_reads, has_running_stats, live_activation, resolve_padding,
                           why_not_fusable)
@@ -567,9 +567,8 @@ class FusedOSA(TracedConfigModule):
         # objects (SameObjects: a flat list of dict reads instead of the gather's thousands of
         # bytecodes, which run from cold caches after the previous block's kernels; timed once with
         # the caches evicted, 42 against 108 µs for an ese_vovnet19b_dw block). What identity can't
-        # see (``param.data = t``
-        # giving a weight another dtype, device or shape) osa_block_steps checks against the
-        # weight sizes passed last, answering None.
+        # see (``param.data = t`` giving a weight another dtype, device or shape) osa_block_steps
+        # checks against the weight sizes passed last, answering None.
         c = self._steps_cache
         if c is not None and not torch.is_grad_enabled() and x.shape == c.payload[0] and identity is c.payload[1] \
                 and not torch.is_autocast_enabled("cpu") and native_first() and not hooked(self._hooks) \
@@ -728,8 +727,8 @@ class FusedOSAStages(nn.Sequential):
     slot it was built from (each module's children, each pool's settings, every block's own
     reads) holds the same object and no forward hook, gradient mode, autocast or forced backend is
     in the way; otherwise each stage runs its own forward. Under torch.compile, inference on the
-    native backend calls this eagerly (a graph break: the chain is faster than the blocks' compiled
-    ops); everything else is traced stage by stage."""
+    native backend is one op of the graph, ``effops::osa_stages`` (this eager path: the chain is
+    faster than the blocks' compiled ops); everything else is traced stage by stage."""
 
     def __init__(self, *args):
         super().__init__(*args)

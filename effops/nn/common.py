@@ -15,10 +15,15 @@ from torch import nn
 # -- BatchNorm kinds ---------------------------------------------------------------
 
 
+def timm_type(m: Optional[nn.Module], *names: str) -> bool:
+    """Whether ``m`` is an instance of a timm class with one of these names (exactly, not a subclass)."""
+    t = type(m)
+    return t.__name__ in names and t.__module__.startswith("timm.")
+
+
 def timm_bn_act(bn: Optional[nn.Module]) -> bool:
     """timm's BN modules that apply their own activation (``bn.drop`` then ``bn.act``)."""
-    t = type(bn)
-    return t.__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") and t.__module__.startswith("timm.")
+    return timm_type(bn, "BatchNormAct2d", "FrozenBatchNormAct2d")
 
 
 def frozen_bn(bn: Optional[nn.Module]) -> bool:

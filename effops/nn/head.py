@@ -11,33 +11,34 @@ from torch import Tensor, nn
 from ..native import module as native_module
 from ..ops.conv import native_fast
 from ..ops.linear import POOL_LINEAR_NATIVE_OP
-from .common import BlockRule, SameObjects, hook_dicts, hooked, register_block_rule
+from .common import BlockRule, SameObjects, hook_dicts, hooked, register_block_rule, timm_type
 from .linear import MAX_NATIVE_ROWS, Linear, plain_linear
-
-
-def _timm(m: nn.Module, name: str) -> bool:
-    t = type(m)
-    return t.__name__ == name and t.__module__.startswith("timm.")
 
 
 def _average_pool(gp: nn.Module) -> bool:
     """timm ``SelectAdaptivePool2d`` that computes ``x.mean((2, 3))`` as [N, C]: ``pool_type='avg'``
     (``nn.AdaptiveAvgPool2d(1)`` then ``nn.Flatten(1)``) or ``'fast'`` / ``'fastavg'`` with flatten."""
-    if not _timm(gp, "SelectAdaptivePool2d"):
+    if not timm_type(gp, "SelectAdaptivePool2d"):
         return False
     pool, flat = gp._modules.get("pool"), gp._modules.get("flatten")
     if type(pool) is nn.AdaptiveAvgPool2d:
         return pool.output_size in (1, (1, 1)) and type(flat) is nn.Flatten and flat.start_dim == 1 \
             and flat.end_dim == -1
-    return _timm(pool, "FastAdaptiveAvgPool") and pool.flatten is True and tuple(pool.dim) == (2, 3) \
+    return timm_type(pool, "FastAdaptiveAvgPool") and pool.flatten is True and tuple(pool.dim) == (2, 3) \
         and type(flat) is nn.Identity
 
 
+def _pool_drop_linear(mods) -> bool:
+    """Children that compute ``fc(drop(x.mean((2, 3))))``: an average pool, a dropout, a linear
+    classifier, no flatten after it."""
+    return set(mods) == {"global_pool", "drop", "fc", "flatten"} and _average_pool(mods["global_pool"]) \
+        and type(mods["drop"]) is nn.Dropout and isinstance(mods["fc"], nn.Linear) \
+        and type(mods["flatten"]) is nn.Identity
+
+
 def _matches(m: nn.Module) -> bool:
-    mods = m._modules
-    return _timm(m, "ClassifierHead") and set(mods) == {"global_pool", "drop", "fc", "flatten"} \
-        and _average_pool(mods["global_pool"]) and type(mods["drop"]) is nn.Dropout \
-        and (plain_linear(mods["fc"]) or type(mods["fc"]) is Linear) and type(mods["flatten"]) is nn.Identity
+    return timm_type(m, "ClassifierHead") and _pool_drop_linear(m._modules) \
+        and (plain_linear(m._modules["fc"]) or type(m._modules["fc"]) is Linear)
 
 
 class FusedClassifierHead(nn.Module):
@@ -91,18 +92,16 @@ class FusedClassifierHead(nn.Module):
         """``(weight, bias)`` of the classifier where the head is ``fc(x.mean((2, 3)))`` with float32 CPU
         weights and a dropout that does nothing (eval, or p = 0); else None."""
         mods = self._modules
-        gp, drop, fc = mods.get("global_pool"), mods.get("drop"), mods.get("fc")
-        if set(mods) != {"global_pool", "drop", "fc", "flatten"} or not _average_pool(gp) \
-                or type(drop) is not nn.Dropout or (drop.training and drop.p != 0) \
-                or not isinstance(fc, nn.Linear) or type(mods["flatten"]) is not nn.Identity:
+        if not _pool_drop_linear(mods) or (mods["drop"].training and mods["drop"].p != 0):
             return None
+        fc = mods["fc"]
         w, b = fc._parameters.get("weight"), fc._parameters.get("bias")
         if not isinstance(w, Tensor) or w.dtype != torch.float32 or not w.is_cpu or w.dim() != 2 \
                 or (b is not None and (b.dtype != torch.float32 or not b.is_cpu or b.shape != (w.shape[0],))):
             return None
         return w, b
 
-    def _plan(self, x: Tensor) -> Optional[SameObjects]:
+    def _plan(self) -> Optional[SameObjects]:
         """The reads that keep the native call valid, after checking what it needs once."""
         wb = self._native_weights()
         if wb is None:
@@ -133,7 +132,7 @@ class FusedClassifierHead(nn.Module):
                     return POOL_LINEAR_NATIVE_OP(x, *wb)
             return self._head_type.forward(self, x, pre_logits)
         if not pre_logits and type(x) is Tensor and native_fast(x):
-            self.__dict__["_fast"] = self._plan(x)  # used from the next call on, when it applies
+            self.__dict__["_fast"] = self._plan()  # used from the next call on, when it applies
         return self._head_type.forward(self, x, pre_logits)
 
 

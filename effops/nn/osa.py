@@ -18,12 +18,12 @@ from ..native import module as native_module
 from ..ops.conv import derived_reusable, native_fast
 from ..ops.osa import _OP, OSA_NATIVE_OP, check_osa_inputs
 from .common import (FORWARD_HOOK_ATTRS, ChildrenSnapshot, DerivedCache, SameObjects, hook_dicts, hooked,
-                     looks_like_batch_norm, sequential_children, TracedConfigModule, trace_register, traced_constants,
-                     traced_tensors)
+                     looks_like_batch_norm, sequential_children, timm_type, TracedConfigModule, trace_register,
+                     traced_constants, traced_tensors)
 from .conv_bn_act import (DepthwisePointwise, FusedConvBNAct, _cast, _compute_dtype, _native_bn_args,
                           bn_sources, conv_reads, has_running_stats, live_activation, resolve_padding,
                           why_not_fusable)
-from .pool import MaxPool2d, _pair
+from .pool import MaxPool2d, pool_out_size
 from .se import SqueezeExcite
 
 
@@ -678,8 +678,7 @@ class FusedOSA(TracedConfigModule):
 
 # -- VoVNet stages as one native call --------------------------------------------------------------
 def _timm_osa_stage(m: nn.Module) -> bool:
-    t = type(m)
-    return t.__name__ == "OsaStage" and t.__module__.startswith("timm.") and set(m._modules) <= {"pool", "blocks"} \
+    return timm_type(m, "OsaStage") and set(m._modules) <= {"pool", "blocks"} \
         and isinstance(m._modules.get("blocks"), nn.Sequential)
 
 
@@ -697,14 +696,9 @@ def is_osa_stages(m: nn.Module) -> bool:
     return True
 
 
-def _pool_out(size: int, k: int, s: int, p: int, ceil: bool) -> int:
-    """nn.MaxPool2d's output size (dilation 1): a ceil-mode window must start inside the input or
-    left padding."""
-    span = size + 2 * p - k
-    out = (-(-span // s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= size + p:
-        out -= 1
-    return out
+def _pooled_hw(args, h: int, w: int, ceil: bool) -> tuple:
+    (k0, k1), (s0, s1), (p0, p1) = args
+    return pool_out_size(h, k0, s0, p0, ceil), pool_out_size(w, k1, s1, p1, ceil)
 
 
 class FusedOSAStages(nn.Sequential):
@@ -789,19 +783,13 @@ class FusedOSAStages(nn.Sequential):
             reads += [(stage.__dict__, "pool"), (stage.__dict__, "grad_checkpointing")]
             pool = stage._modules.get("pool")
             if pool is not None:
-                if type(pool) is not MaxPool2d or pool.return_indices or _pair(pool.dilation) != [1, 1] \
-                        or len(shape) != 4:
+                a = pool.native_args(shape[2], shape[3]) if type(pool) is MaxPool2d and len(shape) == 4 else None
+                if a is None:
                     return None
-                k, st = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
-                p = _pair(pool.padding)
-                if min(k + st) < 1 or min(p) < 0 or 2 * p[0] > k[0] or 2 * p[1] > k[1] \
-                        or shape[2] + 2 * p[0] < k[0] or shape[3] + 2 * p[1] < k[1]:
-                    return None
-                reads += [(pool.__dict__, a) for a in ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                reads += [(pool.__dict__, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
                                                        "return_indices", "training")]
-                chain.add_pool(k, st, p, bool(pool.ceil_mode))
-                shape = (shape[0], shape[1], _pool_out(shape[2], k[0], st[0], p[0], pool.ceil_mode),
-                         _pool_out(shape[3], k[1], st[1], p[1], pool.ceil_mode))
+                chain.add_pool(*a, bool(pool.ceil_mode))
+                shape = (shape[0], shape[1], *_pooled_hw(a, shape[2], shape[3], pool.ceil_mode))
             for blk in stage._modules["blocks"]._modules.values():
                 bc = blk.__dict__.get("_steps_cache") if type(blk) is FusedOSA else None
                 if bc is None or tuple(bc.payload[0]) != tuple(shape) or bc.payload[1] is not blk.identity \
@@ -846,15 +834,14 @@ def _stages_op(x: Tensor, handle: int) -> Tensor:
 
 @_stages_op.register_fake
 def _(x, handle):
-    n, c, h, w = x.shape
+    y = x
     for stage in _stages_of(handle):
         pool = stage._modules.get("pool")
         if pool is not None:
-            k, st, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
-            h, w = _pool_out(h, k[0], st[0], p[0], pool.ceil_mode), _pool_out(w, k[1], st[1], p[1], pool.ceil_mode)
+            y = nn.MaxPool2d.forward(pool, y)  # its output shape, whatever its settings
         for blk in stage._modules["blocks"]:
-            c = blk.concat_ch
-    return x.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+            y = y.new_empty((y.shape[0], blk.concat_ch, y.shape[2], y.shape[3]))
+    return y.new_empty(y.shape).contiguous(memory_format=torch.channels_last)
 
 
 STAGES_OP = torch.ops.effops.osa_stages.default

@@ -423,7 +423,11 @@ struct GemmSeg {
 };
 
 // Full: every vector of the tile is whole; BFull: B's vectors are (zero-padded panels), whatever C's.
-template <int R, int NV, Act A, bool Full, bool BFull>
+// PF: B comes from memory (a task's first tile: the weights of a layer whose last call was a whole
+// forward ago), so each step also prefetches B a few steps ahead; the other tiles find B in cache.
+constexpr int64_t kGemmPrefetchRows = 24;
+
+template <int R, int NV, Act A, bool Full, bool BFull, bool PF = false>
 inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
                                                            int64_t boff, float* __restrict__ c, int64_t ldc,
                                                            const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
@@ -440,6 +444,8 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
     const float* __restrict__ b = segs[s].b + boff;
     const int64_t lda = segs[s].lda, K = segs[s].K;
     for (int64_t k = 0; k < K; ++k) {
+      if constexpr (PF)
+        for (int j = 0; j < NV; ++j) __builtin_prefetch(b + (k + kGemmPrefetchRows) * ldb + j * kVecSize, 0, 3);
       Vec bv[NV];
       for (int j = 0; j < NV; ++j) bv[j] = BFull ? Vec::loadu(b + k * ldb + j * kVecSize) : ld(b + k * ldb + j * kVecSize, j);
       for (int r = 0; r < R; ++r) {
@@ -479,6 +485,10 @@ void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int6
                      int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
   constexpr int R = kGemmAcc / NV;
   int64_t p = p0;
+  if (p + R <= p1) {
+    small_gemm_tile<R, NV, A, Full, BFull, true>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
+    p += R;
+  }
   for (; p + R <= p1; p += R)
     small_gemm_tile<R, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   if constexpr (R > kGemmRows) {

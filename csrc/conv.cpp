@@ -425,6 +425,7 @@ struct GemmSeg {
 // Full: every vector of the tile is whole; BFull: B's vectors are (zero-padded panels), whatever C's.
 // PF: B comes from memory (a task's first tile: the weights of a layer whose last call was a whole
 // forward ago), so each step also prefetches B a few steps ahead; the other tiles find B in cache.
+// (Near the end of B the prefetches point past it: a prefetch never faults.)
 constexpr int64_t kGemmPrefetchRows = 24;
 
 template <int R, int NV, Act A, bool Full, bool BFull, bool PF = false>

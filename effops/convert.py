@@ -1248,6 +1248,9 @@ def optimize(model: nn.Module, example_inputs=None, *, inplace: bool = False, ch
             report.speed_check = f"not run: {why}"
     else:
         report.speed_check = "pending: runs on the first eval-mode call"
+        # A model optimized before (effops.models builds theirs optimized) may carry that call's
+        # pending check: this one replaces it (two would run nested on the first call).
+        speedcheck.LazyCheck.remove_all(out)
         out.register_forward_pre_hook(speedcheck.LazyCheck(original, report, cpu_only=mode == "auto"),
                                       with_kwargs=True)
     out.effops_report = report

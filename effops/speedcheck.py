@@ -456,7 +456,16 @@ class LazyCheck:
             module._forward_pre_hooks.pop(k, None)
             module._forward_pre_hooks_with_kwargs.pop(k, None)
 
-    def __call__(self, module: nn.Module, args, kwargs):
+    @staticmethod
+    def remove_all(module: nn.Module) -> None:
+        """Drop every pending check on ``module`` (optimizing it again registers a check of its own)."""
+        for k in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, LazyCheck)]:
+            module._forward_pre_hooks.pop(k, None)
+            module._forward_pre_hooks_with_kwargs.pop(k, None)
+
+    def __call__(self, module: nn.Module, args, kwargs=None):
+        # (kwargs=None: torch passes no kwargs when it finds the hook unregistered mid-call)
+        kwargs = {} if kwargs is None else kwargs
         if module.training:
             return None
         why = probe_usable(args, kwargs, self.cpu_only)

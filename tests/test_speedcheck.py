@@ -283,6 +283,25 @@ def test_deepcopy_with_pending_check(monkeypatch):
     assert twin.effops_report.speed_check.startswith("done") and fast.effops_report.speed_check.startswith("pending")
 
 
+def test_optimizing_an_optimized_model_keeps_one_pending_check(monkeypatch):
+    """optimize() on a model with a pending check (effops.models returns one): the new check replaces
+    it, and the first eval call runs one check (two used to run nested and fail the call)."""
+    seen = []
+    monkeypatch.setattr(speedcheck, "measure_pair", fake_timer(record=seen))
+    x = x_in()
+    with torch.no_grad():
+        ref = make_net()(x)
+    first = effops.optimize(make_net(), check_speed=True)
+    for inplace in (False, True):
+        again = effops.optimize(first if inplace else copy.deepcopy(first), check_speed=True, inplace=inplace)
+        hooks = [h for h in again._forward_pre_hooks.values() if isinstance(h, speedcheck.LazyCheck)]
+        assert len(hooks) == 1
+        with torch.no_grad():
+            y = again(x)
+        assert again.effops_report.speed_check.startswith("done") and not again._forward_pre_hooks
+        assert rel_err(y, ref) < 1e-5
+
+
 def test_off_by_argument_and_environment(monkeypatch):
     assert effops.optimize(make_net(), check_speed=False).effops_report.speed_check == "off"
     monkeypatch.setenv("EFFOPS_CHECK_SPEED", "0")

@@ -126,6 +126,19 @@ def test_compiled_separable_convs_keep_their_pairs():
     targets = _targets(graphs[0])
     assert targets.count(DW_PAIR_NATIVE_OP) == 2 and NATIVE_BN_OP not in targets, targets
     assert_matches(y, model.double()(x.double()))
+    # a deep copy's pairs take their settings from the copy (a trace constant each)
+    import copy
+
+    twin = copy.deepcopy(fast)
+    twin[0].stride = (1, 1)
+    torch._dynamo.reset()
+    graphs.clear()
+    with torch.no_grad():
+        y2 = torch.compile(twin, fullgraph=True, backend=_recording_backend(graphs))(x)
+    assert len(graphs) == 1 and _targets(graphs[0]).count(DW_PAIR_NATIVE_OP) == 2
+    ref = copy.deepcopy(model)
+    ref[0].stride = (1, 1)
+    assert_matches(y2, ref.double()(x.double()))
 
 
 def test_compile_before_the_extension_is_loaded_has_no_graph_break():

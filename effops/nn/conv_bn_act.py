@@ -778,11 +778,30 @@ class DepthwisePointwise:
 
     A plain object, not a module: its units stay registered where they were."""
 
-    __slots__ = ("dw", "pw", "hooks")
+    __slots__ = ("dw", "pw", "hooks", "__weakref__")
 
     def __init__(self, dw: nn.Module, pw: "FusedConvBNAct"):
         self.dw, self.pw = dw, pw
         self.hooks = hook_dicts([dw, pw])
+        trace_register(self)
+
+    def __getstate__(self):
+        return {"dw": self.dw, "pw": self.pw, "hooks": self.hooks}
+
+    def __setstate__(self, state):  # deepcopy / unpickle: a pair of its own for traces
+        self.dw, self.pw, self.hooks = state["dw"], state["pw"], state["hooks"]
+        trace_register(self)
+
+    def _trace_constants(self) -> Optional[tuple]:
+        """A bare depthwise conv's ``(stride, padding, dilation, channels)`` as lists and numbers, or
+        None where it is not one a pair can run. Under torch.compile read once, while Dynamo traces
+        (:func:`~effops.nn.common.traced_constants`): each setting read in the trace would be a guard
+        evaluated on every call; as with the fused units, a setting changed after compiling is seen
+        after a recompile."""
+        dw = self.dw
+        if not _plain_depthwise(dw):
+            return None
+        return list(dw.stride), list(resolve_padding(dw)), list(dw.dilation), int(dw.in_channels)
 
     @staticmethod
     def applies(dw, pw) -> bool:
@@ -875,9 +894,7 @@ class DepthwisePointwise:
                 else:
                     a = None
             else:
-                a = self._dw_args(x) if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
-                if a is not None:
-                    a = a[:8] + (list(a[8]), list(a[9]), list(a[10]), a[11], float(a[12]))
+                a = self._compiled_dw_args(x) if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
             if a is not None:
                 oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], a[8], a[9], a[10])
                 b = pw._compiled_native_args(x, None, False, None)
@@ -887,6 +904,23 @@ class DepthwisePointwise:
                     w2, st2, *_, act2, p2 = b
                     return DW_PAIR_NATIVE_OP(x, *a, w2, *st2[:6], st2[6], act2, p2, residual)
         return self._units(x, residual)
+
+
+    def _compiled_dw_args(self, x: Tensor) -> Optional[tuple]:
+        """``_dw_args`` for a bare depthwise conv under torch.compile: the settings are graph
+        constants (:meth:`_trace_constants`), the tensors are read live."""
+        cfg = traced_constants(self)
+        if cfg is None:
+            return None
+        stride, padding, dilation, channels = cfg
+        dw = self.dw
+        w = dw._parameters["weight"]
+        if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu or channels != x.shape[1]:
+            return None
+        b = dw._parameters.get("bias")
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        return (w, b, None, None, None, None, 0.0, None, stride, padding, dilation, "identity", 0.0)
 
 
 def _pointwise(conv) -> bool:

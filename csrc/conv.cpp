@@ -428,10 +428,21 @@ struct GemmSeg {
 // (Near the end of B the prefetches point past it: a prefetch never faults.)
 constexpr int64_t kGemmPrefetchRows = 24;
 
-template <int R, int NV, Act A, bool Full, bool BFull, bool PF = false>
+// SIDE: bytes the thread's next task will read from memory (its B panel), one cache line into L2
+// per step of this tile, so that the next task's first tile finds them there: a tile streaming B
+// from memory at its own pace runs at the memory's bandwidth, these run behind the multiplies.
+struct SidePrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+};
+
+template <int R, int NV, Act A, bool Full, bool BFull, bool PF = false, bool SIDE = false>
 inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, int nseg, int64_t p0, int64_t ldb,
                                                            int64_t boff, float* __restrict__ c, int64_t ldc,
-                                                           const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+                                                           const int64_t* cnt, const GemmEpilogue& ep, int64_t n0,
+                                                           SidePrefetch* side = nullptr) {
+  const char* sp = SIDE ? side->p : nullptr;
+  const char* const send = SIDE ? side->end : nullptr;
   // only a partial tile's last vector is partial: the others load and store whole vectors
   auto ld = [&](const float* p, int j) { return Full || j < NV - 1 ? Vec::loadu(p) : load_f(p, cnt[j]); };
   Vec acc[R][NV];
@@ -447,6 +458,11 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
     for (int64_t k = 0; k < K; ++k) {
       if constexpr (PF)
         for (int j = 0; j < NV; ++j) __builtin_prefetch(b + (k + kGemmPrefetchRows) * ldb + j * kVecSize, 0, 3);
+      if constexpr (SIDE)
+        if (sp < send) {
+          __builtin_prefetch(sp, 0, 2);
+          sp += 64;
+        }
       Vec bv[NV];
       for (int j = 0; j < NV; ++j) bv[j] = BFull ? Vec::loadu(b + k * ldb + j * kVecSize) : ld(b + k * ldb + j * kVecSize, j);
       for (int r = 0; r < R; ++r) {
@@ -455,6 +471,7 @@ inline __attribute__((always_inline)) void small_gemm_tile(const GemmSeg* segs, 
       }
     }
   }
+  if constexpr (SIDE) side->p = sp;
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) {
       Vec v = acc[r][j];
@@ -483,13 +500,17 @@ constexpr int64_t kGemmBlock = int64_t(kGemmVecs) * kVecSize;  // columns per bl
 // Rows [p0, p1) and the columns [n0, n0 + NV vectors) of C (cnt: each vector's valid lanes).
 template <int NV, Act A, bool Full, bool BFull>
 void small_gemm_cols(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t ldb, int64_t boff, float* c,
-                     int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0) {
+                     int64_t ldc, const int64_t* cnt, const GemmEpilogue& ep, int64_t n0, SidePrefetch* side) {
   constexpr int R = kGemmAcc / NV;
   int64_t p = p0;
   if (p + R <= p1) {
     small_gemm_tile<R, NV, A, Full, BFull, true>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
     p += R;
   }
+  if (side != nullptr && side->p < side->end)
+    for (; p + R <= p1; p += R)
+      small_gemm_tile<R, NV, A, Full, BFull, false, true>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep,
+                                                          n0, side);
   for (; p + R <= p1; p += R)
     small_gemm_tile<R, NV, A, Full, BFull>(segs, nseg, p, ldb, boff, c + p * ldc + n0, ldc, cnt, ep, n0);
   if constexpr (R > kGemmRows) {
@@ -514,14 +535,14 @@ bool gemm_paneled(int64_t N) { return N >= kVecSize; }
 // vectors as the remaining columns need, the last of them partial).
 template <Act A>
 void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int64_t N, int64_t K, float* c,
-                      int64_t ldc, const GemmEpilogue& ep, int64_t blk) {
+                      int64_t ldc, const GemmEpilogue& ep, int64_t blk, SidePrefetch* side = nullptr) {
   const int64_t n0 = blk * kGemmBlock, rem = N - n0;
   const bool panels = gemm_paneled(N);
   const int64_t ldb = panels ? kGemmBlock : N, boff = panels ? blk * K * kGemmBlock : n0;
   int64_t cnt[kGemmVecs];
   for (int j = 0; j < kGemmVecs; ++j) cnt[j] = std::max<int64_t>(0, std::min<int64_t>(kVecSize, rem - j * kVecSize));
   if (rem >= kGemmBlock) {
-    small_gemm_cols<kGemmVecs, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+    small_gemm_cols<kGemmVecs, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0, side);
     return;
   }
   const int64_t nv = (rem + kVecSize - 1) / kVecSize;
@@ -529,11 +550,11 @@ void small_gemm_block(const GemmSeg* segs, int nseg, int64_t p0, int64_t p1, int
   auto cols = [&](auto nv_tag) {
     constexpr int NV = decltype(nv_tag)::value;
     if (whole)
-      small_gemm_cols<NV, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+      small_gemm_cols<NV, A, true, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0, side);
     else if (panels)  // only C's last vector is partial
-      small_gemm_cols<NV, A, false, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+      small_gemm_cols<NV, A, false, true>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0, side);
     else
-      small_gemm_cols<NV, A, false, false>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0);
+      small_gemm_cols<NV, A, false, false>(segs, nseg, p0, p1, ldb, boff, c, ldc, cnt, ep, n0, side);
   };
   if (nv == 1) cols(std::integral_constant<int, 1>{});
   else if (nv == 2 || kGemmVecs == 2) cols(std::integral_constant<int, kGemmVecs >= 2 ? 2 : 1>{});
@@ -583,7 +604,8 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
                         r.defined() ? r.stride(0) : 0, residual_after_act, Vec(static_cast<float>(act_param))};
   std::vector<GemmSeg> segs;
   const float* b = e.weight.data_ptr<float>();
-  const int64_t ldb = gemm_paneled(N) ? kGemmBlock : N;
+  const bool panels = gemm_paneled(N);
+  const int64_t ldb = panels ? kGemmBlock : N;
   int64_t K = 0;
   for (const auto& xr : x_rows) {
     segs.push_back({xr.data_ptr<float>(), xr.stride(0), xr.size(1), b + K * ldb});
@@ -630,7 +652,18 @@ void small_gemm_rows(const std::vector<at::Tensor>& x_rows, const Packed& e, at:
         const int64_t blk = (t / (chunks * group)) * group + t % group, ci = (t / group) % chunks;
         if (blk >= blocks) continue;  // the last group's missing blocks
         const int64_t p0 = ci * chunk, p1 = std::min(P, p0 + chunk);
-        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, p1, N, K, c, ldc, ep, blk);
+        // The thread's next task starts a group (the first row chunk meets its B panel cold): this
+        // task's tiles after its first prefetch that panel into L2 as they go.
+        SidePrefetch side;
+        if (panels && t + 1 < t1) {
+          const int64_t nb = ((t + 1) / (chunks * group)) * group + (t + 1) % group;
+          if (((t + 1) / group) % chunks == 0 && nb < blocks && nb != blk) {
+            side.p = reinterpret_cast<const char*>(b + nb * K * kGemmBlock);
+            side.end = side.p + K * kGemmBlock * sizeof(float);
+          }
+        }
+        small_gemm_block<decltype(tag)::value>(segs.data(), nseg, p0, p1, N, K, c, ldc, ep, blk,
+                                               side.p ? &side : nullptr);
         if (sums)
           add_column_sums(c, ldc, p0, p1, blk * kGemmBlock, std::min(kGemmBlock, N - blk * kGemmBlock), hw, sums, N);
       }

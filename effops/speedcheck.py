@@ -451,17 +451,19 @@ class LazyCheck:
         self.report = report
         self.cpu_only = cpu_only
 
-    def _remove(self, module: nn.Module) -> None:
-        for k in [k for k, h in module._forward_pre_hooks.items() if h is self]:
+    @staticmethod
+    def _drop(module: nn.Module, which) -> None:
+        for k in [k for k, h in module._forward_pre_hooks.items() if which(h)]:
             module._forward_pre_hooks.pop(k, None)
             module._forward_pre_hooks_with_kwargs.pop(k, None)
+
+    def _remove(self, module: nn.Module) -> None:
+        self._drop(module, lambda h: h is self)
 
     @staticmethod
     def remove_all(module: nn.Module) -> None:
         """Drop every pending check on ``module`` (optimizing it again registers a check of its own)."""
-        for k in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, LazyCheck)]:
-            module._forward_pre_hooks.pop(k, None)
-            module._forward_pre_hooks_with_kwargs.pop(k, None)
+        LazyCheck._drop(module, lambda h: isinstance(h, LazyCheck))
 
     def __call__(self, module: nn.Module, args, kwargs=None):
         # (kwargs=None: torch passes no kwargs when it finds the hook unregistered mid-call)

@@ -905,7 +905,6 @@ class DepthwisePointwise:
                     return DW_PAIR_NATIVE_OP(x, *a, w2, *st2[:6], st2[6], act2, p2, residual)
         return self._units(x, residual)
 
-
     def _compiled_dw_args(self, x: Tensor) -> Optional[tuple]:
         """``_dw_args`` for a bare depthwise conv under torch.compile: the settings are graph
         constants (:meth:`_trace_constants`), the tensors are read live."""

@@ -843,14 +843,21 @@ class DepthwisePointwise:
             if a is None:
                 return None
             return a + (pa.stride, pa.pad, pa.dilation, pa.act, pa.act_param)
-        w = dw._parameters["weight"]
-        if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu \
-                or not _plain_depthwise(dw) or dw.in_channels != shape[1]:
+        return self._bare_dw_args(x, self._trace_constants(), shape[1])
+
+    def _bare_dw_args(self, x: Tensor, cfg: Optional[tuple], channels_in: int) -> Optional[tuple]:
+        """``_dw_args`` for a bare depthwise conv with settings ``cfg`` (:meth:`_trace_constants`:
+        read now in eager calls, a graph constant under torch.compile); its tensors are read live."""
+        if cfg is None:
             return None
-        b = dw._parameters.get("bias")
+        stride, padding, dilation, channels = cfg
+        w = self.dw._parameters["weight"]
+        if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu or channels != channels_in:
+            return None
+        b = self.dw._parameters.get("bias")
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return None
-        return (w, b, None, None, None, None, 0.0, None, dw.stride, resolve_padding(dw), dw.dilation, "identity", 0.0)
+        return (w, b, None, None, None, None, 0.0, None, stride, padding, dilation, "identity", 0.0)
 
     def native_args(self, x: Tensor, shape, residual: Optional[Tensor] = None) -> Optional[tuple]:
         """``depthwise_pointwise_bn_act``'s arguments after its input, for a float32 CPU input of
@@ -894,7 +901,8 @@ class DepthwisePointwise:
                 else:
                     a = None
             else:
-                a = self._compiled_dw_args(x) if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
+                a = self._bare_dw_args(x, traced_constants(self), x.shape[1]) \
+                    if native_fast(x) and not torch.is_autocast_enabled("cpu") else None
             if a is not None:
                 oh, ow = _out_hw(x.shape[2], x.shape[3], a[0].shape[2:], a[8], a[9], a[10])
                 b = pw._compiled_native_args(x, None, False, None)
@@ -904,22 +912,6 @@ class DepthwisePointwise:
                     w2, st2, *_, act2, p2 = b
                     return DW_PAIR_NATIVE_OP(x, *a, w2, *st2[:6], st2[6], act2, p2, residual)
         return self._units(x, residual)
-
-    def _compiled_dw_args(self, x: Tensor) -> Optional[tuple]:
-        """``_dw_args`` for a bare depthwise conv under torch.compile: the settings are graph
-        constants (:meth:`_trace_constants`), the tensors are read live."""
-        cfg = traced_constants(self)
-        if cfg is None:
-            return None
-        stride, padding, dilation, channels = cfg
-        dw = self.dw
-        w = dw._parameters["weight"]
-        if not isinstance(w, Tensor) or w.dtype is not torch.float32 or not w.is_cpu or channels != x.shape[1]:
-            return None
-        b = dw._parameters.get("bias")
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            return None
-        return (w, b, None, None, None, None, 0.0, None, stride, padding, dilation, "identity", 0.0)
 
 
 def _pointwise(conv) -> bool:
